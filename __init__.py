@@ -1,0 +1,1 @@
+"""ComfyUI entry point: ComfyUI imports this package from custom_nodes/<folder>/."""

@@ -1,0 +1,343 @@
+"""Finding, loading and describing CLIP text encoders.
+
+One canonical naming is used inside the core: the transformers 4.x / checkpoint names
+``text_model.encoder.layers.0.self_attn.q_proj.weight``. Everything else (transformers 5.x's
+flat ``CLIPTextModel``, SD1/SDXL single files, ComfyUI state dicts, Flux's ``clip_l``) is mapped
+to it at the edges by this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .errors import EncoderSourceError, HirmError
+
+CANONICAL = "text_model."
+_TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
+_TEXT_PARTS = tuple(CANONICAL + p for p in ("embeddings.", "encoder.", "final_layer_norm."))
+
+# Where text encoders sit in the state dicts people have, by component. The detector below
+# finds any prefix; this table only decides which one is which component.
+CLIP_L_PREFIXES = (
+    "",
+    "text_encoder.",
+    "cond_stage_model.transformer.",  # SD1.x single file
+    "conditioner.embedders.0.transformer.",  # SDXL single file, CLIP-L
+    "clip_l.transformer.",  # ComfyUI (SD1.x, SDXL, Flux, SD3)
+    "text_encoders.clip_l.transformer.",  # SD3/Flux all-in-one files
+    "cond_stage_model.clip_l.transformer.",
+)
+CLIP_G_PREFIXES = (
+    "text_encoder_2.",
+    "clip_g.transformer.",
+    "text_encoders.clip_g.transformer.",
+    "conditioner.embedders.1.transformer.",
+)
+_OPENCLIP_MARKERS = {
+    "cond_stage_model.model.token_embedding.weight": "an SD2.x checkpoint (OpenCLIP ViT-H text encoder)",
+    "conditioner.embedders.1.model.token_embedding.weight": "",  # SDXL bigG in OpenCLIP layout
+}
+
+
+def text_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding ``embeddings``/``encoder``/``final_layer_norm`` (4.x and 5.x layouts)."""
+    return getattr(model, "text_model", model)
+
+
+def canonical_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The encoder's parameters under canonical names, whatever the transformers layout."""
+    return {CANONICAL + n: p for n, p in text_module(model).named_parameters()}
+
+
+def encoder_layers(model: torch.nn.Module):
+    return text_module(model).encoder.layers
+
+
+def find_text_encoder_prefixes(keys) -> dict[str, int]:
+    """Every prefix under which a CLIP text model lies in ``keys`` -> nothing else (a set-like dict)."""
+    found = {}
+    for k in keys:
+        if k.endswith(_TOKEN_EMBEDDING):
+            p = k[: -len(_TOKEN_EMBEDDING)]
+            if p.endswith(CANONICAL):
+                p = p[: -len(CANONICAL)]
+            found[p] = 1
+    return found
+
+
+def extract_text_encoder(state_dict: Mapping[str, torch.Tensor], component: str = "clip_l",
+                         source: str = "state dict") -> tuple[str, dict[str, torch.Tensor]]:
+    """Find the ``component`` text encoder in a state dict; return (prefix, canonical state dict).
+
+    Raises ``EncoderSourceError`` naming what was found when the component is absent.
+    """
+    keys = list(state_dict.keys())
+    prefixes = find_text_encoder_prefixes(keys)
+    wanted = CLIP_L_PREFIXES if component == "clip_l" else CLIP_G_PREFIXES
+    width = 768 if component == "clip_l" else 1280
+    candidates = [p for p in wanted if p in prefixes]
+    if not candidates:  # unknown prefix: accept one of the right width
+        candidates = [p for p in prefixes if _width(state_dict, p) == width and p not in CLIP_G_PREFIXES + CLIP_L_PREFIXES]
+    candidates = [p for p in candidates if _width(state_dict, p) == width] or candidates
+    if not candidates:
+        for marker, what in _OPENCLIP_MARKERS.items():
+            if marker in state_dict and what:
+                raise EncoderSourceError(f"{source} is {what}, which this tool does not support; use an SD1.x, SDXL, SD3 or Flux model")
+        what = ", ".join(repr(p or "<root>") for p in prefixes) or "no CLIP text encoder at all"
+        raise EncoderSourceError(
+            f"{source} holds no {component.replace('_', '-').upper()} text encoder (found: {what}); "
+            "pass an SD1.x/SDXL/Flux checkpoint, a diffusers model folder or a CLIP-L file")
+    prefix = candidates[0]
+    out = {}
+    for k, v in state_dict.items():
+        if not k.startswith(prefix):
+            continue
+        rest = k[len(prefix):]
+        if not rest.startswith(CANONICAL):
+            rest = CANONICAL + rest
+        if rest.startswith(_TEXT_PARTS):
+            out[rest] = v
+    return prefix, out
+
+
+def _width(state_dict, prefix) -> int:
+    for name in (prefix + CANONICAL + _TOKEN_EMBEDDING, prefix + _TOKEN_EMBEDDING):
+        if name in state_dict:
+            return int(state_dict[name].shape[1])
+    return -1
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor]):
+    """A ``CLIPTextConfig`` that matches a canonical state dict (CLIP-L/-G/-H and tiny ones)."""
+    from transformers import CLIPTextConfig
+
+    vocab, hidden = sd[CANONICAL + _TOKEN_EMBEDDING].shape
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)))
+    inter = sd[CANONICAL + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+    positions = sd[CANONICAL + "embeddings.position_embedding.weight"].shape[0]
+    # CLIP-L (OpenAI) uses quick_gelu; the OpenCLIP encoders (bigG, H) use gelu.
+    act = "quick_gelu" if hidden <= 768 else "gelu"
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), max_position_embeddings=positions, hidden_act=act,
+        bos_token_id=min(49406, vocab - 2), eos_token_id=min(49407, vocab - 1), pad_token_id=1)
+
+
+def build_text_model(sd: Mapping[str, torch.Tensor], config=None, device="cpu",
+                     dtype: torch.dtype = torch.float32):
+    """A transformers ``CLIPTextModel`` holding a canonical state dict (no download, eval mode)."""
+    from transformers import CLIPTextModel
+
+    config = config or config_from_state_dict(sd)
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    params = {n: p for n, p in text_module(model).named_parameters()}
+    missing = [CANONICAL + n for n in params if CANONICAL + n not in sd]
+    if missing:
+        raise EncoderSourceError(f"the text encoder weights are incomplete (missing {missing[0]} and {len(missing) - 1} more); the file is damaged or not a CLIP text encoder")
+    state = {n: sd[CANONICAL + n].to(device=device, dtype=dtype) for n in params}
+    for n, buf in text_module(model).named_buffers():
+        state[n] = sd.get(CANONICAL + n, None)
+        if state[n] is None:  # position_ids
+            state[n] = torch.arange(config.max_position_embeddings, device=device).unsqueeze(0)
+        state[n] = state[n].to(device)
+    text_module(model).load_state_dict(state, assign=True, strict=True)
+    model.eval().requires_grad_(False)
+    return model
+
+
+@dataclass
+class LoadedEncoder:
+    """A text encoder ready for training: model, tokenizer and where they came from."""
+
+    model: Any  # transformers CLIPTextModel
+    tokenizer: Any
+    source: str
+    component: str = "clip_l"
+    prefix: str = ""  # where the encoder sat in a single-file checkpoint
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors / .ckpt / .pt / .bin file, with clear errors for bad files."""
+    if not os.path.isfile(path):
+        raise EncoderSourceError(f"{path}: no such file")
+    if path.endswith(".safetensors") or path.endswith(".sft"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors raises several types
+            raise EncoderSourceError(f"{path}: not a readable safetensors file ({_short(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise EncoderSourceError(f"{path}: not a readable checkpoint ({_short(e)}); convert it to .safetensors") from None
+    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise EncoderSourceError(f"{path}: holds no state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+
+
+def _folder_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".bin") and "pytorch_model" in f)
+    if not files:
+        raise EncoderSourceError(f"{folder}: no weight files (*.safetensors or pytorch_model*.bin)")
+    sd = {}
+    for f in files:
+        sd.update(load_state_dict_file(os.path.join(folder, f)))
+    return sd
+
+
+def _tokenizer_from_folder(folder: str | None, component: str):
+    from .tokenizer import clip_tokenizer
+
+    if folder and os.path.isfile(os.path.join(folder, "vocab.json")):
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(folder)
+    return clip_tokenizer("!" if component == "clip_g" else "<|endoftext|>")
+
+
+def load_text_encoder(source: str, component: str = "clip_l", device="cpu",
+                      dtype: torch.dtype = torch.float32, local_files_only: bool | None = None) -> LoadedEncoder:
+    """Load a CLIP text encoder and its tokenizer from whatever the user has.
+
+    ``source`` is a diffusers model folder, a transformers model folder, a single-file
+    checkpoint (SD1.x, SDXL, SD3/Flux ``clip_l``, a ComfyUI state dict) or a Hub repo id.
+    ``component`` is ``clip_l`` (default) or ``clip_g`` (SDXL's second encoder, HF layout only).
+    """
+    if component not in ("clip_l", "clip_g"):
+        raise HirmError(f"unknown text encoder component {component!r}; use clip_l or clip_g")
+    source = os.path.expanduser(str(source))
+    if os.path.isdir(source):
+        return _load_folder(source, component, device, dtype)
+    if os.path.isfile(source):
+        sd = load_state_dict_file(source)
+        prefix, canon = extract_text_encoder(sd, component, source=source)
+        model = build_text_model(canon, device=device, dtype=dtype)
+        return LoadedEncoder(model, _tokenizer_from_folder(None, component), source, component, prefix)
+    if _looks_like_repo_id(source):
+        return _load_folder(_download(source, local_files_only), component, device, dtype, source)
+    raise EncoderSourceError(f"{source}: no such file or folder; pass a checkpoint file, a diffusers model folder or a Hub repo id (org/name)")
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not re.search(r"\.(safetensors|ckpt|pt|bin|sft)$", s)
+
+
+def _download(repo_id: str, local_files_only: bool | None) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import HfHubHTTPError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise EncoderSourceError("huggingface_hub is not installed; pass a local model folder or file")
+    patterns = ["model_index.json", "text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tokenizer_2/*",
+                "config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                "model.safetensors"]
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=bool(local_files_only))
+    except HfHubHTTPError as e:
+        raise EncoderSourceError(f"{repo_id}: the Hugging Face Hub refused the download ({_short(e)}); check the repo id, or log in for a private repo") from None
+    except Exception as e:
+        raise EncoderSourceError(
+            f"{repo_id}: not a local path, and the Hugging Face Hub cannot be reached or has no cached copy ({type(e).__name__}); "
+            "pass a local model folder or checkpoint file, or connect once to download it") from None
+
+
+def _load_folder(folder: str, component: str, device, dtype, source: str | None = None) -> LoadedEncoder:
+    source = source or folder
+    sub = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}[component]
+    if os.path.isdir(os.path.join(folder, sub[0])):
+        enc_dir, tok_dir = os.path.join(folder, sub[0]), os.path.join(folder, sub[1])
+    elif os.path.isfile(os.path.join(folder, "config.json")):
+        enc_dir = tok_dir = folder
+    else:
+        raise EncoderSourceError(f"{source}: neither a diffusers model folder (no {sub[0]}/) nor a transformers model folder (no config.json)")
+    sd = _folder_state_dict(enc_dir)
+    _, canon = extract_text_encoder(sd, _component_by_width(sd), source=source)
+    config = None
+    if os.path.isfile(os.path.join(enc_dir, "config.json")):
+        from transformers import CLIPTextConfig
+
+        config = CLIPTextConfig.from_pretrained(enc_dir)
+    model = build_text_model(canon, config=config, device=device, dtype=dtype)
+    return LoadedEncoder(model, _tokenizer_from_folder(tok_dir if os.path.isdir(tok_dir) else None, component), source, component)
+
+
+def _component_by_width(sd) -> str:
+    """A model folder holds one encoder: accept it whatever its width."""
+    width = next((int(v.shape[1]) for k, v in sd.items() if k.endswith(_TOKEN_EMBEDDING)), 768)
+    return "clip_g" if width == 1280 else "clip_l"
+
+
+# ----------------------------------------------------------------------------------------------
+# Describing an encoder: architecture and base-weight fingerprint
+
+
+def encoder_architecture(model) -> dict[str, Any]:
+    c = model.config
+    hidden, layers = int(c.hidden_size), int(c.num_hidden_layers)
+    family = {(768, 12): "clip-l", (1280, 32): "clip-g", (1024, 23): "clip-h", (1024, 24): "clip-h"}.get(
+        (hidden, layers), f"clip-{hidden}x{layers}")
+    return {
+        "family": family, "hidden_size": hidden, "num_layers": layers,
+        "num_heads": int(c.num_attention_heads), "intermediate_size": int(c.intermediate_size),
+        "vocab_size": int(c.vocab_size), "max_positions": int(c.max_position_embeddings),
+    }
+
+
+_SIGNATURE_TENSORS = (
+    "text_model.embeddings.token_embedding.weight",
+    "text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "text_model.encoder.layers.0.mlp.fc1.weight",
+    "text_model.encoder.layers.{last}.mlp.fc2.weight",
+    "text_model.final_layer_norm.weight",
+)
+_SIGNATURE_SAMPLES = 64
+
+
+def base_signature(params: Mapping[str, torch.Tensor], num_layers: int) -> list[float]:
+    """A few hundred fixed weight samples that identify a base encoder.
+
+    Robust to fp16/bf16/fp32 copies of the same weights (compared with a tolerance by
+    ``signatures_match``), different for a fine-tune. Must be taken from the UNPATCHED base.
+    """
+    values = []
+    for name in _SIGNATURE_TENSORS:
+        t = params[name.format(last=num_layers - 1)].detach()
+        g = torch.Generator().manual_seed(len(name))
+        idx = torch.randint(0, t.numel(), (_SIGNATURE_SAMPLES,), generator=g)
+        values += t.reshape(-1)[idx.to(t.device)].float().cpu().tolist()
+    return [float(f"{v:.6g}") for v in values]
+
+
+def signature_id(signature: list[float]) -> str:
+    """A short, display-only id of a signature (coarsely rounded so copies agree)."""
+    text = json.dumps([round(v, 2) for v in signature])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def signatures_match(a: list[float], b: list[float]) -> bool:
+    """Same base weights up to fp16/bf16 rounding."""
+    if len(a) != len(b):
+        return False
+    a_t, b_t = torch.tensor(a), torch.tensor(b)
+    return bool(torch.all((a_t - b_t).abs() <= 8e-3 * torch.maximum(a_t.abs(), b_t.abs()) + 1e-6))
+
+
+def model_signature(model) -> list[float]:
+    return base_signature(canonical_parameters(model), int(model.config.num_hidden_layers))

@@ -1,0 +1,99 @@
+"""HiRM settings: one frozen dataclass, named presets with the paper's numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..errors import HirmError
+
+METHODS = ("random", "random-gaussian", "superordinate", "safety")
+SUPERVISION_POINTS = ("attn_out", "mlp_out", "residual", "final_norm")
+MULTI_MODES = ("joint", "average")
+
+# Paper numbers (lr, steps per method). random-gaussian follows random; safety follows
+# superordinate (both anchored on the original encoder's own representation).
+PRESETS = {
+    "style": (5e-5, {"random": 40, "random-gaussian": 40, "superordinate": 30, "safety": 30}),
+    "object": (5e-5, {"random": 25, "random-gaussian": 25, "superordinate": 15, "safety": 15}),
+    "nudity": (1e-4, {"random": 50, "random-gaussian": 50, "superordinate": 25, "safety": 25}),
+}
+DEFAULT_SCALE = {"random": 5000.0, "random-gaussian": 500.0, "superordinate": 1.0, "safety": 1.0}
+# The keywords that form the single nudity prompt (SPEC: multi-keyword concepts are one prompt).
+NUDITY_KEYWORDS = "naked, nude, bare, exposed, topless, nsfw, unclothed, bare breasts, genitalia"
+
+
+@dataclass(frozen=True)
+class HirmConfig:
+    """Everything that determines a HiRM patch; serialised into the patch metadata."""
+
+    concepts: tuple[str, ...]
+    method: str = "random"
+    preset: str = "style"
+    lr: float = 5e-5
+    steps: int = 40
+    seed: int = 0
+    anchor: str = ""
+    trainable_layers: tuple[int, ...] = (0,)
+    supervision: str = "attn_out"
+    target_scale: float = 5000.0
+    eta: float = 1.0
+    templates: tuple[str, ...] = ()
+    multi: str = "joint"
+    neighbors: tuple[str, ...] = ()
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["pairs"] = [list(p) for p in self.pairs]
+        return d
+
+
+def make_config(concepts, *, method: str = "random", preset: str | None = None, steps: int | None = None,
+                lr: float | None = None, anchor: str | None = None, **settings) -> HirmConfig:
+    """Build a checked ``HirmConfig``: the preset fills lr/steps that are not given.
+
+    Raises ``HirmError`` with a one-line message for any bad value.
+    """
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    concepts = tuple(" ".join(str(c).split()) for c in concepts)
+    if not concepts or any(not c for c in concepts):
+        raise HirmError("empty concept: give the concept to erase, e.g. --concept 'Van Gogh'")
+    if method not in METHODS:
+        raise HirmError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    preset = preset or ("nudity" if method == "safety" else "style")
+    if preset not in PRESETS:
+        raise HirmError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    anchor = (anchor or "").strip()
+    if method == "superordinate" and not anchor:
+        raise HirmError("the superordinate method needs an anchor prompt, e.g. --anchor painting (for an artist) or --anchor building (for 'church')")
+    p_lr, p_steps = PRESETS[preset]
+    lr = p_lr if lr is None else float(lr)
+    steps = p_steps[method] if steps is None else int(steps)
+    if not (math.isfinite(lr) and 0 < lr < 1):
+        raise HirmError(f"learning rate must be in (0, 1), got {lr}")
+    if not 1 <= steps <= 100000:
+        raise HirmError(f"steps must be between 1 and 100000, got {steps}")
+    settings.setdefault("target_scale", DEFAULT_SCALE[method])
+    if settings.get("target_scale") is None:
+        settings["target_scale"] = DEFAULT_SCALE[method]
+    for key in ("trainable_layers", "templates", "neighbors"):
+        if key in settings and settings[key] is not None:
+            settings[key] = tuple(settings[key])
+        elif key in settings:
+            del settings[key]
+    if "pairs" in settings:
+        settings["pairs"] = tuple((str(a), str(b)) for a, b in settings["pairs"] or ())
+    cfg = HirmConfig(concepts=concepts, method=method, preset=preset, lr=lr, steps=steps, anchor=anchor, **settings)
+    if cfg.supervision not in SUPERVISION_POINTS:
+        raise HirmError(f"unknown supervision point {cfg.supervision!r}; choose one of {', '.join(SUPERVISION_POINTS)}")
+    if cfg.multi not in MULTI_MODES:
+        raise HirmError(f"unknown multi-concept mode {cfg.multi!r}; choose joint or average")
+    if not cfg.trainable_layers:
+        raise HirmError("trainable_layers is empty; the default is [0]")
+    for t in cfg.templates:
+        if "{}" not in t:
+            raise HirmError(f"template {t!r} has no '{{}}' where the concept goes")
+    return cfg

@@ -1,0 +1,203 @@
+"""HiRM training: update the first block(s), supervise a representation in the last block.
+
+The model passed in is trained in place and restored to its exact original weights before
+``train_patch`` returns (or raises): callers never see a half-trained encoder.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from typing import Callable
+
+import torch
+
+from ..encoders import canonical_parameters, encoder_layers, model_signature
+from ..errors import Cancelled, HirmError, TrainingError
+from ..patch import ErasurePatch, check_finite, make_metadata
+from ..textenc import tokenize
+from .config import HirmConfig, make_config
+
+ProgressFn = Callable[[int, int, float], None]
+# Modules of a CLIP layer that HiRM trains (weights and biases); layer norms stay frozen.
+TRAINED_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+class _Reached(Exception):
+    """Raised by the supervision hook to skip the rest of the forward pass."""
+
+
+def trained_parameter_names(config: HirmConfig, num_layers: int) -> list[str]:
+    names = []
+    for layer in config.trainable_layers:
+        if not -num_layers <= layer < num_layers:
+            raise HirmError(f"trainable layer {layer} does not exist (the encoder has {num_layers} layers)")
+        layer %= num_layers
+        for m in TRAINED_MODULES:
+            names += [f"text_model.encoder.layers.{layer}.{m}.weight", f"text_model.encoder.layers.{layer}.{m}.bias"]
+    return names
+
+
+def supervised_output(model, input_ids: torch.Tensor, point: str) -> torch.Tensor:
+    """The supervised representation (batch, tokens, width) with the graph kept for backward."""
+    if point == "final_norm":
+        return model(input_ids=input_ids).last_hidden_state
+    last = encoder_layers(model)[-1]
+    module = {"attn_out": last.self_attn.out_proj, "mlp_out": last.mlp, "residual": last}[point]
+    captured = {}
+
+    def hook(_mod, _inp, out):
+        captured["h"] = out[0] if isinstance(out, tuple) else out
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def nudity_pairs() -> list[tuple[str, str]]:
+    core = __package__.rsplit(".", 1)[0]  # "shared_core", or "<pack>.shared_core" inside ComfyUI
+    text = resources.files(core).joinpath("data/nudity_pairs.tsv").read_text(encoding="utf-8")
+    return [tuple(ln.split("\t")) for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+@torch.no_grad()
+def misdirection_targets(model, tokenizer, config: HirmConfig, concept: str, prompt_ids: torch.Tensor,
+                         concept_index: int = 0) -> torch.Tensor:
+    """Targets (n_prompts, tokens, width) for the prompts of one concept, from the ORIGINAL encoder."""
+    n, tokens = prompt_ids.shape
+    width = model.config.hidden_size
+    g = torch.Generator().manual_seed(config.seed * 1000 + concept_index)
+    c = config.target_scale
+    if config.method == "random":  # reference code: one uniform tensor, unit Frobenius norm, times c
+        t = torch.rand(tokens, width, generator=g)
+        t = t / t.norm() * c
+        return t.expand(n, tokens, width).clone()
+    if config.method == "random-gaussian":  # paper: a Gaussian direction per token, times c
+        t = torch.randn(tokens, width, generator=g)
+        t = t / t.norm(dim=-1, keepdim=True) * c
+        return t.expand(n, tokens, width).clone()
+    device = prompt_ids.device
+    if config.method == "superordinate":
+        anchor_ids = tokenize(tokenizer, [config.anchor], tokens, what="anchor").to(device)
+        s = supervised_output(model, anchor_ids, config.supervision).float()
+        return (c * s).expand(n, tokens, width).clone()
+    # safety: t = s(p) - eta * v, v = mean over pairs of s(with) - s(without)
+    pairs = list(config.pairs) or nudity_pairs()
+    with_ids = tokenize(tokenizer, [a for a, _ in pairs], tokens, what="pair prompt").to(device)
+    without_ids = tokenize(tokenizer, [b for _, b in pairs], tokens, what="pair prompt").to(device)
+    v = (supervised_output(model, with_ids, config.supervision).float()
+         - supervised_output(model, without_ids, config.supervision).float()).mean(0)
+    return supervised_output(model, prompt_ids, config.supervision).float() - config.eta * v
+
+
+def _prompts(config: HirmConfig, concept: str) -> list[str]:
+    return [t.format(concept) for t in config.templates] if config.templates else [concept]
+
+
+def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | None = None,
+                 should_cancel: Callable[[], bool] | None = None, concepts: tuple[str, ...] | None = None,
+                 step_offset: int = 0, total_steps: int | None = None) -> dict[str, torch.Tensor]:
+    """Train jointly on ``concepts`` (default: all of the config's) and return the fp32 deltas.
+
+    The model's weights are restored exactly before returning or raising.
+    """
+    concepts = concepts or config.concepts
+    device = next(model.parameters()).device
+    if next(model.parameters()).dtype != torch.float32:
+        raise HirmError("HiRM trains in fp32: load the encoder with dtype=torch.float32")
+    params = canonical_parameters(model)
+    names = trained_parameter_names(config, model.config.num_hidden_layers)
+    originals = {n: params[n].detach().clone() for n in names}
+    ids, targets = [], []
+    for i, concept in enumerate(concepts):
+        cid = tokenize(tokenizer, _prompts(config, concept), what="concept").to(device)
+        ids.append(cid)
+        targets.append(misdirection_targets(model, tokenizer, config, concept, cid, config.concepts.index(concept) if concept in config.concepts else i))
+    ids, targets = torch.cat(ids), torch.cat(targets).to(device)
+    trainable = [params[n] for n in names]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-8)
+    torch.manual_seed(config.seed)
+    total = total_steps or config.steps
+    try:
+        for p in trainable:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for step in range(config.steps):
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled("training cancelled; no patch was made and the encoder is unchanged")
+                h = supervised_output(model, ids, config.supervision)
+                loss = torch.nn.functional.mse_loss(h.float(), targets)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"training diverged at step {step + 1} (loss is {loss.item()}); lower the learning rate. Nothing was written")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if progress is not None:
+                    progress(step_offset + step + 1, total, float(loss.detach()))
+        deltas = {n: (params[n].detach() - originals[n]).float().cpu() for n in names}
+        check_finite(deltas, "training")
+        return deltas
+    finally:
+        with torch.no_grad():
+            for n in names:
+                params[n].requires_grad_(False)
+                params[n].data.copy_(originals[n])
+
+
+def train_patch(model, tokenizer, config: HirmConfig | None = None, *, progress: ProgressFn | None = None,
+                should_cancel: Callable[[], bool] | None = None, report: bool = True,
+                report_dtype: torch.dtype = torch.float16, **settings) -> ErasurePatch:
+    """Train a HiRM erasure patch on a transformers ``CLIPTextModel`` (left unchanged).
+
+    Either pass a ``HirmConfig`` or the settings of ``make_config`` (``concepts``, ``method``,
+    ``preset``, ...). ``progress(step, total, loss)`` is called after every step;
+    ``should_cancel()`` is polled before every step (return True, or raise, to stop).
+    The text-level report is measured with the deltas rounded to ``report_dtype`` (the dtype
+    the file will store), so it describes the file, not the fp32 training result.
+    """
+    if config is None:
+        config = make_config(settings.pop("concepts"), **settings)
+    elif settings:
+        raise HirmError(f"pass either a config or settings, not both ({', '.join(settings)})")
+    signature = model_signature(model)
+    start = time.perf_counter()
+    if config.multi == "average" and len(config.concepts) > 1:
+        per = [train_deltas(model, tokenizer, config, progress, should_cancel, (c,), i * config.steps,
+                            config.steps * len(config.concepts)) for i, c in enumerate(config.concepts)]
+        deltas = {n: sum(d[n] for d in per) / len(per) for n in per[0]}
+    else:
+        deltas = train_deltas(model, tokenizer, config, progress, should_cancel)
+    seconds = time.perf_counter() - start
+    patch = ErasurePatch(deltas, make_metadata(method=config.method, concepts=list(config.concepts),
+                                              config=config.to_dict(), model=model, base_signature=signature,
+                                              train_seconds=seconds))
+    if report:
+        from ..report import text_report
+
+        rounded = ErasurePatch({n: d.to(report_dtype) for n, d in deltas.items()}, patch.metadata)
+        patch.metadata["report"] = text_report(model, tokenizer, rounded, neighbors=list(config.neighbors) or None)
+        patch.metadata["report_seconds"] = round(time.perf_counter() - start - seconds, 3)
+    return patch
+
+
+def average_patches(patches: list[ErasurePatch]) -> ErasurePatch:
+    """Delta averaging of separately trained patches (the paper's multi-concept recipe)."""
+    if not patches:
+        raise HirmError("no patches to average")
+    first = patches[0]
+    for p in patches[1:]:
+        if p.deltas.keys() != first.deltas.keys() or p.metadata.get("base_fingerprint") != first.metadata.get("base_fingerprint"):
+            raise HirmError("only patches trained on the same encoder and layers can be averaged")
+    deltas = {n: sum(p.deltas[n].float() for p in patches) / len(patches) for n in first.deltas}
+    meta = dict(first.metadata)
+    meta["concepts"] = [c for p in patches for c in p.concepts]
+    meta["method"] = "+".join(sorted({p.method for p in patches}))
+    meta["config"] = dict(meta.get("config") or {}, multi="average", concepts=meta["concepts"])
+    meta.pop("report", None)
+    return ErasurePatch(deltas, meta)

@@ -1,0 +1,373 @@
+"""Erasure patch files: format, validation, atomic writing, apply/remove on a text encoder.
+
+A patch is a safetensors file of weight differences (``delta = W_trained - W_base``) with
+metadata. Tensor names follow the full-weight-difference convention of ComfyUI's and A1111's
+LoRA loaders (``lora_te_text_model_encoder_layers_0_self_attn_q_proj.diff`` for a weight,
+``.diff_b`` for a bias), so the same file also works in their stock LoRA loaders. The format
+is documented in docs/patch-format.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from . import __version__
+from .encoders import canonical_parameters, encoder_architecture, model_signature, signature_id, signatures_match
+from .errors import HirmError, PatchFileError, PatchMismatchError
+
+FORMAT_NAME = "hirm-erasure-patch"
+FORMAT_VERSION = 1
+_FAMILY_KEY_PREFIX = {"clip-g": "lora_te2_"}  # everything else (clip-l) uses lora_te_
+_JSON_FIELDS = ("concepts", "config", "encoder", "base_signature", "report", "format_version", "train_seconds",
+                "report_seconds", "source")
+_REQUIRED = ("format", "format_version", "method", "concepts", "encoder", "base_fingerprint", "base_signature")
+
+
+class BaseMismatchWarning(UserWarning):
+    """The patch was trained on other base weights than the encoder it is applied to."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Names: canonical parameter name <-> key in the file
+
+
+def file_key(canonical: str, family: str) -> str:
+    module, kind = canonical.rsplit(".", 1)
+    if kind not in ("weight", "bias"):
+        raise HirmError(f"cannot store {canonical} in a patch (only weights and biases)")
+    return _FAMILY_KEY_PREFIX.get(family, "lora_te_") + module.replace(".", "_") + (".diff" if kind == "weight" else ".diff_b")
+
+
+_MODULES = (
+    r"text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12]|layer_norm[12])",
+    r"text_model_(final_layer_norm)",
+    r"text_model_embeddings_(token_embedding|position_embedding)",
+)
+
+
+def canonical_name(key: str) -> str | None:
+    """Inverse of ``file_key``; None for a key that is not a text-encoder difference."""
+    m = re.fullmatch(r"lora_te[12]?_(.+)\.(diff|diff_b)", key)
+    if not m:
+        return None
+    body, kind = m.group(1), "weight" if m.group(2) == "diff" else "bias"
+    if mm := re.fullmatch(_MODULES[0], body):
+        sub = mm.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+        return f"text_model.encoder.layers.{mm.group(1)}.{sub}.{kind}"
+    if mm := re.fullmatch(_MODULES[1], body):
+        return f"text_model.final_layer_norm.{kind}"
+    if mm := re.fullmatch(_MODULES[2], body):
+        return f"text_model.embeddings.{mm.group(1)}.{kind}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The patch object
+
+
+@dataclass
+class ErasurePatch:
+    """Weight differences for a text encoder plus what they erase and how they were made.
+
+    ``deltas`` maps canonical parameter names to tensors; ``metadata`` holds decoded values
+    (lists/dicts for the JSON fields). Treat instances as immutable: hosts share them.
+    """
+
+    deltas: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def concepts(self) -> list[str]:
+        return list(self.metadata.get("concepts", []))
+
+    @property
+    def method(self) -> str:
+        return str(self.metadata.get("method", ""))
+
+    @property
+    def encoder(self) -> dict[str, Any]:
+        return dict(self.metadata.get("encoder", {}))
+
+    @property
+    def family(self) -> str:
+        return str(self.encoder.get("family", "clip-l"))
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        return self.metadata.get("report")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.deltas.values())
+
+    def describe(self) -> str:
+        """One line for logs and UIs."""
+        return (f"{', '.join(self.concepts) or '?'} [{self.method}] on {self.family}, "
+                f"{len(self.deltas)} tensors, base {self.metadata.get('base_fingerprint', '?')}")
+
+
+def make_metadata(*, method: str, concepts: list[str], config: Mapping[str, Any], model,
+                  base_signature: list[float], train_seconds: float | None = None,
+                  report: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "concepts": list(concepts),
+        "anchor": config.get("anchor") or "",
+        "config": dict(config),
+        "encoder": encoder_architecture(model),
+        "base_fingerprint": signature_id(base_signature),
+        "base_signature": list(base_signature),
+        "tool": f"hirm {__version__}",
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    if train_seconds is not None:
+        meta["train_seconds"] = round(float(train_seconds), 3)
+    if report is not None:
+        meta["report"] = dict(report)
+    meta.update(extra)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing and reading
+
+
+def patch_to_safetensors(patch: ErasurePatch, dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata that make up the file."""
+    family = patch.family
+    tensors = {file_key(k, family): v.detach().to("cpu", dtype).contiguous() for k, v in sorted(patch.deltas.items())}
+    meta = {k: json.dumps(v) if k in _JSON_FIELDS or not isinstance(v, str) else v for k, v in patch.metadata.items()}
+    meta["delta_dtype"] = str(dtype).replace("torch.", "")
+    return tensors, meta
+
+
+def save_patch(patch: ErasurePatch, path: str, dtype: torch.dtype = torch.float16) -> str:
+    """Write ``patch`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    from safetensors.torch import save_file
+
+    check_finite(patch.deltas, "the patch")
+    tensors, meta = patch_to_safetensors(patch, dtype)
+    check_finite(tensors, f"the patch stored as {dtype}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    for k, v in tensors.items():
+        if not torch.isfinite(v).all():
+            raise HirmError(f"{what} holds NaN or Inf values ({k}); nothing was written")
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """Validated, decoded metadata of a patch file, reading only its header."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise PatchFileError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception:
+        raise PatchFileError(f"{path}: not a safetensors file (or a damaged one); pass an erasure patch (.safetensors)") from None
+    return decode_metadata(raw, path)
+
+
+def decode_metadata(raw: Mapping[str, str], where: str = "patch") -> dict[str, Any]:
+    """Turn safetensors' str->str metadata into checked values."""
+    if raw.get("format") != FORMAT_NAME:
+        raise PatchFileError(f"{where}: a safetensors file, but not an erasure patch (no format={FORMAT_NAME} in its metadata); train one with 'hirm train'")
+    try:
+        version = int(raw.get("format_version", ""))
+    except ValueError:
+        raise PatchFileError(f"{where}: unreadable format_version {raw.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise PatchFileError(f"{where}: patch format {version} is newer than this tool reads ({FORMAT_VERSION}); upgrade hirm")
+    for k in _REQUIRED:
+        if k not in raw:
+            raise PatchFileError(f"{where}: damaged patch metadata (no {k!r})")
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in _JSON_FIELDS:
+            try:
+                meta[k] = json.loads(v)
+            except ValueError:
+                raise PatchFileError(f"{where}: damaged patch metadata ({k!r} is not valid JSON)") from None
+        else:
+            meta[k] = v
+    return meta
+
+
+def load_patch(path: str, device="cpu") -> ErasurePatch:
+    """Read and validate a patch file: format, names, shapes against its encoder, finite values."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(path, device=str(device))
+    except Exception:
+        raise PatchFileError(f"{path}: the patch file is truncated or damaged; download or train it again") from None
+    return validate_patch(tensors, meta, path)
+
+
+def validate_patch(tensors: Mapping[str, torch.Tensor], meta: dict[str, Any], where: str) -> ErasurePatch:
+    enc = meta["encoder"]
+    if not isinstance(enc, dict) or not {"hidden_size", "num_layers", "intermediate_size"} <= enc.keys():
+        raise PatchFileError(f"{where}: damaged patch metadata (encoder architecture incomplete)")
+    if not tensors:
+        raise PatchFileError(f"{where}: the patch holds no tensors")
+    deltas = {}
+    for key, value in tensors.items():
+        name = canonical_name(key)
+        if name is None:
+            raise PatchFileError(f"{where}: unexpected tensor {key!r} in a patch")
+        expected = expected_shape(name, enc)
+        if expected is not None and tuple(value.shape) != expected:
+            raise PatchFileError(f"{where}: tensor {key} has shape {tuple(value.shape)}, expected {expected}; the file is damaged")
+        deltas[name] = value
+    check_finite(deltas, where)
+    return ErasurePatch(deltas, meta)
+
+
+def expected_shape(name: str, enc: Mapping[str, Any]) -> tuple[int, ...] | None:
+    h, i = int(enc["hidden_size"]), int(enc["intermediate_size"])
+    m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if not m:
+        return None
+    if int(m.group(1)) >= int(enc["num_layers"]):
+        return (-1,)  # a layer the encoder does not have: never matches
+    mod, kind = m.group(2), m.group(3)
+    out_in = {"mlp.fc1": (i, h), "mlp.fc2": (h, i)}.get(mod, (h, h))
+    if mod.startswith("layer_norm"):
+        return (h,)
+    return out_in if kind == "weight" else (out_in[0],)
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying to a transformers CLIPTextModel
+
+
+@dataclass
+class AppliedPatch:
+    """Handle of a patch applied to a model; ``remove()`` restores the weights bit for bit."""
+
+    model: Any
+    patch: ErasurePatch
+    strength: float
+    originals: dict[str, torch.Tensor]
+    base_matches: bool
+
+    def remove(self) -> None:
+        stack = getattr(self.model, "_hirm_applied", [])
+        if self not in stack:
+            return
+        if stack[-1] is not self:
+            raise HirmError("patches must be removed in reverse order of application; remove the most recent one first")
+        params = canonical_parameters(self.model)
+        with torch.no_grad():
+            for name, orig in self.originals.items():
+                params[name].data.copy_(orig)
+        stack.pop()
+        if not stack:
+            del self.model._hirm_base_signature
+
+
+def check_compatible(patch: ErasurePatch, model) -> None:
+    """Refuse a patch for another encoder architecture (raises PatchMismatchError)."""
+    arch = encoder_architecture(model)
+    enc = patch.encoder
+    if (enc.get("hidden_size"), enc.get("num_layers")) != (arch["hidden_size"], arch["num_layers"]):
+        raise PatchMismatchError(
+            f"this patch is for {enc.get('family', '?')} (width {enc.get('hidden_size')}, {enc.get('num_layers')} layers) "
+            f"but the encoder is {arch['family']} (width {arch['hidden_size']}, {arch['num_layers']} layers); "
+            "use a patch trained on this encoder")
+    params = canonical_parameters(model)
+    for name, delta in patch.deltas.items():
+        if name not in params or tuple(params[name].shape) != tuple(delta.shape):
+            raise PatchMismatchError(f"patch tensor {name} does not fit this encoder; use a patch trained on this encoder")
+
+
+def apply_patch(model, patch: ErasurePatch, strength: float = 1.0) -> AppliedPatch:
+    """Add ``strength * delta`` to the model's weights in place; returns a handle to undo it.
+
+    Refuses a patch for another architecture before touching anything; warns
+    (``BaseMismatchWarning``) when the base weights differ from those the patch was trained on.
+    """
+    if not math.isfinite(strength):
+        raise HirmError(f"strength must be a finite number, got {strength}")
+    check_compatible(patch, model)
+    stack = getattr(model, "_hirm_applied", None)
+    if stack is None:
+        stack = model._hirm_applied = []
+    if not stack:
+        model._hirm_base_signature = model_signature(model)
+    matches = signatures_match(model._hirm_base_signature, patch.metadata.get("base_signature", []))
+    if not matches:
+        warnings.warn(
+            f"patch '{', '.join(patch.concepts)}' was trained on other base weights "
+            f"({patch.metadata.get('base_fingerprint')}) than this encoder ({signature_id(model._hirm_base_signature)}), "
+            "e.g. another fine-tune of CLIP-L; it may erase less or drift more: retrain it on this model for best results",
+            BaseMismatchWarning, stacklevel=2)
+    params = canonical_parameters(model)
+    originals = {n: params[n].detach().clone() for n in patch.deltas}
+    with torch.no_grad():
+        for name, delta in patch.deltas.items():
+            p = params[name]
+            p.data.copy_((p.data.float() + strength * delta.to(p.device, torch.float32)).to(p.dtype))
+    handle = AppliedPatch(model, patch, float(strength), originals, matches)
+    stack.append(handle)
+    return handle
+
+
+@contextlib.contextmanager
+def patched(model, patches: ErasurePatch | Iterable[tuple[ErasurePatch, float]], strength: float = 1.0):
+    """Context manager: the model carries the patch(es) inside the block, its own weights after."""
+    pairs = [(patches, strength)] if isinstance(patches, ErasurePatch) else list(patches)
+    handles = []
+    try:
+        for p, s in pairs:
+            handles.append(apply_patch(model, p, s))
+        yield handles
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
+def merged_state_dict(canonical_sd: Mapping[str, torch.Tensor], patches: Iterable[tuple[ErasurePatch, float]],
+                      name_map=lambda n: n) -> dict[str, torch.Tensor]:
+    """A copy of the changed tensors of a state dict with patches added (for writing files).
+
+    ``name_map`` turns a canonical name into the state dict's own key.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for patch, strength in patches:
+        for name, delta in patch.deltas.items():
+            key = name_map(name)
+            if key not in canonical_sd:
+                raise PatchMismatchError(f"the checkpoint has no {key}; use a patch trained on this encoder")
+            base = out.get(key, canonical_sd[key])
+            if tuple(base.shape) != tuple(delta.shape):
+                raise PatchMismatchError(f"patch tensor {name} does not fit {key} {tuple(base.shape)}; use a patch trained on this encoder")
+            out[key] = (base.float() + strength * delta.float()).to(base.dtype)
+    return out

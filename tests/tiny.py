@@ -1,0 +1,58 @@
+"""Tiny offline models for tests: nothing is downloaded, weights are random.
+
+``tiny_clip`` uses the package's own (real, offline) CLIP tokenizer with a 32-wide, 3-layer
+encoder; ``tiny_tokenizer_files`` writes a character-level vocabulary like a test would; the
+real CLIP-L configuration is available for smoke tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from shared_core.encoders import canonical_parameters
+from shared_core.tokenizer import clip_tokenizer
+
+
+def tiny_config(hidden=32, layers=3, vocab=49408, positions=77, intermediate=64):
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=positions,
+                          hidden_act="quick_gelu", bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1)
+
+
+def clip_l_config():
+    return CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                          bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+
+
+def random_clip(config=None, seed=0):
+    torch.manual_seed(seed)
+    model = CLIPTextModel(config or tiny_config())
+    # random init gives tiny layer weights; widen them so the encoder is not nearly the identity
+    with torch.no_grad():
+        for name, p in canonical_parameters(model).items():
+            if name.endswith("weight") and p.ndim == 2 and "embedding" not in name:
+                p.normal_(0, 0.5 / p.shape[1] ** 0.5)
+    return model.eval().requires_grad_(False)
+
+
+def tiny_clip(seed=0):
+    return random_clip(tiny_config(), seed), clip_tokenizer()
+
+
+def canonical_state_dict(model, prefix=""):
+    """The encoder's weights under checkpoint names (``text_model.*``) behind ``prefix``."""
+    return {prefix + k: v.detach().clone() for k, v in canonical_parameters(model).items()}
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(model, snap) -> bool:
+    now = model.state_dict()
+    return now.keys() == snap.keys() and all(torch.equal(now[k], snap[k]) for k in snap)
