@@ -1,0 +1,125 @@
+"""Benchmark: HiRM training time on the real CLIP-L architecture (random weights), against the floor.
+
+The floor is measured in the same run: ``steps`` x one forward + backward of the bare
+transformers CLIPTextModel with only layer 0 trainable (loss on the final output), no
+optimiser. Each part runs in a fresh subprocess so that its peak memory (max RSS) is its own.
+
+    python bench/bench_hirm.py            # table
+    python bench/bench_hirm.py --json     # machine-readable
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def clip_l():
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                            bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def part_floor(steps: int) -> dict:
+    import torch
+
+    from shared_core.encoders import encoder_layers
+    from shared_core.textenc import tokenize
+    from shared_core.tokenizer import clip_tokenizer
+
+    model = clip_l()
+    ids = tokenize(clip_tokenizer(), ["Van Gogh"])
+    for p in encoder_layers(model)[0].parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        model(input_ids=ids).last_hidden_state.square().mean().backward()  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids).last_hidden_state.square().mean().backward()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": peak_mb()}
+
+
+def part_train(steps: int) -> dict:
+    import torch
+
+    from shared_core.hirm import train_patch
+    from shared_core.patch import save_patch
+    from shared_core.tokenizer import clip_tokenizer
+
+    model, tok = clip_l(), clip_tokenizer()
+    train_patch(model, tok, concepts=["Van Gogh"], preset="style", steps=1, report=False)  # warm-up
+    start = time.perf_counter()
+    patch = train_patch(model, tok, concepts=["Van Gogh"], preset="style", steps=steps, report=False)
+    seconds = time.perf_counter() - start
+    peak = peak_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        size16 = os.path.getsize(save_patch(patch, os.path.join(tmp, "p16.safetensors")))
+        size32 = os.path.getsize(save_patch(patch, os.path.join(tmp, "p32.safetensors"), dtype=torch.float32))
+    from shared_core.report import text_report
+
+    start = time.perf_counter()
+    report32 = text_report(model, tok, patch)
+    report_seconds = time.perf_counter() - start
+    # does fp16 storage change what the patch does? compare the report with fp16-rounded deltas
+    from shared_core.patch import ErasurePatch
+
+    report16 = text_report(model, tok, ErasurePatch({k: v.half() for k, v in patch.deltas.items()}, patch.metadata))
+    fp16_change = max(abs(report16[k] - report32[k]) for k in report32 if k.endswith(("_mean", "_max")) and report32[k] is not None)
+    return {"seconds": seconds, "peak_mb": peak, "patch_bytes_fp16": size16, "patch_bytes_fp32": size32,
+            "report_seconds": report_seconds, "fp16_report_change": fp16_change}
+
+
+def run_part(name: str, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--part", name, "--steps", str(steps)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40, help="style preset, random method: 40")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--part", choices=("floor", "train"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.part:
+        import torch
+
+        print(json.dumps((part_floor if args.part == "floor" else part_train)(args.steps) | {"threads": torch.get_num_threads()}))
+        return
+    floor, train = run_part("floor", args.steps), run_part("train", args.steps)
+    result = {"steps": args.steps, "floor_seconds": round(floor["seconds"], 2), "train_seconds": round(train["seconds"], 2),
+              "ratio": round(train["seconds"] / floor["seconds"], 3), "train_peak_mb": round(train["peak_mb"]),
+              "floor_peak_mb": round(floor["peak_mb"]), "patch_mb_fp16": round(train["patch_bytes_fp16"] / 1e6, 2),
+              "patch_mb_fp32": round(train["patch_bytes_fp32"] / 1e6, 2), "report_seconds": round(train["report_seconds"], 2),
+              "fp16_vs_fp32_report_max_abs_change": train["fp16_report_change"],
+              "threads": train["threads"]}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"HiRM style preset ({args.steps} steps) on CLIP-L architecture, random weights, CPU, {result['threads']} threads")
+    for k, v in result.items():
+        print(f"  {k:<16} {v}")
+
+
+if __name__ == "__main__":
+    main()

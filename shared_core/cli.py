@@ -1,0 +1,357 @@
+"""The ``hirm`` command line: train, inspect and apply erasure patches (and NLCE, Hub sharing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+
+from . import __version__
+from .errors import HirmError
+
+SOURCE_HELP = ("the text encoder: a single-file checkpoint (SD1.x, SDXL, Flux/SD3 clip_l, ComfyUI state dict), "
+               "a diffusers or transformers model folder, or a Hugging Face Hub repo id")
+NO_SOURCE = ("no text encoder given: pass a checkpoint file (e.g. v1-5-pruned-emaonly.safetensors, sd_xl_base_1.0.safetensors, "
+             "clip_l.safetensors), a diffusers model folder or a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5); "
+             "run 'hirm demo' to check the install on a tiny random model")
+
+
+def _device_dtype(device: str | None):
+    import torch
+
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HirmError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "concept"
+
+
+class _Progress:
+    """tqdm bar on stderr for training steps."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+
+    def __call__(self, step, total, loss):
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="training", unit="step", file=sys.stderr, leave=False)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4g}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    if not args.source:
+        raise HirmError(NO_SOURCE)
+    import torch
+
+    from .encoders import load_text_encoder
+    from .hirm import make_config, train_patch
+    from .patch import save_patch
+    from .report import format_report
+
+    pairs = _read_pairs(args.pairs) if args.pairs else None
+    config = make_config(args.concept or [], method=args.method, preset=args.preset, steps=args.steps, lr=args.lr,
+                         anchor=args.anchor, seed=args.seed, trainable_layers=args.layers, supervision=args.supervision,
+                         templates=args.template, neighbors=args.neighbor, multi=args.multi, eta=args.eta,
+                         target_scale=args.scale, **({"pairs": pairs} if pairs else {}))
+    out = args.out or f"erasure-{slug('-'.join(config.concepts))}.safetensors"
+    device = _device_dtype(args.device)
+    enc = load_text_encoder(args.source, component=args.component, device=device, dtype=torch.float32)
+    progress = _Progress(not args.json and not args.quiet)
+    try:
+        patch = train_patch(enc.model, enc.tokenizer, config, progress=progress)
+    finally:
+        progress.close()
+    patch.metadata["trained_on"] = os.path.basename(str(args.source).rstrip("/"))
+    save_patch(patch, out, dtype=torch.float32 if args.dtype == "fp32" else torch.float16)
+    if args.json:
+        print(json.dumps({"out": out, "concepts": list(config.concepts), "method": config.method,
+                          "train_seconds": patch.metadata["train_seconds"], "size_bytes": os.path.getsize(out),
+                          "report": patch.report}, indent=2))
+    else:
+        print(f"trained {patch.describe()} in {patch.metadata['train_seconds']:.1f} s on {device}")
+        print(format_report(patch.report))
+        print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB)")
+    return 0
+
+
+def _read_pairs(path: str) -> list[tuple[str, str]]:
+    if not os.path.isfile(path):
+        raise HirmError(f"{path}: no such pairs file")
+    pairs = []
+    for ln in open(path, encoding="utf-8"):
+        if ln.strip() and not ln.startswith("#"):
+            parts = ln.rstrip("\n").split("\t")
+            if len(parts) != 2:
+                raise HirmError(f"{path}: each line must be 'prompt with concept<TAB>same prompt without it'")
+            pairs.append((parts[0], parts[1]))
+    if not pairs:
+        raise HirmError(f"{path}: no prompt pairs")
+    return pairs
+
+
+def cmd_inspect(args) -> int:
+    from .patch import load_patch
+    from .report import format_report
+
+    patch = load_patch(args.file)
+    meta = patch.metadata
+    if args.json:
+        out = {k: v for k, v in meta.items() if k != "base_signature"}
+        out.update(valid=True, tensors=len(patch.deltas), size_bytes=os.path.getsize(args.file))
+        print(json.dumps(out, indent=2))
+        return 0
+    cfg = meta.get("config") or {}
+    enc = meta.get("encoder") or {}
+    print(f"{args.file}: valid erasure patch (format {meta['format_version']})")
+    rows = [
+        ("concepts", ", ".join(patch.concepts)),
+        ("method", patch.method + (f" (anchor: {meta['anchor']})" if meta.get("anchor") else "")),
+        ("preset / lr / steps", f"{cfg.get('preset')} / {cfg.get('lr')} / {cfg.get('steps')}"),
+        ("trained layers", ", ".join(str(x) for x in cfg.get("trainable_layers", []))),
+        ("supervision", cfg.get("supervision")),
+        ("encoder", f"{enc.get('family')} (width {enc.get('hidden_size')}, {enc.get('num_layers')} layers)"),
+        ("base fingerprint", meta.get("base_fingerprint")),
+        ("tensors", f"{len(patch.deltas)} ({meta.get('delta_dtype', '?')}, {os.path.getsize(args.file) / 1e6:.1f} MB)"),
+        ("tool / created", f"{meta.get('tool')} / {meta.get('created')}"),
+        ("training time", f"{meta.get('train_seconds')} s"),
+    ]
+    if meta.get("source"):
+        rows.append(("source", json.dumps(meta["source"])))
+    for k, v in rows:
+        print(f"  {k:<20} {v}")
+    print(format_report(patch.report))
+    return 0
+
+
+def _parse_patch_arg(text: str) -> tuple[str, float]:
+    path, _, strength = text.partition(":") if not os.path.exists(text) else (text, "", "")
+    try:
+        return path, float(strength) if strength else 1.0
+    except ValueError:
+        raise HirmError(f"--patch {text}: write FILE or FILE:STRENGTH (e.g. vangogh.safetensors:0.8)") from None
+
+
+def cmd_apply(args) -> int:
+    if not args.source:
+        raise HirmError(NO_SOURCE)
+    from .patch import load_patch
+
+    patches = [(load_patch(p), s) for p, s in map(_parse_patch_arg, args.patch)]
+    if os.path.isfile(args.source):
+        _apply_to_checkpoint(args.source, patches, args.out)
+    else:
+        _apply_to_folder(args.source, patches, args.out, args.component)
+    print(f"wrote {args.out} with {len(patches)} patch(es): " + "; ".join(f"{p.describe()} x{s}" for p, s in patches))
+    return 0
+
+
+def _apply_to_checkpoint(source: str, patches, out: str) -> None:
+    """A copy of a single-file checkpoint with the patches merged into its CLIP-L (safetensors)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .encoders import extract_text_encoder, load_state_dict_file
+    from .patch import merged_state_dict
+
+    if not out.endswith(".safetensors"):
+        raise HirmError("--out for a single-file checkpoint must end in .safetensors")
+    sd = load_state_dict_file(source)
+    component = "clip_g" if all(p.family == "clip-g" for p, _ in patches) else "clip_l"
+    prefix, canon = extract_text_encoder(sd, component, source=source)
+    flat = prefix + "text_model.embeddings.token_embedding.weight" not in sd
+
+    def key(name):  # canonical -> the checkpoint's own key
+        return prefix + (name[len("text_model."):] if flat else name)
+
+    changed = merged_state_dict({key(k): v for k, v in canon.items()}, patches, key)
+    _check_fingerprint(canon, patches)
+    sd.update(changed)
+    meta = {}
+    if source.endswith(".safetensors"):
+        with safe_open(source, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    meta["hirm_patches"] = json.dumps([{"concepts": p.concepts, "strength": s, "base": p.metadata.get("base_fingerprint")} for p, s in patches])
+    _atomic(out, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
+
+
+def _check_fingerprint(canon, patches) -> None:
+    from .encoders import base_signature, config_from_state_dict, signatures_match
+    from .patch import BaseMismatchWarning
+
+    sig = base_signature(canon, config_from_state_dict(canon).num_hidden_layers)
+    for p, _ in patches:
+        if not signatures_match(sig, p.metadata.get("base_signature", [])):
+            warnings.warn(f"patch '{', '.join(p.concepts)}' was trained on other base weights; retrain it on this model for best results",
+                          BaseMismatchWarning, stacklevel=2)
+
+
+def _apply_to_folder(source: str, patches, out: str, component: str) -> None:
+    """A patched text encoder (+ tokenizer) in transformers/diffusers format at ``out``."""
+    import torch
+
+    from .encoders import load_text_encoder
+    from .patch import apply_patch
+
+    enc = load_text_encoder(source, component=component, dtype=torch.float32)
+    for p, s in patches:
+        apply_patch(enc.model, p, s)
+
+    def write(tmp):
+        os.makedirs(tmp)
+        enc.model.save_pretrained(tmp)
+        enc.tokenizer.save_pretrained(tmp)
+
+    _atomic(out, write, folder=True)
+
+
+def _atomic(path: str, write, folder: bool = False) -> None:
+    """Write via a temporary sibling, then rename into place: no half-written output."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mktemp(prefix=".tmp-hirm-", dir=parent)
+    try:
+        write(tmp)
+        if folder and os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cmd_demo(args) -> int:
+    """The whole chain on a tiny random encoder, to check an install."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .hirm import train_patch
+    from .patch import apply_patch, load_patch, save_patch
+    from .report import format_report
+    from .tokenizer import clip_tokenizer
+
+    print("hirm demo: a TINY RANDOM text encoder, so the numbers below are MEANINGLESS; it only checks that the install works.")
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    model = CLIPTextModel(config).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    progress = _Progress(True)
+    patch = train_patch(model, clip_tokenizer(), concepts=["Van Gogh"], preset="style", steps=args.steps, progress=progress)
+    progress.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_patch(patch, os.path.join(tmp, "demo.safetensors"))
+        loaded = load_patch(path)
+        handle = apply_patch(model, loaded, 1.0)
+        handle.remove()
+    exact = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    print(format_report(patch.report))
+    print(f"train -> save -> load -> apply -> remove: OK (weights restored bit for bit: {exact})")
+    return 0 if exact else 1
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .hirm import METHODS, PRESETS, SUPERVISION_POINTS
+
+    ap = argparse.ArgumentParser(prog="hirm", description="Concept erasure for Stable Diffusion / Flux text encoders (HiRM) and UNets (NLCE).")
+    ap.add_argument("--version", action="version", version=f"hirm {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a HiRM erasure patch", description="Train a HiRM erasure patch for one or more concepts.")
+    t.add_argument("source", nargs="?", help=SOURCE_HELP)
+    t.add_argument("--concept", action="append", help="concept to erase (repeat for several)")
+    t.add_argument("--method", default="random", choices=METHODS, help="misdirection target (default: random)")
+    t.add_argument("--anchor", help="anchor prompt for --method superordinate (e.g. painting, building)")
+    t.add_argument("--preset", choices=sorted(PRESETS), help="paper recipe for lr/steps (default: style; nudity for --method safety)")
+    t.add_argument("--steps", type=int, help="training steps (default: from the preset)")
+    t.add_argument("--lr", type=float, help="learning rate (default: from the preset)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--out", help="patch file to write (default: erasure-<concept>.safetensors)")
+    t.add_argument("--component", default="clip_l", choices=("clip_l", "clip_g"), help="which text encoder of the model")
+    t.add_argument("--layers", type=int, nargs="+", help="trainable layers (default: 0)")
+    t.add_argument("--supervision", choices=SUPERVISION_POINTS, default="attn_out", help="supervised point in the last layer")
+    t.add_argument("--template", action="append", help="prompt template with {} for the concept (repeatable)")
+    t.add_argument("--neighbor", action="append", help="neighbour concept for the report (repeatable)")
+    t.add_argument("--multi", choices=("joint", "average"), default="joint", help="several concepts: one joint patch or averaged deltas")
+    t.add_argument("--eta", type=float, default=1.0, help="concept-vector weight for --method safety")
+    t.add_argument("--scale", type=float, help="target scale c (default: 5000 random, 500 random-gaussian, 1 otherwise)")
+    t.add_argument("--pairs", help="TSV of 'with concept<TAB>without' prompt pairs for --method safety (default: shipped nudity pairs)")
+    t.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="storage dtype of the deltas (default fp16)")
+    t.add_argument("--json", action="store_true", help="machine-readable output")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("inspect", help="show and validate a patch file")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    a = sub.add_parser("apply", help="write a patched text encoder or checkpoint",
+                       description="Merge patches into a copy of a model. A single-file checkpoint gives a patched .safetensors "
+                                   "checkpoint; a folder or Hub id gives a patched text encoder folder (transformers/diffusers format).")
+    a.add_argument("source", nargs="?", help=SOURCE_HELP)
+    a.add_argument("--patch", action="append", required=True, help="patch file, optionally FILE:STRENGTH (repeat to stack)")
+    a.add_argument("--out", required=True, help="output .safetensors (checkpoint) or folder")
+    a.add_argument("--component", default="clip_l", choices=("clip_l", "clip_g"))
+    a.set_defaults(func=cmd_apply)
+
+    d = sub.add_parser("demo", help="run the whole chain on a tiny random model (checks the install; output is meaningless)")
+    d.add_argument("--steps", type=int, default=5)
+    d.set_defaults(func=cmd_demo)
+
+    for module, attr in ((".cli_nlce", "add_parser"), (".cli_hub", "add_parsers")):
+        try:
+            mod = __import__(__package__ + module, fromlist=[attr])
+        except ImportError:
+            continue
+        getattr(mod, attr)(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return 2
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        return int(args.func(args) or 0)
+    except HirmError as e:
+        print(f"hirm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hirm: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
