@@ -143,12 +143,15 @@ def build_text_model(sd: Mapping[str, torch.Tensor], config=None, device="cpu",
     if missing:
         raise EncoderSourceError(f"the text encoder weights are incomplete (missing {missing[0]} and {len(missing) - 1} more); the file is damaged or not a CLIP text encoder")
     state = {n: sd[CANONICAL + n].to(device=device, dtype=dtype) for n in params}
-    for n, buf in text_module(model).named_buffers():
-        state[n] = sd.get(CANONICAL + n, None)
-        if state[n] is None:  # position_ids
-            state[n] = torch.arange(config.max_position_embeddings, device=device).unsqueeze(0)
-        state[n] = state[n].to(device)
-    text_module(model).load_state_dict(state, assign=True, strict=True)
+    tm = text_module(model)
+    persistent = set(tm.state_dict().keys())
+    for n, _ in list(tm.named_buffers()):
+        if n in persistent:
+            state[n] = sd.get(CANONICAL + n, torch.arange(config.max_position_embeddings).unsqueeze(0)).to(device)
+        else:  # non-persistent (position_ids in transformers 5): materialise it off the meta device
+            owner, _, leaf = n.rpartition(".")
+            tm.get_submodule(owner)._buffers[leaf] = torch.arange(config.max_position_embeddings, device=device).unsqueeze(0)
+    tm.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     return model
 

@@ -174,10 +174,11 @@ def save_patch(patch: ErasurePatch, path: str, dtype: torch.dtype = torch.float1
     return path
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str, consequence: str = "nothing was written",
+                 error: type[HirmError] = HirmError) -> None:
     for k, v in tensors.items():
         if not torch.isfinite(v).all():
-            raise HirmError(f"{what} holds NaN or Inf values ({k}); nothing was written")
+            raise error(f"{what} holds NaN or Inf values ({k}); {consequence}")
 
 
 def read_metadata(path: str) -> dict[str, Any]:
@@ -190,7 +191,7 @@ def read_metadata(path: str) -> dict[str, Any]:
         with safe_open(path, framework="pt") as f:
             raw = f.metadata() or {}
     except Exception:
-        raise PatchFileError(f"{path}: not a safetensors file (or a damaged one); pass an erasure patch (.safetensors)") from None
+        raise PatchFileError(f"{path}: not a valid safetensors file (another format, or truncated/damaged); pass an erasure patch (.safetensors)") from None
     return decode_metadata(raw, path)
 
 
@@ -246,7 +247,7 @@ def validate_patch(tensors: Mapping[str, torch.Tensor], meta: dict[str, Any], wh
         if expected is not None and tuple(value.shape) != expected:
             raise PatchFileError(f"{where}: tensor {key} has shape {tuple(value.shape)}, expected {expected}; the file is damaged")
         deltas[name] = value
-    check_finite(deltas, where)
+    check_finite(deltas, where, "the file is damaged: download or train it again", PatchFileError)
     return ErasurePatch(deltas, meta)
 
 
@@ -268,7 +269,7 @@ def expected_shape(name: str, enc: Mapping[str, Any]) -> tuple[int, ...] | None:
 # Applying to a transformers CLIPTextModel
 
 
-@dataclass
+@dataclass(eq=False)
 class AppliedPatch:
     """Handle of a patch applied to a model; ``remove()`` restores the weights bit for bit."""
 

@@ -17,9 +17,10 @@ from shared_core.encoders import canonical_parameters
 from shared_core.tokenizer import clip_tokenizer
 
 
+# heads = width // 64, as in every real CLIP (and as checkpoint loading infers it)
 def tiny_config(hidden=32, layers=3, vocab=49408, positions=77, intermediate=64):
     return CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                          num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=positions,
+                          num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), max_position_embeddings=positions,
                           hidden_act="quick_gelu", bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1)
 
 

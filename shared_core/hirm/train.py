@@ -67,12 +67,15 @@ def nudity_pairs() -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def misdirection_targets(model, tokenizer, config: HirmConfig, concept: str, prompt_ids: torch.Tensor,
-                         concept_index: int = 0) -> torch.Tensor:
-    """Targets (n_prompts, tokens, width) for the prompts of one concept, from the ORIGINAL encoder."""
+def misdirection_targets(model, tokenizer, config: HirmConfig, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """Targets (n_prompts, tokens, width) for the prompts of one concept, from the ORIGINAL encoder.
+
+    Random targets depend on the seed only: every concept is sent to the same random point, so
+    a patch averaged from single-concept patches equals delta averaging by hand.
+    """
     n, tokens = prompt_ids.shape
     width = model.config.hidden_size
-    g = torch.Generator().manual_seed(config.seed * 1000 + concept_index)
+    g = torch.Generator().manual_seed(config.seed)
     c = config.target_scale
     if config.method == "random":  # reference code: one uniform tensor, unit Frobenius norm, times c
         t = torch.rand(tokens, width, generator=g)
@@ -115,10 +118,10 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
     names = trained_parameter_names(config, model.config.num_hidden_layers)
     originals = {n: params[n].detach().clone() for n in names}
     ids, targets = [], []
-    for i, concept in enumerate(concepts):
+    for concept in concepts:
         cid = tokenize(tokenizer, _prompts(config, concept), what="concept").to(device)
         ids.append(cid)
-        targets.append(misdirection_targets(model, tokenizer, config, concept, cid, config.concepts.index(concept) if concept in config.concepts else i))
+        targets.append(misdirection_targets(model, tokenizer, config, cid))
     ids, targets = torch.cat(ids), torch.cat(targets).to(device)
     trainable = [params[n] for n in names]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-8)
