@@ -78,6 +78,8 @@ def extract_text_encoder(state_dict: Mapping[str, torch.Tensor], component: str 
 
     Raises ``EncoderSourceError`` naming what was found when the component is absent.
     """
+    if component == "clip_g" and "conditioner.embedders.1.model.token_embedding.weight" in state_dict:
+        return "conditioner.embedders.1.model.", openclip_to_canonical(state_dict, "conditioner.embedders.1.model.")
     keys = list(state_dict.keys())
     prefixes = find_text_encoder_prefixes(keys)
     wanted = CLIP_L_PREFIXES if component == "clip_l" else CLIP_G_PREFIXES
@@ -105,6 +107,34 @@ def extract_text_encoder(state_dict: Mapping[str, torch.Tensor], component: str 
         if rest.startswith(_TEXT_PARTS):
             out[rest] = v
     return prefix, out
+
+
+def openclip_to_canonical(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower (SDXL's bigG in a single-file checkpoint) under canonical names."""
+    out = {
+        "text_model.embeddings.token_embedding.weight": sd[prefix + "token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": sd[prefix + "positional_embedding"],
+        "text_model.final_layer_norm.weight": sd[prefix + "ln_final.weight"],
+        "text_model.final_layer_norm.bias": sd[prefix + "ln_final.bias"],
+    }
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    block = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
+    for k, v in sd.items():
+        m = block.match(k)
+        if not m:
+            continue
+        layer, module, kind = m.groups()
+        base = f"text_model.encoder.layers.{layer}."
+        if module == "attn" or module.startswith("attn.in_proj"):  # fused q/k/v: in_proj_weight / in_proj_bias
+            continue
+        out[base + names.get(module, module) + "." + kind] = v
+    for k, v in sd.items():
+        m = re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
+        if m:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[f"text_model.encoder.layers.{m.group(1)}.self_attn.{name}.{m.group(2)}"] = part
+    return out
 
 
 def _width(state_dict, prefix) -> int:
