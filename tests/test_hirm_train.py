@@ -82,6 +82,7 @@ def test_presets_give_the_paper_numbers():
     assert (make_config("x", preset="nudity").lr, make_config("x", preset="nudity").steps) == (1e-4, 50)
     assert make_config("x", preset="nudity", method="superordinate", anchor="a").steps == 25
     assert make_config("x", steps=3, lr=1e-3).steps == 3
+    assert make_config("Nudity", preset="nudity").concepts[0].startswith("naked, nude")
 
 
 @pytest.mark.parametrize("kwargs, message", [

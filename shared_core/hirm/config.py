@@ -59,6 +59,8 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
     if isinstance(concepts, str):
         concepts = [concepts]
     concepts = tuple(" ".join(str(c).split()) for c in concepts)
+    # "nudity" is shorthand for the keyword prompt (SPEC: a multi-keyword concept is one prompt)
+    concepts = tuple(NUDITY_KEYWORDS if c.lower() == "nudity" else c for c in concepts)
     if not concepts or any(not c for c in concepts):
         raise HirmError("empty concept: give the concept to erase, e.g. --concept 'Van Gogh'")
     if method not in METHODS:
