@@ -1,6 +1,5 @@
 """Loading a CLIP text encoder from every layout people have, offline."""
 
-import os
 
 import pytest
 import torch

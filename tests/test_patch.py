@@ -1,6 +1,5 @@
 """Patch files: round trip, validation of bad files, apply/remove bit for bit, mismatches."""
 
-import json
 import os
 import warnings
 

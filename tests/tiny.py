@@ -7,8 +7,6 @@ real CLIP-L configuration is available for smoke tests.
 
 from __future__ import annotations
 
-import json
-import os
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel

@@ -1,0 +1,155 @@
+"""Online pulls against a local stub of the Hub's file endpoints (127.0.0.1, no real network)."""
+
+import os
+
+import pytest
+import torch
+from huggingface_hub import constants
+from safetensors.torch import save as safetensors_bytes
+
+from hub_server import HubStub
+from shared_core import hub
+from shared_core.errors import HirmError
+from shared_core.hirm import train_patch
+from shared_core.patch import save_patch
+from tiny import tiny_clip
+
+SHA = "c" * 40
+SHA_OLD = "d" * 40
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("patches")
+    model, tok = tiny_clip()
+    out = {}
+    for concept in ("Van Gogh", "snoopy"):
+        path = save_patch(train_patch(model, tok, concepts=[concept], steps=2), str(d / f"{hub.concept_slug(concept)}.safetensors"))
+        with open(path, "rb") as f:
+            out[concept] = f.read()
+    return out
+
+
+@pytest.fixture()
+def online(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+
+
+@pytest.fixture()
+def stub(blobs, online):
+    files = {
+        ("org/erasers", SHA, "van-gogh.safetensors"): blobs["Van Gogh"],
+        ("org/erasers", SHA, "broken.safetensors"): blobs["snoopy"],
+        ("org/erasers", SHA, "gone.safetensors"): blobs["snoopy"],
+        ("org/erasers", SHA_OLD, "van-gogh.safetensors"): blobs["snoopy"],
+        ("org/private", SHA, "van-gogh.safetensors"): blobs["snoopy"],
+        ("org/erasers", SHA, "model.safetensors"): safetensors_bytes({"w": torch.zeros(2)}),
+    }
+    with HubStub(files, {("org/erasers", "main"): SHA, ("org/private", "main"): SHA},
+                 faults={"broken.safetensors": "truncate", "gone.safetensors": "hangup"}, private={"org/private"}) as s:
+        yield s
+
+
+def test_online_pull_downloads_into_the_cache_and_records_the_commit(stub, tmp_path):
+    cache = str(tmp_path / "hf")
+    patch = hub.pull("org/erasers", "Van Gogh", cache_dir=cache, endpoint=stub.endpoint)
+    assert patch.concepts == ["Van Gogh"]
+    assert patch.metadata["source"] == {"repo": "org/erasers", "revision": SHA, "filename": "van-gogh.safetensors"}
+    assert any(r.startswith("GET ") for r in stub.requests)
+    # and then it works offline from that cache
+    again = hub.pull("org/erasers", "Van Gogh", cache_dir=cache, local_files_only=True)
+    assert again.metadata["source"]["revision"] == SHA
+
+
+def test_online_pull_pins_a_revision(stub, tmp_path):
+    patch = hub.pull("org/erasers", "van-gogh.safetensors", revision=SHA_OLD, cache_dir=str(tmp_path), endpoint=stub.endpoint)
+    assert patch.concepts == ["snoopy"] and patch.metadata["source"]["revision"] == SHA_OLD
+
+
+@pytest.mark.parametrize("repo,ask,revision,words", [
+    ("org/erasers", "dali", None, "no patch 'dali'"),
+    ("org/nothing", "dali", None, "not found"),
+    ("org/erasers", "Van Gogh", "e" * 40, "does not exist"),
+    ("org/private", "Van Gogh", None, "log in"),
+])
+def test_online_errors_are_one_line(stub, tmp_path, repo, ask, revision, words):
+    with pytest.raises(HirmError, match=words) as e:
+        hub.pull(repo, ask, revision=revision, cache_dir=str(tmp_path), endpoint=stub.endpoint)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["broken.safetensors", "gone.safetensors"])
+def test_interrupted_download_leaves_no_file_behind(stub, tmp_path, name):
+    dest = tmp_path / "mine"
+    with pytest.raises(HirmError) as e:
+        hub.pull("org/erasers", name, cache_dir=str(tmp_path / "hf"), endpoint=stub.endpoint, dest=str(dest))
+    assert "\n" not in str(e.value)
+    assert not dest.exists() or os.listdir(dest) == []
+    snapshots = tmp_path / "hf" / "models--org--erasers" / "snapshots"
+    assert not snapshots.exists() or not any(p.name == name for p in snapshots.rglob("*"))
+
+
+def test_network_down_falls_back_to_the_cache(stub, tmp_path, monkeypatch):
+    cache = str(tmp_path / "hf")
+    hub.pull("org/erasers", "Van Gogh", cache_dir=cache, endpoint=stub.endpoint)
+    real = hub._download
+
+    def network_down(repo_id, filename, revision, cache_dir, local_files_only, token, endpoint):
+        if not local_files_only:  # what a dropped connection raises below huggingface_hub's own retries
+            raise ConnectionError("network is unreachable")
+        return real(repo_id, filename, revision, cache_dir, local_files_only, token, endpoint)
+
+    monkeypatch.setattr(hub, "_download", network_down)
+    patch = hub.pull("org/erasers", "Van Gogh", cache_dir=cache, endpoint=stub.endpoint)
+    assert patch.metadata["source"]["revision"] == SHA
+    with pytest.raises(HirmError, match="cannot be reached"):
+        hub.pull("org/erasers", "Van Gogh", cache_dir=str(tmp_path / "empty"), endpoint=stub.endpoint)
+
+
+def test_ls_reads_headers_only_and_skips_files_that_are_not_patches(stub, blobs):
+    rows = hub.list_patches("org/erasers", endpoint=stub.endpoint)
+    assert [r["filename"] for r in rows] == ["broken.safetensors", "gone.safetensors", "van-gogh.safetensors"]
+    row = rows[-1]
+    assert row["concepts"] == ["Van Gogh"] and row["method"] == "random" and row["base_fingerprint"]
+    assert 0 < row["size"] < len(blobs["Van Gogh"])
+    reads = [r for r in stub.requests if r.startswith("GET /org/erasers/resolve/")]
+    assert reads and all("bytes=" in r for r in reads)  # headers only, never a whole file
+    from shared_core import cli_hub
+
+    lines = []
+    assert cli_hub.run_ls("org/erasers", endpoint=stub.endpoint, out=lines.append) == 0
+    assert "Van Gogh" in lines[0] and "van-gogh.safetensors" in lines[0]
+
+
+def test_ls_of_a_missing_repo_is_one_line(stub):
+    with pytest.raises(HirmError, match="not found") as e:
+        hub.list_patches("org/nothing", endpoint=stub.endpoint)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_pull_and_ls_with_encoder_check(stub, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import save_file
+    from tiny import canonical_state_dict
+
+    from shared_core.cli import main
+    from shared_core.patch import load_patch
+
+    monkeypatch.setattr(constants, "ENDPOINT", stub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", stub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    out = tmp_path / "patches"
+    assert main(["pull", "org/erasers", "Van Gogh", "--out", str(out)]) == 0
+    saved = load_patch(str(out / "van-gogh.safetensors"))
+    assert saved.metadata["source"] == {"repo": "org/erasers", "revision": SHA, "filename": "van-gogh.safetensors"}
+
+    for seed, verdict in ((None, "yes"), (5, "NO")):
+        model, _ = tiny_clip() if seed is None else tiny_clip(seed=seed)
+        enc = tmp_path / f"enc{seed}.safetensors"
+        save_file(canonical_state_dict(model, ""), str(enc))
+        capsys.readouterr()
+        assert main(["ls", "org/erasers", "--encoder", str(enc)]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if "van-gogh" in l)
+        assert line.split()[-1] == verdict
