@@ -145,7 +145,7 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _parse_patch_arg(text: str) -> tuple[str, float]:
+def parse_patch_arg(text: str) -> tuple[str, float]:
     path, _, strength = text.partition(":") if not os.path.exists(text) else (text, "", "")
     try:
         return path, float(strength) if strength else 1.0
@@ -158,7 +158,7 @@ def cmd_apply(args) -> int:
         raise HirmError(NO_SOURCE)
     from .patch import load_patch
 
-    patches = [(load_patch(p), s) for p, s in map(_parse_patch_arg, args.patch)]
+    patches = [(load_patch(p), s) for p, s in map(parse_patch_arg, args.patch)]
     if os.path.isfile(args.source):
         _apply_to_checkpoint(args.source, patches, args.out)
     else:

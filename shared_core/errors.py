@@ -27,3 +27,7 @@ class TrainingError(HirmError):
 
 class Cancelled(TrainingError):
     """The host asked to stop."""
+
+
+class NlceError(HirmError):
+    """Bad NLCE settings, concepts or a model NLCE cannot work on."""

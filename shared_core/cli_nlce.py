@@ -1,0 +1,120 @@
+"""``hirm nlce``: render a diffusers SD1.x pipeline with and without NLCE erasure, side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from .errors import EncoderSourceError, HirmError
+
+NO_MODEL = ("no model given: pass a diffusers SD1.x model folder (e.g. ./stable-diffusion-v1-5) or a Hub id "
+            "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)")
+
+
+def add_parser(subparsers) -> None:
+    from .nlce import NLCE_PRESETS
+
+    n = subparsers.add_parser("nlce", help="render with and without NLCE erasure (diffusers SD1.x), one grid PNG",
+                              description="Erase concepts at sampling time (no training) and save a side-by-side grid: "
+                                          "left without, right with the erasure.")
+    n.add_argument("model", nargs="?", help="diffusers SD1.x model folder or Hub id")
+    n.add_argument("--concept", action="append", help="concept to erase (repeat for several)")
+    n.add_argument("--neighbor", action="append", help="neighbour concept to keep (repeatable)")
+    n.add_argument("--neighbors", choices=("auto",), help="auto: mine neighbours offline from the CLIP vocabulary")
+    n.add_argument("--prompt", action="append", help="prompt to render (repeat for several rows)")
+    n.add_argument("--negative-prompt", default=None)
+    n.add_argument("--patch", action="append", help="also apply a HiRM patch (FILE or FILE:STRENGTH) to the erased images")
+    n.add_argument("--preset", choices=sorted(NLCE_PRESETS), help="settings of the reference code for this kind of concept")
+    n.add_argument("--schedule", choices=("single-pass", "faithful"))
+    n.add_argument("--beta", type=float)
+    n.add_argument("--gamma", type=float)
+    n.add_argument("--suppression", choices=("mask", "scale"))
+    n.add_argument("--scrub", choices=("soft", "binary"))
+    n.add_argument("--t-max", type=float, help="intervene when the timestep is <= this (of 1000; default 900)")
+    n.add_argument("--steps", type=int, default=25)
+    n.add_argument("--guidance", type=float, default=7.5)
+    n.add_argument("--size", type=int, default=512, help="image side in pixels")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--device", default="auto")
+    n.add_argument("--out", default="nlce-grid.png")
+    n.set_defaults(func=cmd_nlce)
+
+
+def _load_pipeline(model: str, device: str):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    if os.path.isfile(model):
+        raise EncoderSourceError(f"{model}: hirm nlce needs a diffusers model folder or Hub id, not a single file; "
+                                 "convert it once with diffusers' convert_original_stable_diffusion_to_diffusers.py")
+    if not os.path.isdir(model) and "/" not in model:
+        raise EncoderSourceError(f"{model}: no such folder; {NO_MODEL}")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise EncoderSourceError(f"{model}: cannot load a Stable Diffusion pipeline ({str(e).splitlines()[0][:160]}); "
+                                 "pass an SD1.x diffusers folder, or connect once to download a Hub id") from None
+    return pipe.to(device)
+
+
+def cmd_nlce(args) -> int:
+    import torch
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from .cli import _device_dtype, parse_patch_arg
+    from .nlce import apply_nlce
+    from .patch import load_patch, patched
+
+    if not args.model:
+        raise HirmError(NO_MODEL)
+    if not args.concept:
+        raise HirmError("no concept to erase: pass --concept (repeatable)")
+    if args.neighbors and args.neighbor:
+        raise HirmError("pass either --neighbor words or --neighbors auto, not both")
+    prompts = args.prompt or [f"a picture of {args.concept[0]}"]
+    patches = [(load_patch(f), s) for f, s in (parse_patch_arg(p) for p in args.patch or [])]
+    device = _device_dtype(args.device)
+    pipe = _load_pipeline(args.model, device)
+    pipe.set_progress_bar_config(disable=True)
+    settings = {k: v for k, v in (("schedule", args.schedule), ("beta", args.beta), ("gamma", args.gamma),
+                                  ("suppression", args.suppression), ("scrub", args.scrub), ("t_max", args.t_max)) if v is not None}
+
+    def render(prompt):
+        g = torch.Generator(device="cpu").manual_seed(args.seed)
+        return pipe(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                    height=args.size, width=args.size, generator=g).images[0]
+
+    before = [render(p) for p in prompts]
+    handle = apply_nlce(pipe, args.concept, args.neighbors or args.neighbor, preset=args.preset, **settings)
+    try:
+        with patched(pipe.text_encoder, patches):
+            after = [render(p) for p in prompts]
+    finally:
+        handle.remove()
+    w, h = before[0].size
+    grid = Image.new("RGB", (2 * w, h * len(prompts)))
+    for i, (a, b) in enumerate(zip(before, after)):
+        grid.paste(a, (0, i * h))
+        grid.paste(b, (w, i * h))
+    info = PngInfo()
+    record = {"model": args.model, "concepts": handle.concept_set.concepts, "neighbors": handle.concept_set.neighbors,
+              "settings": handle.session.config.to_dict(), "prompts": prompts, "seed": args.seed, "steps": args.steps,
+              "patches": [{"file": f, "strength": s} for f, s in (parse_patch_arg(p) for p in args.patch or [])],
+              "layout": "left: without erasure, right: with erasure"}
+    info.add_text("hirm-nlce", json.dumps(record))
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        grid.save(tmp, pnginfo=info)
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"wrote {args.out} (left: without, right: with erasure of {', '.join(args.concept)}; "
+          f"neighbours {json.dumps(handle.concept_set.neighbors)})")
+    return 0

@@ -1,0 +1,81 @@
+"""Offline neighbour mining: concepts close to the erased one that should stay intact.
+
+The paper mines neighbours from Wikipedia with several large models; offline we rank candidate
+words (whole alphabetic words of the CLIP vocabulary, plus any user list) by the cosine
+similarity of their text-encoder embeddings (the end-token row) to the concept's. A cheap
+pre-filter on the input token embeddings keeps the encoder work to a few hundred words.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import NlceError
+
+_WORD = re.compile(r"^[a-z]{3,}$")
+
+
+def vocabulary_words() -> list[str]:
+    """Whole alphabetic words of the CLIP BPE vocabulary (single tokens, 3+ letters)."""
+    from ..tokenizer import clip_vocab_and_merges
+
+    vocab, _ = clip_vocab_and_merges()
+    return sorted({w[:-4] for w in vocab if w.endswith("</w>") and _WORD.match(w[:-4])})
+
+
+def _related(a: str, b: str) -> bool:
+    """Same word up to a plural ending, or one a long prefix of the other."""
+    if a == b or a in (b + "s", b + "es") or b in (a + "s", a + "es"):
+        return True
+    short, long_ = sorted((a, b), key=len)
+    return len(short) >= 5 and long_.startswith(short)
+
+
+def _prefilter(encode, concept: str, words: list[str], pool: int) -> list[str]:
+    emb, tok = getattr(encode, "token_embedding", None), getattr(encode, "tokenizer", None)
+    if emb is None or tok is None or len(words) <= pool:
+        return words[: pool * 4] if emb is None else words
+    ids = tok(concept, add_special_tokens=False)["input_ids"]
+    target = emb[ids].float().mean(0)
+    word_ids = [tok.convert_tokens_to_ids(w + "</w>") for w in words]
+    sims = torch.nn.functional.cosine_similarity(emb[word_ids].float(), target[None], dim=-1)
+    keep = sims.topk(min(pool, len(words))).indices.tolist()
+    return [words[i] for i in keep]
+
+
+def mine_neighbors(encode, concept: str, candidates: list[str] | None = None, top_k: int = 8,
+                   vocabulary: bool = True, exclude: list[str] = (), pool: int = 400,
+                   near_duplicate: float = 0.98) -> list[tuple[str, float]]:
+    """Up to ``top_k`` (word, cosine) pairs, most similar first.
+
+    ``encode`` is a row encoder (``clip_row_encoder``); candidates are ``candidates`` plus, with
+    ``vocabulary``, the CLIP vocabulary's words (pre-filtered to ``pool`` by token embedding).
+    The concept's own words (and their plural forms), ``exclude`` and near-duplicates of an
+    already chosen word (cosine above ``near_duplicate``) are left out.
+    """
+    concept = (concept or "").strip()
+    if not concept:
+        raise NlceError("no concept given to mine neighbours for")
+    if top_k < 1:
+        raise NlceError(f"top_k must be at least 1, got {top_k}")
+    own = [w for w in re.findall(r"[a-z]+", concept.lower())] + [e.lower().strip() for e in exclude]
+    user = [c.strip() for c in candidates or [] if c and c.strip()]
+    words = _prefilter(encode, concept, vocabulary_words(), pool) if vocabulary else []
+    pool_words = list(dict.fromkeys(user + words))
+    pool_words = [w for w in pool_words if not any(_related(p, o) for p in re.findall(r"[a-z]+", w.lower()) for o in own)]
+    if not pool_words:
+        raise NlceError(f"no neighbour candidates left for {concept!r}; pass candidate words")
+    rows = encode([concept] + pool_words)
+    vecs = torch.nn.functional.normalize(torch.stack([r[-1] for r in rows]).float(), dim=-1)
+    sims = vecs[1:] @ vecs[0]
+    chosen: list[int] = []
+    for i in sims.argsort(descending=True).tolist():
+        w = pool_words[i]
+        if any(_related(w.lower(), pool_words[j].lower()) or float(vecs[1 + i] @ vecs[1 + j]) > near_duplicate for j in chosen):
+            continue
+        chosen.append(i)
+        if len(chosen) == top_k:
+            break
+    return [(pool_words[i], round(float(sims[i]), 4)) for i in chosen]
