@@ -199,7 +199,7 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
     """
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(unet, "attn_processors"):
-        raise NlceError("this pipeline has no UNet (NLCE works on SD1.x-style UNets; Flux/SD3 transformers are not supported)")
+        raise NlceError("this pipeline has no UNet with cross-attention (NLCE works on SD1.x-style UNets; Flux/SD3 transformers are not supported)")
     if getattr(unet, "_hirm_nlce", None) is not None:
         raise NlceError("NLCE is already applied to this pipeline; call remove() on its handle first")
     names = cross_attention_names(unet)

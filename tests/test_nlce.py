@@ -1,0 +1,251 @@
+"""NLCE maths on tensors: operators, live tokens, gates, composition, files, mining."""
+
+import pytest
+import torch
+from tiny import tiny_clip
+
+from shared_core.nlce import (ConceptSet, NlceError, NlceSession, build_concept_set, clip_row_encoder,
+                              make_nlce_config, mine_neighbors, spatial_shape_for)
+from shared_core.nlce.operators import projector, subspace
+from shared_core.nlce.session import live_token_mask
+
+D = 6
+
+
+def fixed_encoder(table):
+    """encode() over hand-made rows: {text: (n, D) tensor}."""
+    return lambda texts: [table[t] for t in texts]
+
+
+def basis_rows(*dims, n=3):
+    rows = torch.zeros(n, D)
+    for i, d in enumerate(dims):
+        rows[i % n, d] = 30.0 + i
+    return rows
+
+
+@pytest.fixture()
+def table():
+    return {"cat": basis_rows(0, 1), "dog": basis_rows(1, 2), "car": basis_rows(3, 4), "road": basis_rows(4, 5)}
+
+
+def prepared(cs, context, cond=None, mask=None, t=500.0, record_maps=True, **cfg):
+    s = NlceSession(cs, make_nlce_config(**cfg), record_maps=record_maps)
+    s.begin_pass(t)
+    cond = torch.ones(context.shape[0], dtype=torch.bool) if cond is None else cond
+    return s, s.prepare(context, cond, mask)
+
+
+# ------------------------------------------------------------------------------ operators
+
+def test_beta_one_gamma_zero_removes_the_concept_component_of_every_row(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"], ["dog"], make_nlce_config(gamma=0.0))
+    x = torch.randn(2, 5, D)
+    _, p = prepared(cs, x, gamma=0.0)
+    pf = cs.concept_projector(0)
+    assert torch.allclose(p.context @ pf, torch.zeros_like(x), atol=1e-5)
+    assert torch.allclose(p.context[..., 2:], x[..., 2:])  # outside the concept span nothing moves
+
+
+def test_gamma_restores_the_neighbour_part_of_the_concept_component(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"], ["dog"])
+    x = torch.randn(1, 4, D)
+    pf, pn = cs.concept_projector(0), projector(*cs.neighbor_bases[0])
+    for gamma in (0.0, 0.5, 1.0):
+        _, p = prepared(cs, x, gamma=gamma)
+        expected = x - x @ pf + gamma * (x @ pf) @ pn  # rows: x' = x - beta P_F x + gamma P_N P_F x
+        assert torch.allclose(p.context, expected, atol=1e-5)
+    # the shared direction (dim 1) comes back with gamma, the concept-only one (dim 0) does not
+    _, off = prepared(cs, x, gamma=0.0)
+    _, on = prepared(cs, x, gamma=1.0)
+    assert on.context[..., 1].abs().sum() > off.context[..., 1].abs().sum() + 1e-3
+    assert torch.allclose(on.context[..., 0], torch.zeros(1, 4), atol=1e-5)
+
+
+def test_spectral_weights_follow_the_formula():
+    rows = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    basis, w = subspace(rows, rank=None, spectral=True, a=200.0)
+    r = torch.tensor([9.0, 4.0, 1.0]) / 14
+    assert torch.allclose(w, 200 * r / (199 * r + 1), atol=1e-5)
+    assert subspace(rows, rank=2, spectral=False, a=1.0)[1].tolist() == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------------------ live tokens
+
+def test_live_tokens_need_the_ratio_and_the_floor():
+    scores = torch.tensor([[[0.0, 30.0, 19.0, 25.0, 40.0, 5.0]]])
+    cand = torch.tensor([[[False, True, True, True, True, False]]])
+    live = live_token_mask(scores, cand, ratio=0.6, floor=20.0)
+    assert live.tolist() == [[[False, True, False, True, True, False]]]  # 19 < 24 = 0.6 * 40; 5 not a candidate
+    low = live_token_mask(scores / 4, cand, ratio=0.6, floor=20.0)
+    assert not low.any()  # nothing reaches the floor
+
+
+def test_live_tokens_only_on_conditional_rows_and_real_tokens(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(2, 5, D)
+    x[:, :, 0] = 40.0  # every row of both halves points at the concept
+    mask = torch.tensor([[False, True, True, False, False]] * 2)
+    _, p = prepared(cs, x, cond=torch.tensor([False, True]), mask=mask)
+    assert p.live[0].tolist() == [False] * 5  # unconditional half: never
+    assert p.live[1].tolist() == [False, True, True, False, False]  # start, end, padding: never
+
+
+# ------------------------------------------------------------------------------ gates
+
+def attention_inputs(B=2, N=16, S=5, heads=2, dh=4, hot=1):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, N, heads * dh), torch.randn(B, S, heads * dh), torch.randn(B, S, heads * dh)
+    k[:, hot] = q.mean(1) * 3  # the live token attracts attention
+    return q, k, v
+
+
+def test_gate_is_read_at_the_gating_layer_and_resized_elsewhere(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(2, 5, D)
+    x[1, 1, 0] = 40.0
+    s, p = prepared(cs, x, cond=torch.tensor([False, True]), mask=torch.tensor([[0, 1, 1, 0, 0]] * 2).bool())
+    q, k, v = attention_inputs(N=16)
+    out = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    assert out.shape == (2, 16, 8) and torch.isfinite(out).all()
+    gate = s.diagnostics[-1]["gate_map"]
+    assert gate.shape == (2, 4, 4) and gate[0].abs().sum() == 0 and gate[1].min() > 0
+    q2, k2, v2 = attention_inputs(N=64)
+    out2 = s.attend(q2, k2, v2, 2, p, (8, 8), is_gating_layer=False)  # a finer layer uses the resized gate
+    assert out2.shape == (2, 64, 8)
+    plain = torch.nn.functional.scaled_dot_product_attention(*(t.reshape(2, -1, 2, 4).transpose(1, 2) for t in (q2, k2, v2)))
+    plain = plain.transpose(1, 2).reshape(2, 64, 8)
+    assert torch.equal(out2[0], plain[0])  # the unconditional row is untouched
+    assert not torch.allclose(out2[1], plain[1])
+
+
+def test_soft_scrub_scales_the_output_by_one_minus_the_gate(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(1, 5, D)
+    x[0, 1, 0] = 40.0
+    mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
+    q, k, v = attention_inputs(B=1)
+    s, p = prepared(cs, x, mask=mask, stage2=False)
+    out = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    s2, p2 = prepared(cs, x, mask=mask, stage2=False, stage3=False)
+    plain = s2.attend(q, k, v, 2, p2, (4, 4), is_gating_layer=True)
+    g = s.diagnostics[-1]["gate_map"].reshape(1, 16, 1)
+    assert torch.allclose(out, plain * (1 - g), atol=1e-6)
+
+
+def test_mask_mode_blocks_live_tokens_where_the_gate_is_high(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(1, 5, D)
+    x[0, 1, 0] = 40.0
+    mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
+    q, k, v = attention_inputs(B=1)
+    v = torch.zeros_like(v)
+    v[:, 1] = 1.0  # only the live token carries a value: its share of attention is visible in the output
+    s, p = prepared(cs, x, mask=mask, stage3=False, gate_threshold=1e-6)
+    out = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    assert out.abs().max() < 1e-6  # everywhere the gate exceeds the threshold the live token gets no attention
+
+
+def test_outside_the_timestep_window_nothing_changes(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.randn(1, 5, D) * 20
+    s, p = prepared(cs, x, t=950.0)
+    assert p.context is x
+    q, k, v = attention_inputs(B=1)
+    plain = torch.nn.functional.scaled_dot_product_attention(*(t.reshape(1, -1, 2, 4).transpose(1, 2) for t in (q, k, v)))
+    assert torch.equal(s.attend(q, k, v, 2, p, (4, 4), True), plain.transpose(1, 2).reshape(1, 16, 8))
+
+
+def test_spatial_shapes_follow_the_latent():
+    assert spatial_shape_for(64 * 48, (64, 48)) == (64, 48)
+    assert spatial_shape_for(16 * 12, (64, 48)) == (16, 12)
+    assert spatial_shape_for(8 * 7, (63, 50)) == (8, 7)  # ceil rounding of odd sizes
+
+
+# ------------------------------------------------------------------------------ several concepts
+
+def test_only_concepts_present_in_the_prompt_are_active_and_their_operators_compose(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat", "car"], {"cat": ["dog"], "car": ["road"]})
+    x = torch.zeros(2, 5, D)
+    x[:, 1, 0] = 40.0  # both prompts mention cat
+    x[1, 2, 3] = 40.0  # only the second mentions car
+    x[:, 3] = torch.randn(D)
+    mask = torch.tensor([[0, 1, 1, 1, 0]] * 2).bool()
+    _, p = prepared(cs, x, mask=mask)
+    assert p.live_by_concept.any(-1).tolist() == [[True, False], [True, True]]
+    pc = [cs.modulation(i, 1.0, 1.0) for i in range(2)]
+    assert torch.allclose(p.context[0], x[0] @ pc[0].T, atol=1e-4)
+    assert torch.allclose(p.context[1], x[1] @ (pc[0] @ pc[1]).T, atol=1e-4)
+    # no active concept: stage 1 still applies (all concepts), and no token is live
+    _, none = prepared(cs, torch.zeros(1, 5, D) + 0.1, mask=mask[:1])
+    assert not none.live.any() and torch.allclose(none.context[0], (torch.zeros(5, D) + 0.1) @ (pc[0] @ pc[1]).T, atol=1e-5)
+
+
+def test_gates_of_several_concepts_combine_by_maximum(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat", "car"])
+    x = torch.zeros(1, 5, D)
+    x[0, 1, 0] = 40.0
+    x[0, 2, 3] = 40.0
+    mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
+    q, k, v = attention_inputs(B=1)
+    gates = []
+    for concepts in (["cat"], ["car"], ["cat", "car"]):
+        sub = build_concept_set(fixed_encoder(table), concepts)
+        s, p = prepared(sub, x, mask=mask)
+        s.attend(q, k, v, 2, p, (4, 4), True)
+        gates.append(s.diagnostics[-1]["gate_map"])
+    assert torch.allclose(gates[2], torch.maximum(gates[0], gates[1]))
+
+
+# ------------------------------------------------------------------------------ bad input, files
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"beta": 1.6}, "beta"), ({"gamma": -0.1}, "gamma"), ({"gate_threshold": 1.0}, "gate_threshold"),
+    ({"live_ratio": 0.0}, "live_ratio"), ({"scrub_threshold": 0}, "scrub_threshold"), ({"schedule": "twice"}, "schedule"),
+])
+def test_settings_out_of_range_are_refused(kwargs, words):
+    with pytest.raises(NlceError, match=words) as e:
+        make_nlce_config(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_concepts_are_refused(table):
+    enc = fixed_encoder({**table, "": torch.zeros(2, D)})
+    with pytest.raises(NlceError, match="no concept"):
+        build_concept_set(enc, [])
+    with pytest.raises(NlceError, match="no concept"):
+        build_concept_set(enc, ["  "])
+    with pytest.raises(NlceError, match="itself a concept"):
+        build_concept_set(enc, ["cat"], ["dog", " Cat "])
+    short = fixed_encoder({"x": torch.ones(2, D)})
+    with pytest.raises(NlceError, match="no real tokens"):
+        build_concept_set(short, ["x"])
+
+
+def test_operator_files_round_trip_and_bad_files_are_refused(table, tmp_path):
+    cs = build_concept_set(fixed_encoder(table), ["cat", "car"], {"cat": ["dog"]}, make_nlce_config("celebrity"))
+    path = cs.save(str(tmp_path / "ops.safetensors"))
+    back = ConceptSet.load(path)
+    assert back.concepts == cs.concepts and back.neighbors == cs.neighbors and back.config == cs.config
+    assert torch.equal(back.modulation(0, 1.0, 0.9), cs.modulation(0, 1.0, 0.9)) and back.neighbor_bases[1] is None
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a file")
+    for bad in (str(junk), str(tmp_path / "missing.safetensors")):
+        with pytest.raises(NlceError) as e:
+            ConceptSet.load(bad)
+        assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ real encoder, mining
+
+def test_clip_rows_are_the_real_tokens_and_mining_ranks_words():
+    model, tok = tiny_clip()
+    enc = clip_row_encoder(model, tok)
+    rows = enc(["a cat", "cat"])
+    assert [r.shape[0] for r in rows] == [4, 3]  # start, words, end
+    found = mine_neighbors(enc, "Van Gogh", candidates=["monet", "goghs", "painter", "gogh"], top_k=3)
+    words = [w for w, _ in found]
+    assert len(found) == 3 and "gogh" not in words and "goghs" not in words and "van" not in words
+    assert [s for _, s in found] == sorted((s for _, s in found), reverse=True)
+    with pytest.raises(NlceError):
+        mine_neighbors(enc, " ")
