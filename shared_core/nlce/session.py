@@ -84,6 +84,9 @@ class NlceSession:
         """Call once per UNet forward before its first cross-attention (timestep on a 0..1000 scale)."""
         if self.diagnostics and not self.dry:
             self._prev_gate = self._gate
+        last = next((d["timestep"] for d in reversed(self.diagnostics) if not d["dry"]), None)
+        if last is not None and float(timestep) > last:  # timesteps went up: a new sampling run, no gate carries over
+            self._prev_gate = None
         if dry:
             self._dry_gate = None
         self._gate = None
