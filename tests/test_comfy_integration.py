@@ -96,3 +96,19 @@ def test_nlce_gate_samples_one_step_and_leaves_the_input_model_unchanged(comfy_n
         out = comfy.sample.sample(gated, noise, 1, 7.0, "euler", "normal", pos, neg, latent, denoise=1.0, seed=0)
     assert torch.isfinite(out).all() and "dog" in used
     assert repr(model.model_options) == options_before
+
+
+def test_example_workflows_use_known_nodes_with_matching_widgets(comfy_nodes):
+    import glob
+    import json
+
+    asyncio.run(comfy_nodes.init_builtin_extra_nodes())  # FluxGuidance, EmptySD3LatentImage, ...
+    for path in glob.glob(os.path.join(ROOT, "example_workflows", "*.json")):
+        for n in json.load(open(path))["nodes"]:
+            if n["type"] == "Note":
+                continue
+            assert n["type"] in comfy_nodes.NODE_CLASS_MAPPINGS, (path, n["type"])
+            if n["type"].startswith("Hirm"):
+                schema = node(comfy_nodes, n["type"]).GET_SCHEMA()
+                widgets = [i for i in schema.inputs if i.get_io_type() not in ("CLIP", "MODEL", "ERASURE_PATCH")]
+                assert len(widgets) == len(n["widgets_values"]), (path, n["type"])

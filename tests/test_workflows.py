@@ -1,0 +1,29 @@
+"""The example ComfyUI workflows are well-formed UI graphs whose links join matching sockets."""
+
+import glob
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+
+
+def test_there_are_the_three_examples():
+    assert [os.path.basename(f) for f in FILES] == ["hirm_clip_l_patch_flux.json", "hirm_patch_plus_nlce_sd15.json",
+                                                    "hirm_train_apply_sd15.json"]
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_links_join_matching_sockets_and_every_step_is_explained(path):
+    graph = json.load(open(path))
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    for lid, src, out, dst, slot, typ in graph["links"]:
+        assert nodes[src]["outputs"][out]["type"] == typ and lid in nodes[src]["outputs"][out]["links"]
+        assert nodes[dst]["inputs"][slot]["type"] == typ and nodes[dst]["inputs"][slot]["link"] == lid
+    for n in nodes.values():  # every socket input is connected
+        assert all(i["link"] is not None for i in n["inputs"]), n["type"]
+    notes = [n for n in nodes.values() if n["type"] == "Note"]
+    assert notes and len(notes[0]["widgets_values"][0]) > 100
+    assert any(n["type"].startswith("Hirm") for n in nodes.values())
