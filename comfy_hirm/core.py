@@ -6,7 +6,6 @@ package reached relatively; in tests and with ``pip install`` it is the top-leve
 
 from __future__ import annotations
 
-import logging
 import re
 from collections import OrderedDict
 from typing import Callable
@@ -22,7 +21,6 @@ except ImportError:  # not inside a ComfyUI custom_nodes package
     from shared_core.errors import HirmError, NlceError, PatchMismatchError  # noqa: F401
     from shared_core.tokenizer import clip_tokenizer
 
-log = logging.getLogger("hirm")
 PREFIX = {"clip-l": "clip_l.transformer.", "clip-g": "clip_g.transformer."}
 _TRAINED: OrderedDict = OrderedDict()  # (base fingerprint, settings) -> patch: the same inputs do not retrain
 

@@ -182,7 +182,6 @@ def test_only_concepts_present_in_the_prompt_are_active_and_their_operators_comp
 
 
 def test_gates_of_several_concepts_combine_by_maximum(table):
-    cs = build_concept_set(fixed_encoder(table), ["cat", "car"])
     x = torch.zeros(1, 5, D)
     x[0, 1, 0] = 40.0
     x[0, 2, 3] = 40.0
