@@ -6,13 +6,13 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import warnings
 
 from . import __version__
 from .errors import HirmError
+from .files import atomic_write
 
 SOURCE_HELP = ("the text encoder: a single-file checkpoint (SD1.x, SDXL, Flux/SD3 clip_l, ComfyUI state dict), "
                "a diffusers or transformers model folder, or a Hugging Face Hub repo id")
@@ -193,7 +193,7 @@ def _apply_to_checkpoint(source: str, patches, out: str) -> None:
         with safe_open(source, framework="pt") as f:
             meta = dict(f.metadata() or {})
     meta["hirm_patches"] = json.dumps([{"concepts": p.concepts, "strength": s, "base": p.metadata.get("base_fingerprint")} for p, s in patches])
-    _atomic(out, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
+    atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
 
 
 def _check_fingerprint(canon, patches) -> None:
@@ -223,24 +223,7 @@ def _apply_to_folder(source: str, patches, out: str, component: str) -> None:
         enc.model.save_pretrained(tmp)
         enc.tokenizer.save_pretrained(tmp)
 
-    _atomic(out, write, folder=True)
-
-
-def _atomic(path: str, write, folder: bool = False) -> None:
-    """Write via a temporary sibling, then rename into place: no half-written output."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mktemp(prefix=".tmp-hirm-", dir=parent)
-    try:
-        write(tmp)
-        if folder and os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, write, folder=True)
 
 
 def cmd_demo(args) -> int:

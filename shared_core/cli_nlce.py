@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from .errors import EncoderSourceError, HirmError
+from .files import atomic_write
 
 NO_MODEL = ("no model given: pass a diffusers SD1.x model folder (e.g. ./stable-diffusion-v1-5) or a Hub id "
             "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)")
@@ -105,16 +105,7 @@ def cmd_nlce(args) -> int:
               "patches": [{"file": f, "strength": s} for f, s in (parse_patch_arg(p) for p in args.patch or [])],
               "layout": "left: without erasure, right: with erasure"}
     info.add_text("hirm-nlce", json.dumps(record))
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        grid.save(tmp, pnginfo=info)
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(args.out, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
     print(f"wrote {args.out} (left: without, right: with erasure of {', '.join(args.concept)}; "
           f"neighbours {json.dumps(handle.concept_set.neighbors)})")
     return 0

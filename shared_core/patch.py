@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -25,6 +24,7 @@ import torch
 from . import __version__
 from .encoders import canonical_parameters, encoder_architecture, model_signature, signature_id, signatures_match
 from .errors import HirmError, PatchFileError, PatchMismatchError
+from .files import atomic_write
 
 FORMAT_NAME = "hirm-erasure-patch"
 FORMAT_VERSION = 1
@@ -160,18 +160,7 @@ def save_patch(patch: ErasurePatch, path: str, dtype: torch.dtype = torch.float1
     check_finite(patch.deltas, "the patch")
     tensors, meta = patch_to_safetensors(patch, dtype)
     check_finite(tensors, f"the patch stored as {dtype}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], what: str, consequence: str = "nothing was written",

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Callable, Mapping
 
 import torch
 
 from ..errors import HirmError, NlceError
+from ..files import atomic_write
 from .config import NlceConfig, make_nlce_config
 
 FORMAT = "hirm-nlce-operators"
@@ -122,17 +122,7 @@ class ConceptSet:
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
         meta = {"format": FORMAT, "format_version": str(VERSION), "concepts": json.dumps(self.concepts),
                 "neighbors": json.dumps(self.neighbors), "config": json.dumps(self.config.to_dict()), "width": str(self.width)}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".nlce-", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str) -> "ConceptSet":
