@@ -1,6 +1,6 @@
 """NLCE sampling cost and schedule agreement on the SD1.5 UNet architecture (random weights, CPU).
 
-    python bench/bench_nlce.py [--steps 4] [--latent 32] [--repeats 2] [--device cpu]
+    python bench/bench_nlce.py [--steps 4] [--latent 32] [--repeats 2] [--suppression mask] [--device cpu]
 
 Runs vanilla, single-pass and faithful sampling side by side in one process (interleaved,
 median of the repeats), then compares single-pass with faithful: correlation of the gate maps
@@ -52,12 +52,14 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32, help="latent side (the image is 8x this for real SD1.5)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--suppression", choices=("mask", "scale"), default="mask", help="stage-2 mode of both schedules")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     from shared_core.nlce import apply_nlce
 
     pipe = build(args.device, args.latent)
-    settings = dict(live_floor=1.0)  # random weights: let the ratio rule pick live tokens so the gate is computed
+    # random weights: a low floor lets the ratio rule pick live tokens, so the gate really runs
+    settings = dict(live_floor=1.0, suppression=args.suppression)
     sample(pipe, 1, args.latent)  # warm-up
     times = {"vanilla": [], "single-pass": [], "faithful": []}
     results, gates = {}, {}
@@ -68,23 +70,26 @@ def main() -> None:
             else:
                 with apply_nlce(pipe, ["cat"], ["dog", "tiger"], schedule=mode, record_maps=True, **settings) as h:
                     results[mode], t = sample(pipe, args.steps, args.latent)
-                gates[mode] = [d.get("gate_map") for d in h.diagnostics if d["gate"] is not None]
+                # the gate each step computed: single-pass in its real pass, faithful in its dry pass
+                gates[mode] = [d["gate_map"] for d in h.diagnostics if d["gate"] and d["dry"] == (mode == "faithful")]
                 live = [d["live_tokens"] for d in h.diagnostics if not d["dry"]]
             times[mode].append(t)
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"SD1.5 UNet architecture, random weights, {args.latent}x{args.latent} latent, batch 2 (CFG), {args.steps} steps, "
-          f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"suppression {args.suppression}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"live tokens (cond row) per step: {[step[1] for step in live]}")
     print(f"{'schedule':<12} {'seconds':>8} {'x vanilla':>10}")
     for m in times:
         print(f"{m:<12} {med[m]:>8.2f} {med[m] / med['vanilla']:>9.3f}x")
-    corr = []
+    corr, ratio = [], []
     for a, b in zip(gates["single-pass"], gates["faithful"]):
         a, b = a[1].flatten(), b[1].flatten()  # the conditional row
         corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
+        ratio.append(float(a.mean() / b.mean()))
     v, s, f = results["vanilla"], results["single-pass"], results["faithful"]
     rel = lambda x, y: float((x - y).norm() / y.norm())  # noqa: E731
     print(f"gate correlation single-pass vs faithful per step: {[round(c, 4) for c in corr]}")
+    print(f"gate mean single-pass / faithful per step: {[round(r, 4) for r in ratio]}")
     print(f"final latents: |single - faithful| / |faithful| = {rel(s, f):.4f}; "
           f"|faithful - vanilla| / |vanilla| = {rel(f, v):.4f} (size of the erasure's own effect)")
 

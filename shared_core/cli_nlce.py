@@ -17,28 +17,47 @@ def add_parser(subparsers) -> None:
 
     n = subparsers.add_parser("nlce", help="render with and without NLCE erasure (diffusers SD1.x), one grid PNG",
                               description="Erase concepts at sampling time (no training) and save a side-by-side grid: "
-                                          "left without, right with the erasure.")
+                                          "left without, right with the erasure (same seed).")
     n.add_argument("model", nargs="?", help="diffusers SD1.x model folder or Hub id")
     n.add_argument("--concept", action="append", help="concept to erase (repeat for several)")
     n.add_argument("--neighbor", action="append", help="neighbour concept to keep (repeatable)")
     n.add_argument("--neighbors", choices=("auto",), help="auto: mine neighbours offline from the CLIP vocabulary")
+    n.add_argument("--operators", metavar="FILE", help="NLCE operator file (from --save-operators or ConceptSet.save) instead of --concept")
+    n.add_argument("--save-operators", metavar="FILE", help="also write the concept operators used, to share or reuse")
     n.add_argument("--prompt", action="append", help="prompt to render (repeat for several rows)")
     n.add_argument("--negative-prompt", default=None)
-    n.add_argument("--patch", action="append", help="also apply a HiRM patch (FILE or FILE:STRENGTH) to the erased images")
+    n.add_argument("--patch", action="append",
+                   help="also apply a HiRM patch (FILE or FILE:STRENGTH) to the text encoder for the erased column")
     n.add_argument("--preset", choices=sorted(NLCE_PRESETS), help="settings of the reference code for this kind of concept")
-    n.add_argument("--schedule", choices=("single-pass", "faithful"))
-    n.add_argument("--beta", type=float)
-    n.add_argument("--gamma", type=float)
+    n.add_argument("--schedule", choices=("single-pass", "faithful"), help="single-pass (default, about vanilla cost) "
+                   "or faithful (the reference's dry pass per step, about 2x)")
+    n.add_argument("--beta", type=float, help="removal of the concept component, 0..1.5 (default 1)")
+    n.add_argument("--gamma", type=float, help="restoration of the part neighbours share, 0..1.5 (default from the preset)")
     n.add_argument("--suppression", choices=("mask", "scale"))
     n.add_argument("--scrub", choices=("soft", "binary"))
     n.add_argument("--t-max", type=float, help="intervene when the timestep is <= this (of 1000; default 900)")
     n.add_argument("--steps", type=int, default=25)
     n.add_argument("--guidance", type=float, default=7.5)
-    n.add_argument("--size", type=int, default=512, help="image side in pixels")
+    n.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 8)")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--device", default="auto")
     n.add_argument("--out", default="nlce-grid.png")
     n.set_defaults(func=cmd_nlce)
+
+
+def _check_args(args) -> None:
+    if not args.model:
+        raise HirmError(NO_MODEL)
+    if args.operators and (args.concept or args.neighbor or args.neighbors):
+        raise HirmError("--operators already holds the concepts and neighbours; drop --concept/--neighbor/--neighbors")
+    if not args.operators and not args.concept:
+        raise HirmError("no concept to erase: pass --concept (repeatable) or --operators FILE")
+    if args.neighbors and args.neighbor:
+        raise HirmError("pass either --neighbor words or --neighbors auto, not both")
+    if args.steps < 1:
+        raise HirmError(f"--steps {args.steps}: give at least 1")
+    if args.size < 8 or args.size % 8:
+        raise HirmError(f"--size {args.size}: the image side must be a positive multiple of 8 (e.g. 512)")
 
 
 def _load_pipeline(model: str, device: str):
@@ -59,53 +78,67 @@ def _load_pipeline(model: str, device: str):
     return pipe.to(device)
 
 
+def _concept_set(args, pipe, config):
+    """The operators: loaded, or built with the pipeline's text encoder as the erased column will run it."""
+    from .nlce import ConceptSet, build_concept_set, clip_row_encoder, mine_neighbors
+
+    if args.operators:
+        return ConceptSet.load(args.operators)
+    encode = clip_row_encoder(pipe.text_encoder, pipe.tokenizer)
+    neighbors = args.neighbor
+    if args.neighbors == "auto":
+        neighbors = {c: [w for w, _ in mine_neighbors(encode, c)] for c in args.concept}
+    return build_concept_set(encode, args.concept, neighbors, config)
+
+
 def cmd_nlce(args) -> int:
     import torch
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     from .cli import _device_dtype, parse_patch_arg
-    from .nlce import apply_nlce
+    from .nlce import apply_nlce, make_nlce_config
     from .patch import load_patch, patched
 
-    if not args.model:
-        raise HirmError(NO_MODEL)
-    if not args.concept:
-        raise HirmError("no concept to erase: pass --concept (repeatable)")
-    if args.neighbors and args.neighbor:
-        raise HirmError("pass either --neighbor words or --neighbors auto, not both")
-    prompts = args.prompt or [f"a picture of {args.concept[0]}"]
-    patches = [(load_patch(f), s) for f, s in (parse_patch_arg(p) for p in args.patch or [])]
-    device = _device_dtype(args.device)
-    pipe = _load_pipeline(args.model, device)
-    pipe.set_progress_bar_config(disable=True)
+    _check_args(args)
     settings = {k: v for k, v in (("schedule", args.schedule), ("beta", args.beta), ("gamma", args.gamma),
                                   ("suppression", args.suppression), ("scrub", args.scrub), ("t_max", args.t_max)) if v is not None}
+    config = make_nlce_config(args.preset, **settings)  # bad settings fail before any model is loaded
+    patch_args = [parse_patch_arg(p) for p in args.patch or []]
+    patches = [(load_patch(f), s) for f, s in patch_args]
+    pipe = _load_pipeline(args.model, _device_dtype(args.device))
+    pipe.set_progress_bar_config(disable=True)
 
     def render(prompt):
         g = torch.Generator(device="cpu").manual_seed(args.seed)
         return pipe(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                     height=args.size, width=args.size, generator=g).images[0]
 
-    before = [render(p) for p in prompts]
-    handle = apply_nlce(pipe, args.concept, args.neighbors or args.neighbor, preset=args.preset, **settings)
-    try:
-        with patched(pipe.text_encoder, patches):
+    # the erased column first: every check (patches, concepts, settings, model) runs before any image is made
+    with patched(pipe.text_encoder, patches):
+        concept_set = _concept_set(args, pipe, config)
+        prompts = args.prompt or [f"a picture of {concept_set.concepts[0]}"]
+        handle = apply_nlce(pipe, concept_set=concept_set, preset=args.preset, **settings)
+        try:
+            if args.save_operators:
+                concept_set.save(args.save_operators)
             after = [render(p) for p in prompts]
-    finally:
-        handle.remove()
+        finally:
+            handle.remove()
+    before = [render(p) for p in prompts]
     w, h = before[0].size
     grid = Image.new("RGB", (2 * w, h * len(prompts)))
     for i, (a, b) in enumerate(zip(before, after)):
         grid.paste(a, (0, i * h))
         grid.paste(b, (w, i * h))
     info = PngInfo()
-    record = {"model": args.model, "concepts": handle.concept_set.concepts, "neighbors": handle.concept_set.neighbors,
-              "settings": handle.session.config.to_dict(), "prompts": prompts, "seed": args.seed, "steps": args.steps,
-              "patches": [{"file": f, "strength": s} for f, s in (parse_patch_arg(p) for p in args.patch or [])],
+    record = {"model": args.model, "concepts": concept_set.concepts, "neighbors": concept_set.neighbors,
+              "settings": handle.session.config.to_dict(), "operators": args.operators, "prompts": prompts,
+              "negative_prompt": args.negative_prompt, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+              "size": args.size, "patches": [{"file": f, "strength": s} for f, s in patch_args],
               "layout": "left: without erasure, right: with erasure"}
     info.add_text("hirm-nlce", json.dumps(record))
     atomic_write(args.out, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
-    print(f"wrote {args.out} (left: without, right: with erasure of {', '.join(args.concept)}; "
-          f"neighbours {json.dumps(handle.concept_set.neighbors)})")
+    print(f"wrote {args.out} (left: without, right: with erasure of {', '.join(concept_set.concepts)}; "
+          f"neighbours {json.dumps(concept_set.neighbors)})")
     return 0

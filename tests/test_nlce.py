@@ -4,8 +4,8 @@ import pytest
 import torch
 from tiny import tiny_clip
 
-from shared_core.nlce import (ConceptSet, NlceError, NlceSession, build_concept_set, clip_row_encoder,
-                              make_nlce_config, mine_neighbors, spatial_shape_for)
+from shared_core.nlce import (ConceptSet, NlceError, NlceSession, build_concept_set, clip_row_encoder, derive_nlce_config,
+                              make_nlce_config, mine_neighbors, prompt_token_mask, spatial_shape_for)
 from shared_core.nlce.operators import projector, subspace
 from shared_core.nlce.session import live_token_mask
 
@@ -146,6 +146,36 @@ def test_mask_mode_blocks_live_tokens_where_the_gate_is_high(table):
     assert out.abs().max() < 1e-6  # everywhere the gate exceeds the threshold the live token gets no attention
 
 
+def test_scale_mode_multiplies_the_live_tokens_probabilities_by_one_minus_the_gate(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(1, 5, D)
+    x[0, 1, 0] = 40.0
+    mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
+    q, k, v = attention_inputs(B=1)
+    v = torch.zeros_like(v)
+    v[:, 1] = 1.0  # only the live token carries a value: the output is its attention probability
+    s, p = prepared(cs, x, mask=mask, stage3=False, suppression="scale")
+    scaled = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    s2, p2 = prepared(cs, x, mask=mask, stage2=False, stage3=False)
+    plain = s2.attend(q, k, v, 2, p2, (4, 4), is_gating_layer=True)
+    g = s.diagnostics[-1]["gate_map"].reshape(1, 16, 1)
+    assert torch.allclose(scaled, plain * (1 - g), atol=1e-6)
+
+
+def test_binary_scrub_zeroes_the_output_where_the_gate_exceeds_its_threshold(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(1, 5, D)
+    x[0, 1, 0] = 40.0
+    mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
+    q, k, v = attention_inputs(B=1)
+    s, p = prepared(cs, x, mask=mask, stage2=False, scrub="binary", scrub_threshold=0.2)
+    out = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    g = s.diagnostics[-1]["gate_map"].reshape(16)
+    hot = g > 0.2
+    assert hot.any() and (~hot).any()  # the threshold splits the map
+    assert out[0, hot].abs().max() == 0 and out[0, ~hot].abs().min() > 0
+
+
 def test_outside_the_timestep_window_nothing_changes(table):
     cs = build_concept_set(fixed_encoder(table), ["cat"])
     x = torch.randn(1, 5, D) * 20
@@ -154,6 +184,48 @@ def test_outside_the_timestep_window_nothing_changes(table):
     q, k, v = attention_inputs(B=1)
     plain = torch.nn.functional.scaled_dot_product_attention(*(t.reshape(1, -1, 2, 4).transpose(1, 2) for t in (q, k, v)))
     assert torch.equal(s.attend(q, k, v, 2, p, (4, 4), True), plain.transpose(1, 2).reshape(1, 16, 8))
+
+
+def test_single_pass_uses_the_previous_gate_before_the_gating_layer_and_a_new_run_drops_it(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(1, 5, D)
+    x[0, 1, 0] = 40.0
+    mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
+    s = NlceSession(cs, make_nlce_config(stage1=False, stage2=False), record_maps=True)
+    q, k, v = attention_inputs(B=1)
+    plain = torch.nn.functional.scaled_dot_product_attention(*(t.reshape(1, -1, 2, 4).transpose(1, 2) for t in (q, k, v)))
+    plain = plain.transpose(1, 2).reshape(1, 16, 8)
+    s.begin_pass(500.0)
+    p = s.prepare(x, torch.tensor([True]), mask)
+    assert torch.equal(s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=False), plain)  # first step: no gate yet
+    s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    first = s.diagnostics[-1]["gate_map"].reshape(1, 16, 1)
+    s.begin_pass(400.0)
+    p = s.prepare(x, torch.tensor([True]), mask)
+    before_gating = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=False)
+    assert torch.allclose(before_gating, plain * (1 - first), atol=1e-6)  # soft scrub with the previous step's gate
+    assert s.diagnostics[-1]["gate"]["source"] == "previous pass" and s.diagnostics[-1]["step"] == 1
+    s.begin_pass(500.0)  # the timestep went up: a new sampling run
+    p = s.prepare(x, torch.tensor([True]), mask)
+    assert torch.equal(s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=False), plain)
+    assert (s.diagnostics[-1]["run"], s.diagnostics[-1]["step"]) == (1, 0)
+
+
+def test_the_gate_is_read_from_the_keys_before_stage_one_when_the_host_passes_them(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(1, 5, D)
+    x[0, 1, 0] = 40.0
+    mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
+    q, k, v = attention_inputs(B=1)
+    k_stage1 = k * 0.1  # what the modulated context would give: far less attention to the concept
+    gates = []
+    for dry, keys, gate_key in ((True, k, None), (False, k_stage1, k), (False, k_stage1, None)):
+        s = NlceSession(cs, record_maps=True)
+        s.begin_pass(500.0, dry=dry)
+        s.attend(q, keys, v, 2, s.prepare(x, torch.tensor([True]), mask), (4, 4), True, gate_key=gate_key)
+        gates.append(s.diagnostics[-1]["gate_map"])
+    assert torch.equal(gates[0], gates[1])  # the same gate as the faithful schedule's dry pass
+    assert not torch.allclose(gates[0], gates[2])
 
 
 def test_spatial_shapes_follow_the_latent():
@@ -208,6 +280,23 @@ def test_settings_out_of_range_are_refused(kwargs, words):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kwargs", [{"beta": "1"}, {"stage1": 1}, {"neighbor_rank": 2.5}, {"concept_rank": True},
+                                    {"gamma": float("nan")}, {"scrub": None, "schedule": 2}])
+def test_settings_of_the_wrong_type_are_refused(kwargs):
+    with pytest.raises(NlceError, match="not valid") as e:
+        make_nlce_config(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_presets_and_overrides():
+    nudity = make_nlce_config("nudity", beta=1.2, gamma=None)  # None: keep the preset's value
+    assert (nudity.gamma, nudity.beta, nudity.concept_rank, nudity.scrub) == (0.5, 1.2, 16, "binary")
+    assert make_nlce_config(neighbor_rank=4.0).neighbor_rank == 4 and isinstance(make_nlce_config(beta=1).beta, float)
+    assert derive_nlce_config(nudity, gamma=0.7).concept_rank == 16 and derive_nlce_config(nudity, "object").concept_rank is None
+    with pytest.raises(NlceError, match="unknown NLCE preset"):
+        make_nlce_config("van gogh")
+
+
 def test_bad_concepts_are_refused(table):
     enc = fixed_encoder({**table, "": torch.zeros(2, D)})
     with pytest.raises(NlceError, match="no concept"):
@@ -248,3 +337,13 @@ def test_clip_rows_are_the_real_tokens_and_mining_ranks_words():
     assert [s for _, s in found] == sorted((s for _, s in found), reverse=True)
     with pytest.raises(NlceError):
         mine_neighbors(enc, " ")
+    plain = lambda texts: enc(texts)  # noqa: E731  (an encoder without the vocabulary pre-filter's token table)
+    with pytest.raises(NlceError, match="vocabulary=False"):
+        mine_neighbors(plain, "cat")
+    assert [w for w, _ in mine_neighbors(plain, "cat", candidates=["dog", "cats"], vocabulary=False)] == ["dog"]
+
+
+def test_prompt_token_masks_mark_the_words_only():
+    _, tok = tiny_clip()
+    mask = prompt_token_mask(tok, ["a photo of a cat", ""], length=10)
+    assert mask.tolist() == [[False] + [True] * 5 + [False] * 4, [False] * 10]

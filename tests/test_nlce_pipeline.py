@@ -4,8 +4,8 @@ import pytest
 import torch
 from tiny_pipeline import render, tiny_pipeline
 
-from shared_core.nlce import NlceError, apply_nlce
-from shared_core.nlce.pipeline import NlceAttnProcessor
+from shared_core.nlce import GATING_LAYERS, ConceptSet, NlceError, apply_nlce
+from shared_core.nlce.diffusers import NlceAttnProcessor, cross_attention_names, default_gating_layer
 
 LOW = {"live_floor": 0.1}  # tiny random encoders give small rows; let the ratio rule decide
 
@@ -40,6 +40,21 @@ def test_outside_the_timestep_window_the_processors_compute_diffusers_attention(
         assert torch.equal(render(pipe, "a photo of a cat"), before)
 
 
+def test_without_intervention_the_processor_computes_attnprocessor2_0_bit_for_bit(pipe):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=32, heads=2, dim_head=4, norm_num_groups=2, residual_connection=True,
+                     rescale_output_factor=2.0, cross_attention_norm="layer_norm").eval()
+    hidden, context = torch.randn(2, 8, 4, 5), torch.randn(2, 7, 32) * 30
+    expected = AttnProcessor2_0()(attn, hidden, encoder_hidden_states=context)
+    # outside the timestep window; inside it with no live token and stage 1 (which is global) off
+    for t, settings in ((950.0, LOW), (500.0, {"live_floor": 1e6, "stage1": False})):
+        with apply_nlce(pipe, ["cat"], **settings) as h:
+            h.session.begin_pass(t)
+            assert torch.equal(NlceAttnProcessor(h, "attn2", is_gating_layer=True)(attn, hidden, encoder_hidden_states=context), expected)
+
+
 @pytest.mark.parametrize("schedule", ["single-pass", "faithful"])
 @pytest.mark.parametrize("guidance,per_prompt", [(7.5, 2), (1.0, 1)])
 def test_both_schedules_sample_finite_images_with_and_without_guidance(pipe, schedule, guidance, per_prompt):
@@ -49,6 +64,9 @@ def test_both_schedules_sample_finite_images_with_and_without_guidance(pipe, sch
     real = [d for d in h.diagnostics if not d["dry"]]
     dry = [d for d in h.diagnostics if d["dry"]]
     assert len(real) == 3 and len(dry) == (3 if schedule == "faithful" else 0)  # all 3 steps are inside t <= 900
+    assert [d["step"] for d in real] == [0, 1, 2] and all(d["gate"] for d in real)
+    sources = {d["gate"]["source"] for d in real}
+    assert sources == ({"dry pass"} if schedule == "faithful" else {"this pass"})
     batch = len(real[0]["live_tokens"])
     assert batch == 2 * per_prompt * (2 if guidance > 1 else 1)
 
@@ -89,6 +107,63 @@ def test_the_first_gate_of_both_schedules_agrees_without_stage_one(pipe):
     assert torch.allclose(gates["single-pass"], gates["faithful"], atol=1e-6)
 
 
+def test_single_pass_reads_the_same_gate_as_the_faithful_dry_pass_where_their_queries_agree(pipe):
+    # with the gating layer first, the queries there are those of an unmodified pass at the first step; the gate is
+    # read from the keys before stage 1, so both schedules see the same gate although stage 1 is on
+    first = cross_attention_names(pipe.unet)[0][: -len(".processor")]
+    gates = {}
+    for schedule in ("single-pass", "faithful"):
+        with apply_nlce(pipe, ["cat"], ["dog"], schedule=schedule, gating_layer=first, record_maps=True, **LOW) as h:
+            render(pipe, "a photo of a cat", steps=2)
+        gates[schedule] = next(d["gate_map"] for d in h.diagnostics if d["gate"])
+    assert torch.equal(gates["single-pass"], gates["faithful"])
+
+
+def test_prompt_rows_are_recorded_exactly_with_negative_prompts_copies_and_textual_inversion():
+    pipe = tiny_pipeline()
+    pipe.load_textual_inversion({"<toy>": torch.randn(2, 32)}, token="<toy>")  # one word, two token rows
+    with apply_nlce(pipe, ["cat"], **LOW) as h:
+        cond_embeds, negative = pipe.encode_prompt(["a photo of <toy> cat", "a cat"], "cpu", 2, True, ["a cat", "a photo"])
+        cond, mask = h.rows(torch.cat([negative, cond_embeds]))  # the negative "a cat" equals the second prompt
+        assert cond.tolist() == [False] * 4 + [True] * 4
+        words = [mask[b].nonzero().flatten().tolist() for b in range(8)]
+        assert words == [[]] * 4 + [[1, 2, 3, 4, 5, 6]] * 2 + [[1, 2]] * 2
+        cond, mask = h.rows(torch.cat([cond_embeds[:2], negative[2:]]))  # another layout: matched row by row
+        assert cond.tolist() == [True, True, False, False] and mask[0].nonzero().flatten().tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_default_gating_layer_of_the_sd15_unet_is_the_second_cross_attention_of_down_block_2():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # the SD1.5 architecture without allocating its weights
+        unet = UNet2DConditionModel(cross_attention_dim=768)
+    assert default_gating_layer(cross_attention_names(unet)) == GATING_LAYERS["sd1"]["diffusers"] + ".processor"
+
+
+def test_gating_layer_names_with_or_without_processor_are_accepted(pipe):
+    name = GATING_LAYERS["sd1"]["diffusers"].replace("down_blocks.2", "down_blocks.1").replace("attentions.1", "attentions.0")
+    for given in (name, name + ".processor"):
+        with apply_nlce(pipe, ["cat"], gating_layer=given) as h:
+            assert h.gating_layer == name + ".processor"
+    with pytest.raises(NlceError, match="not a cross-attention layer"):
+        apply_nlce(pipe, ["cat"], gating_layer=GATING_LAYERS["sd1"]["diffusers"])  # the tiny UNet has no down block 2
+
+
+def test_saved_operators_bring_their_settings_and_keep_their_bases(pipe, tmp_path):
+    path = str(tmp_path / "cat.nlce.safetensors")
+    with apply_nlce(pipe, ["cat"], ["dog"], preset="celebrity", **LOW) as h:
+        h.concept_set.save(path)
+        erased = render(pipe, "a photo of a cat")
+    loaded = ConceptSet.load(path)
+    with apply_nlce(pipe, concept_set=loaded) as h:
+        assert h.session.config.gamma == 0.9 and h.session.config.live_floor == 0.1
+        assert torch.equal(render(pipe, "a photo of a cat"), erased)
+    with apply_nlce(pipe, concept_set=loaded, gamma=0.5) as h:
+        assert h.session.config.gamma == 0.5
+    with pytest.raises(NlceError, match="neighbor_rank .* built into"):
+        apply_nlce(pipe, concept_set=loaded, neighbor_rank=2)
+
+
 def test_auto_neighbours_are_mined_and_recorded(pipe):
     with apply_nlce(pipe, ["cat"], "auto", mine_top_k=3) as h:
         pass
@@ -112,6 +187,22 @@ def test_bad_input_leaves_the_pipeline_untouched(pipe):
         assert "\n" not in str(e.value)
         now = state(pipe)
         assert all(now[0][k] is before[0][k] for k in now[0]) and now[1:] == before[1:]
+
+
+def test_custom_cross_attention_processors_are_refused(pipe):
+    class IPAdapterLikeProcessor:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            raise AssertionError("never called")
+
+    original = dict(pipe.unet.attn_processors)
+    custom = {**original, cross_attention_names(pipe.unet)[0]: IPAdapterLikeProcessor()}
+    pipe.unet.set_attn_processor(dict(custom))
+    try:
+        with pytest.raises(NlceError, match="IPAdapterLikeProcessor .* unload it first"):
+            apply_nlce(pipe, ["cat"])
+        assert all(pipe.unet.attn_processors[k] is custom[k] for k in custom)
+    finally:
+        pipe.unet.set_attn_processor(original)
 
 
 def test_a_unet_without_cross_attention_is_refused():
@@ -166,3 +257,30 @@ def test_cli_renders_a_side_by_side_grid_with_settings_in_the_png(tmp_path, caps
     assert main(["nlce"]) == 2
     err = capsys.readouterr().err
     assert "no model given" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_shares_operators_and_checks_everything_before_rendering(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from shared_core.cli import main
+
+    tiny_pipeline().save_pretrained(str(tmp_path / "sd"))
+    model, ops = str(tmp_path / "sd"), str(tmp_path / "cat.nlce.safetensors")
+    common = ["--steps", "1", "--size", "16"]
+    assert main(["nlce", model, "--concept", "cat", "--neighbors", "auto", "--preset", "celebrity", "--save-operators", ops,
+                 "--out", str(tmp_path / "a.png")] + common) == 0
+    saved = ConceptSet.load(ops)
+    assert saved.concepts == ["cat"] and len(saved.neighbors["cat"]) == 8 and saved.config.gamma == 0.9
+    assert main(["nlce", model, "--operators", ops, "--prompt", "a cat", "--out", str(tmp_path / "b.png")] + common) == 0
+    record = json.loads(Image.open(tmp_path / "b.png").text["hirm-nlce"])
+    assert record["neighbors"] == saved.neighbors and record["settings"]["gamma"] == 0.9 and record["operators"] == ops
+    capsys.readouterr()
+    bad = [["--concept", "cat", "--neighbor", "Cat"], ["--concept", "cat", "--size", "20"], ["--concept", "cat", "--beta", "2"],
+           ["--operators", ops, "--concept", "dog"], ["--operators", str(tmp_path / "missing.safetensors")]]
+    for args in bad:
+        assert main(["nlce", model, "--out", str(tmp_path / "bad.png"), "--steps", "1", "--size", "16"] + args) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "hirm" in line]  # (model loading prints a progress bar)
+        assert len(err) == 1 and err[0].startswith("hirm: error:"), args
+    assert not (tmp_path / "bad.png").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..errors import NlceError
@@ -10,6 +11,8 @@ from ..errors import NlceError
 SCHEDULES = ("single-pass", "faithful")
 SUPPRESSIONS = ("mask", "scale")
 SCRUBS = ("soft", "binary")
+# settings baked into a ConceptSet's bases when it is built (the others act at sampling time)
+OPERATOR_SETTINGS = ("concept_spectral", "concept_a", "concept_rank", "neighbor_rank", "neighbor_a")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class NlceConfig:
     t_max: float = 900.0              # intervene when timestep <= t_max (of 1000)
     schedule: str = "single-pass"     # "single-pass" | "faithful"
 
+    def __post_init__(self):
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, default in defaults.items():
+            object.__setattr__(self, name, _normalised(name, getattr(self, name), default))
+        validate(self)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -42,7 +51,7 @@ class NlceConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise NlceError(f"unknown NLCE setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return validate(cls(**d))
+        return cls(**d)
 
 
 NLCE_PRESETS: dict[str, dict] = {
@@ -59,6 +68,22 @@ def _in(name, value, lo, hi, open_=False):
     if not ok:
         span = f"({lo}, {hi})" if open_ else f"[{lo}, {hi}]"
         raise NlceError(f"NLCE {name} = {value} is out of range; use a value in {span}")
+
+
+def _normalised(name: str, value, default):
+    """``value`` as the type of the setting (ints for ranks, floats for the rest of the numbers), or NlceError."""
+    if name == "concept_rank" and value is None:
+        return None
+    if isinstance(default, (bool, str)):
+        if type(value) is type(default):
+            return value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if not name.endswith("rank"):
+            return float(value)
+        if float(value).is_integer():
+            return int(value)
+    kind = "a whole number" if name.endswith("rank") else type(default).__name__
+    raise NlceError(f"NLCE {name} = {value!r} is not valid; expected {kind}")
 
 
 def validate(c: NlceConfig) -> NlceConfig:
@@ -81,8 +106,16 @@ def validate(c: NlceConfig) -> NlceConfig:
 
 
 def make_nlce_config(preset: str | None = None, **overrides) -> NlceConfig:
-    """The settings of a preset (object, artist, celebrity, nudity; default object) plus overrides."""
+    """The settings of a preset (object, artist, celebrity, nudity; default object) plus overrides.
+
+    An override of None is ignored (the preset's value stays), so hosts can pass "unset" widgets as None.
+    """
+    return derive_nlce_config(NlceConfig(), preset, **overrides)
+
+
+def derive_nlce_config(base: NlceConfig, preset: str | None = None, **overrides) -> NlceConfig:
+    """``base``, or the defaults with ``preset`` when one is named, then ``overrides`` (None ignored), validated."""
     if preset is not None and preset not in NLCE_PRESETS:
         raise NlceError(f"unknown NLCE preset {preset!r}; choose one of {', '.join(NLCE_PRESETS)}")
-    values = {**NLCE_PRESETS.get(preset or "object", {}), **{k: v for k, v in overrides.items() if v is not None}}
-    return NlceConfig.from_dict(values)
+    start = base.to_dict() if preset is None else {**NlceConfig().to_dict(), **NLCE_PRESETS[preset]}
+    return NlceConfig.from_dict({**start, **{k: v for k, v in overrides.items() if v is not None}})

@@ -34,15 +34,15 @@ def _related(a: str, b: str) -> bool:
 
 
 def _prefilter(encode, concept: str, words: list[str], pool: int) -> list[str]:
+    """The ``pool`` words whose input token embeddings are closest to the concept's (mean over its tokens)."""
     emb, tok = getattr(encode, "token_embedding", None), getattr(encode, "tokenizer", None)
-    if emb is None or tok is None or len(words) <= pool:
-        return words[: pool * 4] if emb is None else words
+    if emb is None or tok is None:
+        raise NlceError("mining the vocabulary needs an encoder from clip_row_encoder; or pass candidates with vocabulary=False")
     ids = tok(concept, add_special_tokens=False)["input_ids"]
     target = emb[ids].float().mean(0)
     word_ids = [tok.convert_tokens_to_ids(w + "</w>") for w in words]
     sims = torch.nn.functional.cosine_similarity(emb[word_ids].float(), target[None], dim=-1)
-    keep = sims.topk(min(pool, len(words))).indices.tolist()
-    return [words[i] for i in keep]
+    return [words[i] for i in sims.topk(min(pool, len(words))).indices.tolist()]
 
 
 def mine_neighbors(encode, concept: str, candidates: list[str] | None = None, top_k: int = 8,

@@ -23,7 +23,12 @@ Encoder = Callable[[list[str]], list[torch.Tensor]]
 
 
 def clip_row_encoder(text_model, tokenizer, device=None) -> Encoder:
-    """``encode(texts)`` -> per text, its real-token rows (start, words, end) of the final-layer-norm output, fp32 on CPU."""
+    """``encode(texts)`` -> per text, its real-token rows (start, words, end) of the final-layer-norm output, fp32.
+
+    The encoder runs where ``text_model`` lives (it is never moved); rows are returned on
+    ``device`` (default CPU). A text longer than 77 tokens is refused.
+    """
+    from ..encoders import text_module
     from ..textenc import encode, real_token_mask, tokenize
 
     def encode_rows(texts: list[str]) -> list[torch.Tensor]:
@@ -34,15 +39,25 @@ def clip_row_encoder(text_model, tokenizer, device=None) -> Encoder:
         mask = real_token_mask(tokenizer, ids)
         # attention is causal: rows up to the end token do not depend on the padding after it
         hidden, _ = encode(text_model, ids[:, : int(mask.sum(1).max())], batch_size=64)
-        return [hidden[i][mask[i][: hidden.shape[1]]] for i in range(len(texts))]
-
-    if device is not None:
-        text_model = text_model.to(device)
-    from ..encoders import text_module
+        return [hidden[i][mask[i][: hidden.shape[1]]].to(device or "cpu") for i in range(len(texts))]
 
     encode_rows.tokenizer = tokenizer
     encode_rows.token_embedding = text_module(text_model).embeddings.token_embedding.weight.detach()
     return encode_rows
+
+
+def prompt_token_mask(tokenizer, prompts: list[str], length: int = 77) -> torch.Tensor:
+    """(len(prompts), length) bool: True on the rows of the prompts' words (not start, end or padding).
+
+    For hosts that know the prompt text: pass the rows of each prompt as ``token_mask`` to
+    ``NlceSession.prepare``. Prompts are truncated to ``length`` like the pipelines do.
+    """
+    from ..textenc import real_token_mask
+
+    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")["input_ids"]
+    words = real_token_mask(tokenizer, ids) & (ids != tokenizer.eos_token_id)
+    words[:, 0] = False
+    return words
 
 
 def spectral_weights(s: torch.Tensor, a: float) -> torch.Tensor:
@@ -163,7 +178,7 @@ def _neighbors_for(concepts: list[str], neighbors) -> dict[str, list[str]]:
         unknown = [k for k in neighbors if _key(k) not in {_key(c) for c in concepts}]
         if unknown:
             raise NlceError(f"neighbours given for {unknown[0]!r}, which is not one of the concepts {concepts}")
-        by_key = {_key(k): list(v) for k, v in neighbors.items()}
+        by_key = {_key(k): [v] if isinstance(v, str) else list(v) for k, v in neighbors.items()}
         return {c: by_key.get(_key(c), []) for c in concepts}
     if isinstance(neighbors, str):
         neighbors = [neighbors]

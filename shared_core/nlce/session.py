@@ -24,6 +24,10 @@ class PreparedContext:
     live: torch.Tensor             # (batch, seq) bool: live tokens of the active concepts
     live_by_concept: torch.Tensor  # (batch, concepts, seq) bool
     scores: torch.Tensor           # (batch, concepts, seq) ||P_F x_j||
+    has_live: bool = False         # live.any(), read once per pass (no device sync per layer)
+
+
+MAX_DIAGNOSTICS = 10_000  # entries kept (the oldest go first)
 
 
 def infer_token_mask(context: torch.Tensor) -> torch.Tensor:
@@ -55,8 +59,13 @@ def live_token_mask(scores: torch.Tensor, candidates: torch.Tensor, ratio: float
     return candidates & (s >= torch.clamp(ratio * top, min=floor))
 
 
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, n, heads*dh) -> (batch, heads, n, dh)."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
 class NlceSession:
-    """State of one sampling run (gates carry from pass to pass)."""
+    """State of one sampling run (gates carry from pass to pass; a new run is detected when the timestep goes up)."""
 
     def __init__(self, concept_set: ConceptSet, config: NlceConfig | None = None, record_maps: bool = False):
         self.concepts = concept_set
@@ -65,11 +74,14 @@ class NlceSession:
         self.diagnostics: list[dict] = []
         self.timestep = 0.0
         self.dry = False
-        self._gate = None        # gate of the current pass (B, 1, h, w)
+        self._gate = None        # gate computed in the current pass (B, 1, h, w)
         self._prev_gate = None   # gate of the previous real pass (single-pass schedule)
         self._dry_gate = None    # gate of the latest dry pass (faithful schedule)
+        self._last_t = None      # timestep of the latest pass
+        self._run, self._step, self._passes = -1, 0, 0
         self._prepared: dict = {}
         self._ops: dict = {}
+        self._projectors: dict = {}
 
     # -- passes --------------------------------------------------------------------------------
 
@@ -82,30 +94,43 @@ class NlceSession:
 
     def begin_pass(self, timestep: float, dry: bool = False) -> None:
         """Call once per UNet forward before its first cross-attention (timestep on a 0..1000 scale)."""
-        if self.diagnostics and not self.dry:
+        t = float(timestep)
+        if not self.dry:  # the pass that ends now was a real one
             self._prev_gate = self._gate
-        last = next((d["timestep"] for d in reversed(self.diagnostics) if not d["dry"]), None)
-        if last is not None and float(timestep) > last:  # timesteps went up: a new sampling run, no gate carries over
-            self._prev_gate = None
+        if self._last_t is None or t > self._last_t:  # timesteps went up: a new sampling run, no gate carries over
+            self._prev_gate = self._dry_gate = None
+            self._run, self._step = self._run + 1, 0
         if dry:
             self._dry_gate = None
-        self._gate = None
-        self.dry, self.timestep = dry, float(timestep)
+        self._gate, self._last_t = None, t
+        self.dry, self.timestep = dry, t
         self._prepared = {}
-        self.diagnostics.append({"pass": len(self.diagnostics), "timestep": self.timestep, "dry": dry,
-                                 "intervened": self.intervening, "live_tokens": None, "active": None, "gate": None})
+        del self.diagnostics[: max(0, len(self.diagnostics) + 1 - MAX_DIAGNOSTICS)]  # a long-lived host session stays small
+        self._passes += 1
+        # a dry pass carries the step number of the real pass that follows it
+        self.diagnostics.append({"pass": self._passes - 1, "run": self._run, "step": self._step, "timestep": t,
+                                 "dry": dry, "intervened": self.intervening, "live_tokens": None, "active": None,
+                                 "gate": None})
+        if not dry:
+            self._step += 1
 
     # -- stage 1 and live tokens ---------------------------------------------------------------
 
-    def _operator(self, active: tuple[int, ...], device, dtype) -> torch.Tensor:
-        key = (active, device, dtype)
+    def _operator(self, active: tuple[int, ...], device) -> torch.Tensor:
+        key = (active, device)
         if key not in self._ops:
             cfg, cs = self.config, self.concepts
             m = torch.eye(cs.width, dtype=torch.float32, device=device)
             for i in active:  # P_multi = P_1 P_2 ... P_k
                 m = m @ cs.modulation(i, cfg.beta, cfg.gamma).to(device)
-            self._ops[key] = m.T.contiguous().to(dtype)  # rows: x' = x P_multi^T
+            self._ops[key] = m.T.contiguous()  # rows: x' = x P_multi^T
         return self._ops[key]
+
+    def _concept_projectors(self, device) -> torch.Tensor:
+        if device not in self._projectors:
+            cs = self.concepts
+            self._projectors[device] = torch.stack([cs.concept_projector(i) for i in range(len(cs.concepts))]).to(device)
+        return self._projectors[device]
 
     def prepare(self, context: torch.Tensor, cond: torch.Tensor, token_mask: torch.Tensor | None = None) -> PreparedContext:
         """Stage-1 context and live tokens for one pass (cached: call it in every layer)."""
@@ -113,103 +138,109 @@ class NlceSession:
         if key in self._prepared:
             return self._prepared[key]
         cfg, cs = self.config, self.concepts
-        B, S, _ = context.shape
+        B = context.shape[0]
         cond = torch.as_tensor(cond, dtype=torch.bool, device=context.device).reshape(B)
         tokens = infer_token_mask(context) if token_mask is None else token_mask.to(context.device, torch.bool)
         x = context.float()
-        projs = torch.stack([cs.concept_projector(i).to(x.device) for i in range(len(cs.concepts))])  # (C, d, d)
-        scores = torch.einsum("bsd,cde->bcse", x, projs).norm(dim=-1)  # (B, C, S)
+        scores = torch.einsum("bsd,cde->bcse", x, self._concept_projectors(x.device)).norm(dim=-1)  # (B, C, S)
         candidates = (tokens & cond[:, None])[:, None, :].expand_as(scores)
         live = live_token_mask(scores, candidates, cfg.live_ratio, cfg.live_floor)
+        active = live.any(dim=-1).cpu()  # (B, C)
         out = context
         if cfg.stage1 and self.intervening:
-            active = live.any(dim=-1)  # (B, C)
+            # each row: the product of its active concepts' operators; no active concept: all of them (stage 1 is global)
             rows = []
             for b in range(B):
                 idx = tuple(int(i) for i in torch.nonzero(active[b]).flatten()) or tuple(range(len(cs.concepts)))
-                rows.append(x[b] @ self._operator(idx, x.device, torch.float32))
+                rows.append(x[b] @ self._operator(idx, x.device))
             out = torch.stack(rows).to(context.dtype)
-        prepared = PreparedContext(out, live.any(dim=1), live, scores)
+        prepared = PreparedContext(out, live.any(dim=1), live, scores, bool(active.any()))
         self._prepared[key] = prepared
         entry = self.diagnostics[-1] if self.diagnostics else None
         if entry is not None and entry["live_tokens"] is None:
             entry["live_tokens"] = [torch.nonzero(prepared.live[b]).flatten().tolist() for b in range(B)]
-            entry["active"] = [[c for i, c in enumerate(cs.concepts) if live[b, i].any()] for b in range(B)]
+            entry["active"] = [[c for i, c in enumerate(cs.concepts) if active[b, i]] for b in range(B)]
         return prepared
 
     # -- stages 2 and 3 ------------------------------------------------------------------------
 
-    def _gate_for(self, B: int, is_gating_layer: bool):
-        if self.config.schedule == "faithful":
-            g = self._dry_gate
-        else:
-            g = self._gate if self._gate is not None else (None if is_gating_layer else self._prev_gate)
-        return g if g is not None and g.shape[0] == B else None
+    def _gate_to_use(self, batch: int):
+        g = self._dry_gate if self.config.schedule == "faithful" else (self._gate if self._gate is not None else self._prev_gate)
+        return g if g is not None and g.shape[0] == batch else None
 
-    def _record_gate(self, gate: torch.Tensor, prepared: PreparedContext) -> None:
+    def _gate_map(self, probs: torch.Tensor, prepared: PreparedContext, spatial_shape) -> torch.Tensor:
+        """(B, 1, h, w): per concept the head-averaged probability given to its live tokens, mean over them; max over concepts."""
+        mean_probs = probs.mean(dim=1)  # (B, N, S)
+        lbc = prepared.live_by_concept.to(mean_probs.dtype)  # (B, C, S)
+        per_concept = torch.einsum("bns,bcs->bcn", mean_probs, lbc) / lbc.sum(-1, keepdim=True).clamp(min=1)
+        return per_concept.amax(dim=1).reshape(probs.shape[0], 1, *spatial_shape)
+
+    def _record_gate(self, gate: torch.Tensor, prepared: PreparedContext, source: str, overwrite: bool) -> None:
         entry = self.diagnostics[-1] if self.diagnostics else None
-        if entry is None:
+        if entry is None or (entry["gate"] is not None and not overwrite):
             return
         rows = prepared.live.any(dim=-1)
         g = gate[rows] if rows.any() else gate
-        entry["gate"] = {"mean": float(g.mean()), "max": float(g.max()),
-                         "area": float((g > self.config.gate_threshold).float().mean()), "shape": list(gate.shape[-2:])}
+        entry["gate"] = {"mean": float(g.mean()), "max": float(g.max()), "area": float((g > self.config.gate_threshold).float().mean()),
+                         "shape": list(gate.shape[-2:]), "source": source}
         if self.record_maps:
             entry["gate_map"] = gate[:, 0].detach().float().cpu()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, prepared: PreparedContext,
-               spatial_shape: tuple[int, int], is_gating_layer: bool, scale: float | None = None) -> torch.Tensor:
-        """Cross-attention output before ``to_out``: (batch, h*w, heads*dim) with stages 2 and 3."""
+               spatial_shape: tuple[int, int], is_gating_layer: bool, scale: float | None = None,
+               gate_key: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-attention output before ``to_out``: (batch, h*w, heads*dim) with stages 2 and 3.
+
+        ``gate_key`` (optional, gating layer only): keys projected from the context as it came in,
+        before stage 1. The gate is then read from the same keys as the faithful schedule's dry
+        pass; without it the gate is read from ``k`` (the stage-1 keys).
+        """
         cfg = self.config
         B, N, C = q.shape
-        dh = C // heads
-        qh, kh, vh = (t.reshape(B, -1, heads, dh).transpose(1, 2) for t in (q, k, v))
+        qh, kh, vh = _heads(q, heads), _heads(k, heads), _heads(v, heads)
         sdpa_scale = scale  # None: SDPA's own default, exactly as the hosts' plain attention
-        scale = dh ** -0.5 if scale is None else scale
-        has_live = bool(prepared.live.any())
-        wants_gate = has_live and (cfg.stage2 or cfg.stage3)
-        compute_gate = is_gating_layer and wants_gate and (self.dry or (self.intervening and cfg.schedule == "single-pass"))
-        gate = self._gate_for(B, is_gating_layer) if (wants_gate and self.intervening) else None
-        probs = None
-        if compute_gate:
-            probs = (qh.float() @ kh.float().transpose(-1, -2) * scale).softmax(dim=-1)  # (B, h, N, S)
-            mean_probs = probs.mean(dim=1)  # (B, N, S)
-            lbc = prepared.live_by_concept.to(mean_probs.dtype)  # (B, K, S)
-            per_concept = torch.einsum("bns,bks->bkn", mean_probs, lbc) / lbc.sum(-1, keepdim=True).clamp(min=1)
-            new_gate = per_concept.amax(dim=1).reshape(B, 1, *spatial_shape)
-            if self.dry:
-                self._dry_gate = new_gate
-            else:
-                self._gate = gate = new_gate
-            self._record_gate(new_gate, prepared)
-        if gate is None:
-            if probs is not None:
-                out = probs.to(vh.dtype) @ vh
-            else:
-                out = F.scaled_dot_product_attention(qh, kh, vh, scale=sdpa_scale)
-            return out.transpose(1, 2).reshape(B, N, C)
-        g = gate if tuple(gate.shape[-2:]) == tuple(spatial_shape) else \
-            F.interpolate(gate.float(), size=spatial_shape, mode="bilinear", align_corners=False)
-        g = g.reshape(B, N).to(torch.float32)
-        live = prepared.live[:, None, :]  # (B, 1, S)
-        if cfg.stage2 and cfg.suppression == "mask":
-            blocked = (g > cfg.gate_threshold)[:, :, None] & live  # (B, N, S)
-            if probs is not None:
-                logits = (qh.float() @ kh.float().transpose(-1, -2) * scale).masked_fill(blocked[:, None], float("-inf"))
-                out = logits.softmax(-1).to(vh.dtype) @ vh
-            else:
-                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=~blocked[:, None], scale=sdpa_scale)
-        elif cfg.stage2:  # scale: probabilities of live tokens times (1 - G), not renormalised
-            if probs is None:
-                probs = (qh.float() @ kh.float().transpose(-1, -2) * scale).softmax(dim=-1)
-            factor = torch.where(live, 1.0 - g[:, :, None], torch.ones((), device=g.device))  # (B, N, S)
-            out = (probs * factor[:, None]).to(vh.dtype) @ vh
-        elif probs is not None:
-            out = probs.to(vh.dtype) @ vh
+        scale = qh.shape[-1] ** -0.5 if scale is None else scale
+        logits = None  # fp32 q k^T * scale of this layer's own keys, once materialised
+        gate = None
+        if prepared.has_live and (cfg.stage2 or cfg.stage3):
+            if is_gating_layer and (self.dry or (self.intervening and cfg.schedule == "single-pass")):
+                own = gate_key is None
+                gate_logits = (qh.float() @ (kh if own else _heads(gate_key, heads)).float().transpose(-1, -2)) * scale
+                logits = gate_logits if own else None
+                new_gate = self._gate_map(gate_logits.softmax(dim=-1), prepared, spatial_shape)
+                self._record_gate(new_gate, prepared, "dry pass" if self.dry else "this pass", overwrite=True)
+                if self.dry:
+                    self._dry_gate = new_gate
+                else:
+                    self._gate = gate = new_gate
+            elif self.intervening:
+                gate = self._gate_to_use(B)
+                if gate is not None:
+                    source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
+                    self._record_gate(gate, prepared, source, overwrite=False)
+        g = blocked = factor = None
+        if gate is not None:
+            if tuple(gate.shape[-2:]) != tuple(spatial_shape):
+                gate = F.interpolate(gate.float(), size=spatial_shape, mode="bilinear", align_corners=False)
+            g = gate.reshape(B, N).to(torch.float32)
+            live = prepared.live[:, None, :]  # (B, 1, S)
+            if cfg.stage2 and cfg.suppression == "mask":  # live logits -> -inf where the gate is high; softmax renormalises
+                blocked = (g > cfg.gate_threshold)[:, :, None] & live  # (B, N, S)
+            elif cfg.stage2:  # scale: probabilities of live tokens times (1 - G), not renormalised
+                factor = torch.where(live, 1.0 - g[:, :, None], torch.ones((), device=g.device))  # (B, N, S)
+                if logits is None:
+                    logits = (qh.float() @ kh.float().transpose(-1, -2)) * scale
+        if logits is None:
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if blocked is None else ~blocked[:, None], scale=sdpa_scale)
         else:
-            out = F.scaled_dot_product_attention(qh, kh, vh, scale=sdpa_scale)
+            if blocked is not None:
+                logits = logits.masked_fill(blocked[:, None], float("-inf"))
+            probs = logits.softmax(-1)
+            if factor is not None:
+                probs = probs * factor[:, None]
+            out = probs.to(vh.dtype) @ vh
         out = out.transpose(1, 2).reshape(B, N, C)
-        if cfg.stage3:
+        if g is not None and cfg.stage3:
             keep = (1.0 - g) if cfg.scrub == "soft" else (g <= cfg.scrub_threshold).to(torch.float32)
             out = out * keep[:, :, None].to(out.dtype)
         return out

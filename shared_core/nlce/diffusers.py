@@ -13,13 +13,15 @@ import re
 import torch
 
 from ..errors import NlceError
-from ..textenc import real_token_mask
-from .config import make_nlce_config
+from .config import OPERATOR_SETTINGS, derive_nlce_config, make_nlce_config
 from .mining import mine_neighbors
-from .operators import ConceptSet, build_concept_set, clip_row_encoder
+from .operators import ConceptSet, build_concept_set, clip_row_encoder, prompt_token_mask
 from .session import NlceSession, spatial_shape_for
 
 _NAME = re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2\.processor$")
+# processors that compute plain attention (NLCE replaces them); others (IP-Adapter, custom) carry extra behaviour
+PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU",
+                    "FusedAttnProcessor2_0")
 
 
 def cross_attention_names(unet) -> list[str]:
@@ -35,7 +37,7 @@ def default_gating_layer(names: list[str]) -> str:
 
 
 class NlceAttnProcessor:
-    """diffusers' default attention with NLCE's stages (same maths as AttnProcessor2_0 otherwise)."""
+    """diffusers' default attention (AttnProcessor2_0) with NLCE's stages in between."""
 
     def __init__(self, handle: "NlceHandle", name: str, is_gating_layer: bool):
         self.handle, self.name, self.is_gating_layer = handle, name, is_gating_layer
@@ -45,8 +47,6 @@ class NlceAttnProcessor:
             return self.handle.original_processors[self.name](attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if attention_mask is not None:
             raise NlceError("NLCE does not support an attention mask on the text (encoder_attention_mask); leave it unset")
-        if attn.norm_q is not None or attn.norm_k is not None:
-            raise NlceError("NLCE does not support attention layers with q/k norms; use an SD1.x-style UNet")
         session = self.handle.session
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -62,10 +62,12 @@ class NlceAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
         context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-        cond, token_mask = self.handle.rows(context)
+        cond, token_mask = self.handle.rows(encoder_hidden_states)  # the embeddings as encode_prompt returned them
         prepared = session.prepare(context, cond, token_mask)
         key, value = attn.to_k(prepared.context), attn.to_v(prepared.context)
-        out = session.attend(query, key, value, attn.heads, prepared, shape, self.is_gating_layer).to(query.dtype)
+        # the gate is read from the keys the unmodified model would see, as in the faithful schedule's dry pass
+        gate_key = attn.to_k(context) if self.is_gating_layer and prepared.has_live and prepared.context is not context else None
+        out = session.attend(query, key, value, attn.heads, prepared, shape, self.is_gating_layer, gate_key=gate_key).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
@@ -82,7 +84,7 @@ class NlceHandle:
         self.gating_layer = gating_layer
         self.latent_hw = (64, 64)
         self.original_processors = dict(self.unet.attn_processors)
-        self._prompts: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._prompts: list[tuple] = []  # (prompt embeddings, negative embeddings or None, word rows or None), newest last
         self._rows_key = None
         self._rows = None
         self._saved_forward = self.unet.__dict__.get("forward")
@@ -91,6 +93,7 @@ class NlceHandle:
 
     @property
     def diagnostics(self) -> list[dict]:
+        """One dict per UNet pass: run, step, timestep, dry, live tokens and active concepts per batch row, gate statistics."""
         return self.session.diagnostics
 
     # -- install / remove ----------------------------------------------------------------------
@@ -120,7 +123,7 @@ class NlceHandle:
         if encode_prompt is not None:
             def nlce_encode_prompt(prompt=None, *args, **kwargs):
                 result = encode_prompt(prompt, *args, **kwargs)
-                self._remember(result[0], prompt)
+                self._remember(result, prompt)
                 return result
 
             self.pipe.encode_prompt = nlce_encode_prompt
@@ -147,46 +150,83 @@ class NlceHandle:
 
     # -- which rows are the conditional prompt, and where its words are ------------------------
 
-    def _remember(self, embeds, prompt) -> None:
+    def _remember(self, result, prompt) -> None:
+        """Keep what ``encode_prompt`` returned (prompt and negative embeddings) and, when the text is known, the word rows."""
+        embeds, negative = result[0], (result[1] if len(result) > 1 else None)
         if embeds is None:
             return
-        mask = None
+        words = None
         tok = getattr(self.pipe, "tokenizer", None)
         if isinstance(prompt, (str, list)) and tok is not None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            ids = tok(prompts, padding="max_length", max_length=embeds.shape[1], truncation=True, return_tensors="pt")["input_ids"]
-            words = real_token_mask(tok, ids) & (ids != tok.eos_token_id)
-            words[:, 0] = False
-            mask = words.repeat_interleave(embeds.shape[0] // max(1, len(prompts)), dim=0)
-        self._prompts = (self._prompts + [(embeds.detach(), mask)])[-4:]
+            if hasattr(self.pipe, "maybe_convert_prompt"):  # textual-inversion tokens, exactly as encode_prompt does
+                prompts = self.pipe.maybe_convert_prompt(prompts, tok)
+            words = prompt_token_mask(tok, prompts, embeds.shape[1])
+            words = words.repeat_interleave(embeds.shape[0] // max(1, len(prompts)), dim=0)  # num_images_per_prompt copies
+        negative = negative.detach() if torch.is_tensor(negative) and negative.shape == embeds.shape else None
+        self._prompts = (self._prompts + [(embeds.detach(), negative, words)])[-4:]
         self._rows_key = None
 
     def rows(self, context: torch.Tensor):
-        """(cond (B,), token mask (B, S) or None) for a batch of context rows."""
+        """(cond (B,), token mask (B, S) or None) for a batch of context rows.
+
+        The batch is matched against what ``encode_prompt`` returned: ``[negative, prompt]`` (the
+        pipelines' classifier-free-guidance layout) or ``prompt`` alone; failing that, row by row
+        (a row equal to a prompt row is conditional). With no ``encode_prompt`` seen (embeddings
+        passed straight to the UNet) every row counts as a prompt and the token mask is inferred.
+        """
         key = (context.data_ptr(), tuple(context.shape))
-        if key == self._rows_key:
-            return self._rows
-        B = context.shape[0]
-        if not self._prompts:  # no encode_prompt seen (prompt_embeds passed by hand elsewhere): all rows are prompts
-            result = (torch.ones(B, dtype=torch.bool), None)
-        else:
-            cond = torch.zeros(B, dtype=torch.bool)
-            mask = torch.zeros(context.shape[:2], dtype=torch.bool, device=context.device)
-            known = True
-            for b in range(B):
-                for embeds, words in self._prompts:
-                    hit = next((i for i in range(embeds.shape[0]) if embeds.shape[1:] == context.shape[1:]
-                                and torch.equal(embeds[i].to(context.device, context.dtype), context[b])), None)
-                    if hit is not None:
-                        cond[b] = True
-                        if words is None:
-                            known = False
-                        else:
-                            mask[b] = words[hit].to(context.device)
-                        break
-            result = (cond, mask if known else None)
-        self._rows_key, self._rows = key, result
-        return result
+        if key != self._rows_key:
+            self._rows_key, self._rows = key, self._match(context)
+        return self._rows
+
+    def _match(self, context: torch.Tensor):
+        B, S = context.shape[:2]
+        if not self._prompts:
+            return torch.ones(B, dtype=torch.bool), None
+        same = lambda a, b: a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)  # noqa: E731
+        for embeds, negative, words in reversed(self._prompts):
+            n = embeds.shape[0]
+            if same(embeds, context):
+                return torch.ones(B, dtype=torch.bool), None if words is None else words.to(context.device)
+            if negative is not None and B == 2 * n and same(negative, context[:n]) and same(embeds, context[n:]):
+                cond = torch.tensor([False] * n + [True] * n)
+                return cond, None if words is None else torch.cat([torch.zeros_like(words), words]).to(context.device)
+        cond = torch.zeros(B, dtype=torch.bool)
+        mask = torch.zeros(B, S, dtype=torch.bool, device=context.device)
+        known = True
+        for b in range(B):
+            for embeds, _, words in reversed(self._prompts):
+                hit = next((i for i in range(embeds.shape[0]) if same(embeds[i], context[b])), None)
+                if hit is not None:
+                    cond[b] = True
+                    known = known and words is not None
+                    if words is not None:
+                        mask[b] = words[hit].to(context.device)
+                    break
+        return cond, mask if known else None
+
+
+def _check_unet(unet, names: list[str], gating_layer: str | None) -> str:
+    """The gating layer's processor name; NlceError if this UNet's cross-attention is not what NLCE can replace."""
+    if not names:
+        raise NlceError("this UNet has no cross-attention (attn2) layers; NLCE needs a text-conditioned UNet such as SD1.x")
+    procs = unet.attn_processors
+    custom = sorted({type(procs[n]).__name__ for n in names} - set(PLAIN_PROCESSORS))
+    if custom:
+        raise NlceError(f"the UNet's cross-attention uses {', '.join(custom)} (e.g. an IP-Adapter); NLCE replaces plain attention "
+                        "processors only: unload it first")
+    for n in names:
+        attn = unet.get_submodule(n[: -len(".processor")])
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            raise NlceError(f"{n[: -len('.processor')]} normalises q/k; NLCE supports SD1.x-style cross-attention only")
+    if gating_layer is None:
+        return default_gating_layer(names)
+    name = gating_layer if gating_layer.endswith(".processor") else gating_layer + ".processor"
+    if name not in names:
+        example = names[0][: -len(".processor")]
+        raise NlceError(f"gating layer {gating_layer!r} is not a cross-attention layer of this UNet (e.g. {example})")
+    return name
 
 
 def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet | None = None, preset: str | None = None,
@@ -194,26 +234,29 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
     """Erase ``concepts`` from a diffusers SD pipeline at sampling time; returns a handle (``remove()``).
 
     ``neighbors``: None, a list, {concept: list}, or "auto" (mined offline from the CLIP vocabulary).
+    ``concept_set``: operators built or loaded earlier (instead of ``concepts``); its settings are the
+    base that ``preset`` / ``settings`` change (operator settings such as ranks cannot change).
     ``settings``: any ``NlceConfig`` field (beta, gamma, schedule, suppression, scrub, t_max, ...).
+    ``gating_layer``: a diffusers attn2 module name (default: SD1.x's, see ``GATING_LAYERS``).
     Everything is validated before the pipeline is touched.
     """
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(unet, "attn_processors"):
-        raise NlceError("this pipeline has no UNet with cross-attention (NLCE works on SD1.x-style UNets; Flux/SD3 transformers are not supported)")
+        raise NlceError("this pipeline has no UNet with cross-attention (NLCE works on SD1.x-style UNets; "
+                        "Flux/SD3 transformers are not supported)")
     if getattr(unet, "_hirm_nlce", None) is not None:
         raise NlceError("NLCE is already applied to this pipeline; call remove() on its handle first")
-    names = cross_attention_names(unet)
-    if not names:
-        raise NlceError("this UNet has no cross-attention (attn2) layers; NLCE needs a text-conditioned UNet such as SD1.x")
-    gating_layer = gating_layer or default_gating_layer(names)
-    if gating_layer not in names:
-        raise NlceError(f"gating layer {gating_layer!r} is not a cross-attention processor of this UNet")
-    config = make_nlce_config(preset, **settings)
+    gating_layer = _check_unet(unet, cross_attention_names(unet), gating_layer)
     width = unet.config.cross_attention_dim
     if concept_set is None:
+        config = make_nlce_config(preset, **settings)
         te, tok = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
         if te is None or tok is None:
             raise NlceError("the pipeline has no text_encoder/tokenizer to encode the concepts with; pass concept_set=")
+        te_width = getattr(te.config, "hidden_size", width)
+        if te_width != width:
+            raise NlceError(f"the text encoder is {te_width} wide but the UNet's cross-attention expects {width}; "
+                            "NLCE needs the pipeline's own text encoder (SDXL's concatenated text is not supported)")
         encode = clip_row_encoder(te, tok)
         if isinstance(concepts, str):
             concepts = [concepts]
@@ -223,9 +266,13 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
     else:
         if concepts or neighbors:
             raise NlceError("pass either concepts (and neighbours) or a concept_set, not both")
+        config = derive_nlce_config(concept_set.config, preset, **settings)
+        changed = [k for k in OPERATOR_SETTINGS if getattr(config, k) != getattr(concept_set.config, k)]
+        if changed:
+            raise NlceError(f"{', '.join(changed)} are built into the concept set's operators; build a new concept set to change them")
     if concept_set.width != width:
         raise NlceError(f"the text encoder is {concept_set.width} wide but the UNet's cross-attention expects {width}; "
-                        "use the pipeline's own text encoder")
+                        "use operators built with the pipeline's own text encoder")
     handle = NlceHandle(pipe, concept_set, NlceSession(concept_set, config, record_maps), gating_layer)
     handle._install()
     return handle
