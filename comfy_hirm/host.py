@@ -1,4 +1,4 @@
-"""Every call into ComfyUI itself (folders, progress, interruption, devices, logging) in one place."""
+"""Every call into ComfyUI itself (folders, weights, progress, interruption, devices, logging) in one place."""
 
 from __future__ import annotations
 
@@ -14,15 +14,11 @@ log = logging.getLogger("hirm")
 
 
 def register_folder() -> None:
-    """``models/erasure_patches`` (plus any paths from extra_model_paths.yaml), .safetensors files."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    if FOLDER in folder_paths.folder_names_and_paths:
-        paths, exts = folder_paths.folder_names_and_paths[FOLDER]
-        if default not in paths:
-            paths.append(default)
-        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".safetensors"})
-    else:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
+    """``models/erasure_patches`` for .safetensors files, first (where Save writes), then any
+    ``erasure_patches`` folders extra_model_paths.yaml named (read before custom nodes load)."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".safetensors"})
 
 
 def patch_files() -> list[str]:
@@ -37,15 +33,27 @@ def save_folder() -> str:
     return folder_paths.get_folder_paths(FOLDER)[0]
 
 
-def training_device():
+def clip_state_dict(clip) -> dict:
+    """The CLIP's weights as it encodes, its own patches (a LoRA, an erasure patch) included.
+
+    ComfyUI patches the weights shared by all clones of a CLIP in place, for whichever clone it
+    loaded last: load this one with its patches first, as ComfyUI's own CLIPSave node does.
+    """
+    mm.load_models_gpu([clip.load_model()], force_patch_weights=True)
+    return clip.get_sd()
+
+
+def compute_device():
     return mm.get_torch_device()
 
 
-def progress(total: int):
-    bar = comfy.utils.ProgressBar(total)
-    return lambda step, total_, loss: bar.update_absolute(step, total_)
+def progress_callback():
+    """``progress(step, total, loss)`` for the core, drawn as the node's ComfyUI progress bar."""
+    bar = comfy.utils.ProgressBar(1)
+    return lambda step, total, loss: bar.update_absolute(step, total)
 
 
 def check_interrupted() -> bool:
-    mm.throw_exception_if_processing_interrupted()  # raises ComfyUI's own interruption: the run stops cleanly
+    """``should_cancel`` for the core: raises ComfyUI's own interruption when the user pressed Cancel."""
+    mm.throw_exception_if_processing_interrupted()
     return False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import core
+from . import core, host
 from .types import CATEGORY
 
 
@@ -31,6 +31,7 @@ class NlceGate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, neighbors, preset, beta, gamma, suppression, schedule) -> io.NodeOutput:
-        patched, used = core.nlce_model(model, clip.get_sd(), core.parse_concepts(concepts), neighbors, preset=preset, beta=beta,
-                                        gamma=None if gamma < 0 else gamma, suppression=suppression, schedule=schedule)
+        patched, used = core.nlce_model(model, host.clip_state_dict(clip), core.parse_list(concepts), neighbors, preset=preset,
+                                        device=host.compute_device(), beta=beta, gamma=None if gamma < 0 else gamma,
+                                        suppression=suppression, schedule=schedule)
         return io.NodeOutput(patched, "\n".join(f"{c}: {', '.join(ns) or '(none)'}" for c, ns in used.items()))

@@ -25,15 +25,16 @@ class TrainErasurePatch(io.ComfyNode):
                                tooltip="paper learning rate / steps: style, object, nudity"),
                 io.Int.Input("steps", default=0, min=0, max=10000, tooltip="0: from the preset"),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-7, tooltip="0: from the preset"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                # no "randomize after run" widget (the UI adds one to any input named seed): a new seed would retrain
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),
             ],
             outputs=[ErasurePatch.Output(display_name="ERASURE_PATCH"), io.String.Output(display_name="report")],
         )
 
     @classmethod
     def execute(cls, clip, concepts, method, anchor, preset, steps, learning_rate, seed) -> io.NodeOutput:
-        concept_list = core.parse_concepts(concepts)
-        patch, text = core.train(clip.get_sd(), concept_list, method=method, anchor=anchor.strip() or None, preset=preset,
-                                 steps=steps, lr=learning_rate, seed=seed, device=host.training_device(),
-                                 progress=host.progress(1), should_cancel=host.check_interrupted)
+        concept_list = core.parse_list(concepts)
+        patch, text = core.train(host.clip_state_dict(clip), concept_list, method=method, anchor=anchor.strip() or None,
+                                 preset=preset, steps=steps, lr=learning_rate, seed=seed, device=host.compute_device(),
+                                 progress=host.progress_callback(), should_cancel=host.check_interrupted)
         return io.NodeOutput(patch, text)

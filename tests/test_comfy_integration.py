@@ -1,13 +1,19 @@
 """The pack inside a real ComfyUI checkout (skipped unless COMFYUI_PATH points at one).
 
-Run with ComfyUI's own environment, e.g.:
+Run with ComfyUI's own environment (see docs/comfyui.md), e.g.:
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest tests/test_comfy_integration.py
-Builds real ComfyUI CLIP (CLIP-L architecture) and MODEL (SD1.5 UNet architecture) objects from
-random weights, loads the pack through ComfyUI's custom-node loader, and runs the nodes.
+Loads the pack with ComfyUI's own custom-node loader from a temporary custom_nodes folder,
+builds real ComfyUI CLIP (CLIP-L; SDXL's CLIP-L + CLIP-G) and MODEL (SD1.5 UNet; a tiny Flux)
+objects from random weights, runs the nodes and ComfyUI's own encoder and sampler, and checks
+that no node changes its inputs.
 """
 
 import asyncio
+import glob
+import json
+import logging
 import os
+import shutil
 import sys
 
 import pytest
@@ -16,38 +22,63 @@ import torch
 COMFY = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NODE_IDS = ["HirmTrainErasurePatch", "HirmApplyEncoderPatch", "HirmSaveErasurePatch", "HirmLoadErasurePatch",
+            "HirmLoadErasurePatchFromHub", "HirmNlceGate"]
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
 
 
 @pytest.fixture(scope="module")
-def comfy_nodes(tmp_path_factory):
+def pack(tmp_path_factory):
+    """ComfyUI's ``nodes`` module with the pack loaded as ComfyUI loads it, plus the folders used."""
     sys.path.insert(0, COMFY)
     from comfy.cli_args import args
 
     args.cpu = True  # as `main.py --cpu`
     import folder_paths
+    import utils.extra_config  # before nodes, which puts comfy/ (with its own utils.py) first on sys.path
     import nodes
 
     base = tmp_path_factory.mktemp("comfy")
     folder_paths.models_dir = str(base / "models")
+    shared = base / "shared" / "patches"
+    shared.mkdir(parents=True)
+    yaml = base / "extra_model_paths.yaml"
+    yaml.write_text(f"shared:\n    base_path: {base / 'shared'}\n    erasure_patches: patches\n")
+    utils.extra_config.load_extra_path_config(str(yaml))  # as main.py does before loading custom nodes
     custom = base / "custom_nodes"
     custom.mkdir()
     os.symlink(ROOT, custom / "hirm_erasure")
-    assert asyncio.run(nodes.load_custom_node(str(custom / "hirm_erasure")))
-    return nodes
+    records = Records()
+    logging.getLogger().addHandler(records)
+    try:
+        assert asyncio.run(nodes.load_custom_node(str(custom / "hirm_erasure")))
+    finally:
+        logging.getLogger().removeHandler(records)
+    package = nodes.NODE_CLASS_MAPPINGS["HirmTrainErasurePatch"].__module__.split(".comfy_hirm.")[0]
+    return {"nodes": nodes, "load_warnings": [r.getMessage() for r in records.records], "shared": shared,
+            "own": base / "models" / "erasure_patches",
+            "errors": sys.modules[package + ".shared_core.errors"]}  # the pack's own copy of the core, as ComfyUI imported it
 
 
 @pytest.fixture(scope="module")
-def clip():
+def clip(pack):
     import comfy.sd
-    from tiny import clip_l_config, random_clip
 
-    model = random_clip(clip_l_config())  # CLIP-L size
-    sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in model.state_dict().items()}
-    return comfy.sd.load_text_encoder_state_dicts([sd], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    from test_comfy_server import random_clip_sd
+
+    return comfy.sd.load_text_encoder_state_dicts([random_clip_sd(768, 12, 3072)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(pack):
     import comfy.sd
     from diffusers import UNet2DConditionModel
 
@@ -56,59 +87,163 @@ def model():
     return comfy.sd.load_diffusion_model_state_dict({k: v.half() for k, v in unet.state_dict().items()})
 
 
-def node(nodes, node_id):
-    return nodes.NODE_CLASS_MAPPINGS[node_id]
+def node(pack, node_id):
+    return pack["nodes"].NODE_CLASS_MAPPINGS[node_id]
 
 
-def test_all_nodes_are_registered_in_one_category(comfy_nodes):
-    ids = [k for k in comfy_nodes.NODE_CLASS_MAPPINGS if k.startswith("Hirm")]
-    assert sorted(ids) == sorted(["HirmTrainErasurePatch", "HirmApplyEncoderPatch", "HirmSaveErasurePatch",
-                                  "HirmLoadErasurePatch", "HirmLoadErasurePatchFromHub", "HirmNlceGate"])
-    assert {node(comfy_nodes, i).GET_SCHEMA().category for i in ids} == {"erasure"}
+def run(pack, node_id, *args):
+    return node(pack, node_id).execute(*args).result
 
 
-def test_train_apply_encode_leaves_the_input_clip_unchanged(comfy_nodes, clip, tmp_path):
-    before_patches = dict(clip.patcher.patches)
+def encode(pack, clip, text):
+    return pack["nodes"].CLIPTextEncode().encode(clip, text)[0]
+
+
+def test_the_pack_loads_without_warnings_and_all_nodes_share_one_category(pack):
+    assert pack["load_warnings"] == []
+    ids = [k for k in pack["nodes"].NODE_CLASS_MAPPINGS if k.startswith("Hirm")]
+    assert sorted(ids) == sorted(NODE_IDS)
+    assert {node(pack, i).GET_SCHEMA().category for i in ids} == {"erasure"}
+
+
+def test_train_apply_encode_changes_only_the_clone(pack, clip):
+    patches_before = dict(clip.patcher.patches)
     with torch.inference_mode():
-        patch, report = node(comfy_nodes, "HirmTrainErasurePatch").execute(clip, "cat", "random", "", "style", 2, 0.0, 0).result
-        patched = node(comfy_nodes, "HirmApplyEncoderPatch").execute(clip, patch, 1.0).result[0]
-        plain = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0][0][0]
-        erased = comfy_nodes.CLIPTextEncode().encode(patched, "a photo of a cat")[0][0][0]
+        plain = encode(pack, clip, "a photo of a cat")[0][0]
+        patch, report = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)
+        patched = run(pack, "HirmApplyEncoderPatch", clip, patch, 1.0)[0]
+        erased = encode(pack, patched, "a photo of a cat")[0][0]
+        plain_again = encode(pack, clip, "a photo of a cat")[0][0]
+        # ComfyUI left the shared weights patched in place for the clone: training again must still see the base
+        again = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)[0]
     assert "target displacement" in report
-    assert dict(clip.patcher.patches) == before_patches and patched.patcher.patches
-    assert not torch.allclose(plain, erased)
-    saved = node(comfy_nodes, "HirmSaveErasurePatch").execute(patch, "cat-test").result[0]
-    assert os.path.isfile(saved)
-    assert "cat-test.safetensors" in node(comfy_nodes, "HirmLoadErasurePatch").GET_SCHEMA().inputs[0].options
+    assert dict(clip.patcher.patches) == patches_before and patched.patcher.patches
+    assert not torch.allclose(plain, erased, atol=1e-3)
+    assert torch.equal(plain, plain_again)
+    assert again is patch  # same CLIP, same settings: not trained again
 
 
-def test_nlce_gate_samples_one_step_and_leaves_the_input_model_unchanged(comfy_nodes, clip, model):
+def test_a_cancel_stops_training_with_no_output_and_the_clip_unchanged(pack, clip):
+    import comfy.model_management as mm
+
+    patches_before = dict(clip.patcher.patches)
+    mm.interrupt_current_processing(True)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            run(pack, "HirmTrainErasurePatch", clip, "dog", "random", "", "object", 3, 0.0, 0)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert dict(clip.patcher.patches) == patches_before
+
+
+def test_bad_inputs_get_one_line_errors(pack, clip):
+    errors = pack["errors"]
+    HirmError, PatchFileError, PatchMismatchError = errors.HirmError, errors.PatchFileError, errors.PatchMismatchError
+
+    with pytest.raises(HirmError, match="no concept"):
+        run(pack, "HirmTrainErasurePatch", clip, " \n", "random", "", "style", 2, 0.0, 0)
+    (pack["own"] / "not-a-patch.safetensors").parent.mkdir(parents=True, exist_ok=True)
+    (pack["own"] / "not-a-patch.safetensors").write_bytes(b"hello, not a safetensors file")
+    with pytest.raises(PatchFileError) as e:
+        run(pack, "HirmLoadErasurePatch", "not-a-patch.safetensors")
+    assert "\n" not in str(e.value)
+    with torch.inference_mode():
+        patch = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)[0]
+    clip_g_patch = type(patch)(patch.deltas, {**patch.metadata, "encoder": {**patch.encoder, "family": "clip-g"}})
+    with pytest.raises(PatchMismatchError, match="for clip-g but this CLIP has clip_l"):
+        run(pack, "HirmApplyEncoderPatch", clip, clip_g_patch, 1.0)
+    with pytest.raises(HirmError) as e:
+        run(pack, "HirmLoadErasurePatchFromHub", "nobody/no-such-patches", "cat", "", False)  # offline, not cached
+    assert "\n" not in str(e.value)
+
+
+def test_save_load_and_extra_model_paths(pack, clip):
+    with torch.inference_mode():
+        patch = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)[0]
+    saved = run(pack, "HirmSaveErasurePatch", patch, "cat-test")[0]
+    assert saved == str(pack["own"] / "cat-test.safetensors")  # models/erasure_patches comes first
+    shutil.copy(saved, pack["shared"] / "shared-cat.safetensors")  # a folder named in extra_model_paths.yaml
+    options = node(pack, "HirmLoadErasurePatch").GET_SCHEMA().inputs[0].options
+    assert {"cat-test.safetensors", "shared-cat.safetensors"} <= set(options)
+    loaded, text = run(pack, "HirmLoadErasurePatch", "shared-cat.safetensors")
+    assert set(loaded.deltas) == set(patch.deltas) and "cat" in text
+
+
+def test_a_clip_l_patch_goes_to_the_clip_l_of_an_sdxl_clip(pack, clip):
+    import comfy.sd
+    from test_comfy_server import random_clip_sd
+
+    sdxl = comfy.sd.load_text_encoder_state_dicts([random_clip_sd(768, 12, 3072), random_clip_sd(1280, 32, 5120, "gelu", 1)],
+                                                  clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    with torch.inference_mode():
+        patch = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)[0]
+        patched = run(pack, "HirmApplyEncoderPatch", sdxl, patch, 0.8)[0]
+    assert set(patched.patcher.patches) == {"clip_l.transformer." + n for n in patch.deltas}
+    assert all(p[0] == 0.8 for ps in patched.patcher.patches.values() for p in ps)
+    assert not sdxl.patcher.patches
+
+
+def sample_at_t500(pack, model, clip, prompt, seed=0):
+    """One Euler step of ComfyUI's sampler from the noise level of timestep 500 (inside NLCE's window) to 0."""
     import comfy.sample
 
+    pos, neg = encode(pack, clip, prompt), encode(pack, clip, "")
+    sigma = model.get_model_object("model_sampling").sigma(torch.tensor(500.0))
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(model, noise, 1, 7.0, "euler", "normal", pos, neg, torch.zeros(1, 4, 16, 16),
+                               sigmas=torch.stack([sigma, torch.zeros(())]), seed=seed)
+
+
+@pytest.mark.parametrize("schedule", ["single-pass", "faithful"])
+def test_nlce_gate_samples_and_leaves_the_input_model_unchanged(pack, clip, model, schedule):
     options_before = repr(model.model_options)
     with torch.inference_mode():
-        gated, used = node(comfy_nodes, "HirmNlceGate").execute(model, clip, "cat", "dog\ntiger", "object", 1.0, -1.0, "mask",
-                                                           "single-pass").result
-        pos = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
-        neg = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
-        latent = torch.zeros(1, 4, 16, 16)
-        noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-        out = comfy.sample.sample(gated, noise, 1, 7.0, "euler", "normal", pos, neg, latent, denoise=1.0, seed=0)
-    assert torch.isfinite(out).all() and "dog" in used
-    assert repr(model.model_options) == options_before
+        # random weights: only the concept's own rows score as live tokens, so the prompt is the concept itself
+        vanilla = sample_at_t500(pack, model, clip, "cat")
+        gated, used = run(pack, "HirmNlceGate", model, clip, "cat", "dog\ntiger", "object", 1.0, -1.0, "mask", schedule)
+        erased = sample_at_t500(pack, gated, clip, "cat")
+        vanilla_again = sample_at_t500(pack, model, clip, "cat")
+    assert torch.isfinite(erased).all() and used == "cat: dog, tiger"
+    assert (erased - vanilla).norm() > 0.01 * vanilla.norm()
+    assert torch.equal(vanilla, vanilla_again) and repr(model.model_options) == options_before
+    state = gated.model_options["model_function_wrapper"].__self__
+    passes = state.session.diagnostics
+    assert [(p["dry"], p["intervened"]) for p in passes] == ([(True, False)] if schedule == "faithful" else []) + [(False, True)]
+    cond = 1 if passes[-1]["active"][0] == [] else 0  # the conditional half of the CFG batch
+    assert passes[-1]["active"][cond] == ["cat"] and passes[-1]["live_tokens"][1 - cond] == []
+    assert passes[-1]["gate"]["shape"] == [4, 4]  # read at input block 8: 1/32 of the 128 px image
 
 
-def test_example_workflows_use_known_nodes_with_matching_widgets(comfy_nodes):
-    import glob
-    import json
+def test_nlce_gate_refuses_a_model_without_cross_attention(pack, clip):
+    import comfy.model_patcher
+    import comfy.supported_models
 
-    asyncio.run(comfy_nodes.init_builtin_extra_nodes())  # FluxGuidance, EmptySD3LatentImage, ...
+    tiny_flux = comfy.supported_models.Flux({
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+        "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+        "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True})
+    flux = comfy.model_patcher.ModelPatcher(tiny_flux.get_model({}), load_device="cpu", offload_device="cpu")
+    with pytest.raises(pack["errors"].NlceError, match="no UNet cross-attention"):
+        run(pack, "HirmNlceGate", flux, clip, "cat", "auto", "object", 1.0, -1.0, "mask", "single-pass")
+
+
+def test_example_workflows_validate_in_comfyui(pack, tmp_path):
+    import execution
+    import folder_paths
+    from test_comfy_server import ui_to_api
+
+    nodes = pack["nodes"]
+    asyncio.run(nodes.init_builtin_extra_nodes())  # FluxGuidance, EmptySD3LatentImage, ...
     for path in glob.glob(os.path.join(ROOT, "example_workflows", "*.json")):
-        for n in json.load(open(path))["nodes"]:
-            if n["type"] == "Note":
-                continue
-            assert n["type"] in comfy_nodes.NODE_CLASS_MAPPINGS, (path, n["type"])
-            if n["type"].startswith("Hirm"):
-                schema = node(comfy_nodes, n["type"]).GET_SCHEMA()
-                widgets = [i for i in schema.inputs if i.get_io_type() not in ("CLIP", "MODEL", "ERASURE_PATCH")]
-                assert len(widgets) == len(n["widgets_values"]), (path, n["type"])
+        graph = json.load(open(path))
+        prompt = ui_to_api(graph, {t: c.INPUT_TYPES() for t, c in nodes.NODE_CLASS_MAPPINGS.items()})
+        for entry in prompt.values():  # the model files the graph names, as empty stand-ins
+            for key, folder in (("ckpt_name", "checkpoints"), ("unet_name", "diffusion_models"), ("clip_name1", "text_encoders"),
+                                ("clip_name2", "text_encoders"), ("vae_name", "vae"), ("patch_name", "erasure_patches")):
+                if key in entry["inputs"]:
+                    (tmp_path / folder).mkdir(exist_ok=True)
+                    (tmp_path / folder / entry["inputs"][key]).touch()
+                    folder_paths.add_model_folder_path(folder, str(tmp_path / folder))
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+        assert valid, (os.path.basename(path), error, node_errors)
+        assert outputs
