@@ -1,0 +1,51 @@
+"""Every call into AUTOMATIC1111 / Forge itself (``modules.*``), in one place.
+
+Names read from the webuis' sources (A1111 1.7-1.10, Forge): ``modules.scripts.Script`` /
+``AlwaysVisible``, ``modules.script_callbacks.on_ui_tabs`` / ``on_model_loaded``,
+``modules.paths.models_path``, ``modules.devices.device``, ``modules.shared.sd_model`` /
+``.loaded_hypernetworks``, ``modules.call_queue.queue_lock``, ``modules.ui_components.InputAccordion``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from modules import call_queue, devices, paths, script_callbacks, scripts, shared
+
+from . import library
+from .jobs import Env
+
+Script = scripts.Script
+AlwaysVisible = scripts.AlwaysVisible
+
+
+def patch_folder() -> str:
+    """``models/erasure_patches`` of the webui (created on first use)."""
+    folder = os.path.join(paths.models_path, library.FOLDER_NAME)
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def env() -> Env:
+    return Env(patch_folder(), devices.device, hypernetworks_loaded=lambda: bool(getattr(shared, "loaded_hypernetworks", None)))
+
+
+def sd_model():
+    return shared.sd_model
+
+
+def queue_lock():
+    """The lock every generation holds: training waits for a running job and blocks new ones."""
+    return call_queue.queue_lock
+
+
+def register(on_ui_tabs, on_model_loaded) -> None:
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_model_loaded(on_model_loaded)
+
+
+def input_accordion(value: bool, label: str, elem_id: str):
+    """A1111's accordion with an on/off checkbox in its header (1.7+ and Forge)."""
+    from modules.ui_components import InputAccordion
+
+    return InputAccordion(value, label=label, elem_id=elem_id)

@@ -1,0 +1,306 @@
+"""One generation job with erasure: check everything, change the model, undo it whatever happens.
+
+The script's hooks (``script.py``) call, per job:
+
+- ``begin(p, args, env)`` from ``process``: first undo whatever an earlier job left behind (it
+  failed before its ``postprocess``), then check the settings against the loaded model and
+  load what they name, and only then change anything. A1111: patch CLIP-L in place and install
+  NLCE on the UNet's cross-attention. Forge: nothing yet (its objects are replaced per batch).
+- ``batch(p)`` from ``process_batch`` (Forge: a CLIP clone with the patches) and
+  ``before_sampling(p)`` from ``process_before_every_sampling`` (Forge: a UNet clone with NLCE).
+- ``finish(p)`` from ``postprocess``; also run by ``p.close()`` (the webui closes every job,
+  failed or not), by an exception out of ``p.sample``, and by the next ``begin``.
+
+A webui only logs exceptions raised by scripts and generates anyway, which would give images
+without the erasure the user asked for. A problem found by ``begin`` therefore changes nothing
+and is raised from ``p.sample`` instead: the job fails with its one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from comfy_hirm import core as patcher_logic  # ComfyUI-style patcher logic, shared by Forge's patchers
+from shared_core.encoders import extract_text_encoder
+from shared_core.errors import HirmError, NlceError, PatchMismatchError
+
+from . import library
+from .nlce_runtime import A1111Nlce, Patched, concept_set, uncond_tensors
+from .settings import ErasureSettings
+from .webui_model import (TextEncoderPatches, check_model, clean_weights, clip_l, family, forge_clip_state, is_forge,
+                          mismatch_note, weights_signature)
+
+log = logging.getLogger("hirm-erasure")
+COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
+
+
+@dataclass
+class Env:
+    """What a job needs from the webui (``host.env()`` fills it in; tests pass their own)."""
+
+    patch_folder: str
+    device: object = "cpu"
+    hypernetworks_loaded: Callable[[], bool] = field(default=lambda: False)
+
+
+_active: "Job | None" = None
+
+
+def active_job() -> "Job | None":
+    return _active
+
+
+def begin(p, args, env: Env) -> "Job | None":
+    """Start erasure for job ``p`` with the accordion's values ``args``; None when it is off or refused."""
+    global _active
+    finish()
+    try:
+        settings = ErasureSettings.from_args(args)
+        if not settings.active:
+            return None
+        job = (ForgeJob if is_forge(p.sd_model) else A1111Job)(p, settings, env)
+        job.start()
+    except Exception as error:  # nothing was changed: fail the job with the message
+        refuse(p, error)
+        return None
+    _active = job
+    return job
+
+
+def batch(p) -> None:
+    if _active is not None and _active.p is p:
+        _active.batch()
+
+
+def before_sampling(p) -> None:
+    if _active is not None and _active.p is p:
+        _active.before_sampling()
+
+
+def finish(p=None) -> None:
+    """Undo the active job (only if it is ``p``'s, when ``p`` is given)."""
+    global _active
+    job = _active
+    if job is not None and (p is None or job.p is p):
+        _active = None
+        job.finish()
+
+
+def model_loaded(sd_model) -> None:
+    """The webui loaded weights into ``sd_model`` (script_callbacks.on_model_loaded)."""
+    if _active is not None:
+        _active.model_loaded(sd_model)
+
+
+def refuse(p, error: Exception) -> None:
+    """Make job ``p`` fail with ``error``'s message when it starts sampling."""
+    message = str(error) if isinstance(error, HirmError) else f"erasure could not start ({type(error).__name__}: {error})"
+    if isinstance(error, HirmError):
+        log.error("hirm-erasure: %s", message)
+    else:
+        log.exception("hirm-erasure: %s", message)
+
+    def refused(*args, **kwargs):
+        p.__dict__.pop("sample", None)
+        raise HirmError(message)
+
+    p.sample = refused
+
+
+class Job:
+    """Erasure for one job; subclasses do the host-specific part (``prepare``, ``apply``, ``undo``)."""
+
+    def __init__(self, p, settings: ErasureSettings, env: Env):
+        self.p, self.settings, self.env = p, settings, env
+        self.model = p.sd_model
+        check_model(self.model)
+        refiner = getattr(p, "refiner_checkpoint", None)
+        if refiner not in (None, "", "None", "none"):
+            raise HirmError("the refiner switches to another checkpoint during the job, and erasure does not follow it; "
+                            "turn the refiner off")
+        if getattr(p, "enable_hr", False) and getattr(p, "hr_checkpoint_name", None) not in (None, "", "Use same checkpoint"):
+            raise HirmError("Hires. fix with another checkpoint is not covered by erasure; set its checkpoint to 'Use same checkpoint'")
+        self.patches = [(library.load(env.patch_folder, name), strength) for name, strength in settings.patches]
+        self.config = settings.nlce_config() if settings.nlce else None
+        self.notes: list[str] = []
+        self.guards: list[Patched] = []
+
+    def concept_set(self, weights):
+        s = self.settings
+        return concept_set(weights, list(s.concepts), s.neighbor_list(), self.config, self.env.device)
+
+    def start(self) -> None:
+        self.prepare()
+        for name in COND_CACHES:  # conditioning cached by other jobs was made without these patches
+            if hasattr(self.p, name):
+                setattr(self.p, name, [None, None])
+        try:
+            self.apply()
+            self.guards = [Patched(self.p, "sample", self._guard_sample), Patched(self.p, "close", self._guard_close)]
+        except BaseException:
+            self.finish()
+            raise
+        self.p.extra_generation_params.update(self.settings.infotext())
+        for note in self.notes:
+            log.warning("hirm-erasure: %s", note)
+            if hasattr(self.p, "comment"):
+                self.p.comment(note)
+
+    def finish(self) -> None:
+        try:
+            self.undo()
+        finally:
+            for guard in reversed(self.guards):
+                guard.restore()
+            self.guards = []
+
+    def _guard_sample(self, sample):
+        def guarded(*args, **kwargs):
+            try:
+                return sample(*args, **kwargs)
+            except BaseException:  # an error or a hard interrupt: nothing stays patched
+                finish(self.p)
+                raise
+        return guarded
+
+    def _guard_close(self, close):
+        def guarded(*args, **kwargs):
+            try:
+                return close(*args, **kwargs)
+            finally:
+                finish(self.p)
+        return guarded
+
+    # host-specific parts
+    def prepare(self) -> None: ...
+    def apply(self) -> None: ...
+    def undo(self) -> None: ...
+    def batch(self) -> None: ...
+    def before_sampling(self) -> None: ...
+    def model_loaded(self, sd_model) -> None: ...
+
+
+class A1111Job(Job):
+    """A1111: CLIP-L patched in place (reversibly, cooperating with the Lora extension), NLCE on the UNet modules."""
+
+    te: TextEncoderPatches | None = None
+    nlce: A1111Nlce | None = None
+    reloaded = False
+
+    def prepare(self) -> None:
+        weights = None
+        if self.patches:
+            if any(patch.family == "clip-g" for patch, _ in self.patches):
+                raise PatchMismatchError("CLIP-G patches (SDXL's second encoder) cannot be applied in A1111, whose bigG is an "
+                                         "OpenCLIP model; use a CLIP-L patch here, or Forge / ComfyUI for CLIP-G")
+            encoder = clip_l(self.model)
+            weights = clean_weights(encoder)
+            signature = weights_signature(weights)
+            self.notes += [n for patch, _ in self.patches if (n := mismatch_note(patch, signature))]
+            self.te = TextEncoderPatches(encoder, self.patches)
+        if self.config is not None:
+            if family(self.model) != "sd1":
+                raise NlceError(f"NLCE supports SD1.x models; this is {family(self.model).upper()} (its cross-attention reads "
+                                "other text rows than CLIP-L's): turn NLCE off or load an SD1.x model")
+            weights = weights if weights is not None else clean_weights(clip_l(self.model))
+            self.nlce = A1111Nlce(self.model, self.concept_set(weights), self.config, lambda: uncond_tensors(self.p),
+                                  self._check_attention)
+
+    def _check_attention(self) -> None:
+        if self.env.hypernetworks_loaded():
+            raise NlceError("NLCE cannot run together with a hypernetwork (both change cross-attention); remove the hypernetwork")
+
+    def apply(self) -> None:
+        if self.te is not None:
+            self.te.apply()
+        if self.nlce is not None:
+            self.nlce.install()
+
+    def undo(self) -> None:
+        if self.nlce is not None:
+            self.nlce.remove()
+        if self.te is not None and not self.reloaded:
+            self.te.remove()
+
+    def batch(self) -> None:
+        if self.reloaded or self.p.sd_model is not self.model:
+            finish(self.p)
+            refuse(self.p, HirmError("the model was reloaded during the job, so its erasure patches are gone; run the job again"))
+
+    def model_loaded(self, sd_model) -> None:
+        if sd_model is self.model and self.te is not None:
+            self.te.forget()  # fresh weights from the file: never write the old ones back
+            self.reloaded = True
+
+
+class ForgeJob(Job):
+    """Forge: clones of ``forge_objects.clip`` / ``.unet`` with patches, assigned back for the batch / sampling."""
+
+    def __init__(self, p, settings: ErasureSettings, env: Env):
+        super().__init__(p, settings, env)
+        self.clip_patches: list[tuple[dict, float, str]] = []
+        self.replaced: list[tuple[object, str, object, object]] = []  # (forge objects, attribute, original, clone)
+        self.cs = None
+
+    def prepare(self) -> None:
+        objects = self.model.forge_objects
+        state = forge_clip_state(objects.clip)
+        if any(k.startswith("clip_h.") for k in state) and not any(k.startswith("clip_l.") for k in state):
+            raise HirmError("this is an SD2.x model (OpenCLIP-H text encoder), which erasure patches and NLCE do not support")
+        for (patch, strength), (name, _) in zip(self.patches, self.settings.patches):
+            patches, warning = patcher_logic.encoder_patches(state, patch)
+            self.clip_patches.append((patches, strength, name))
+            if warning:
+                self.notes.append(warning)
+        if self.config is not None:
+            blocks = patcher_logic.cross_attention_blocks(objects.unet.model.diffusion_model)
+            if family(self.model) != "sd1" or not blocks:
+                raise NlceError("NLCE supports SD1.x models (a UNet with cross-attention reading CLIP-L's 768-wide rows); "
+                                "turn NLCE off or load an SD1.x model")
+            _, weights = extract_text_encoder({k: v for k, v in state.items() if k.startswith("clip_l.")}, "clip_l")
+            self.cs = self.concept_set(weights)
+            self.gating = patcher_logic.gating_block(blocks)
+            self.gating_to_k = blocks[self.gating].to_k
+            if self.gating_to_k.in_features != self.cs.width:
+                raise NlceError(f"this UNet's cross-attention reads {self.gating_to_k.in_features}-wide rows but CLIP-L gives "
+                                f"{self.cs.width}; NLCE supports SD1.x models")
+
+    def _replace(self, attribute: str, clone) -> None:
+        objects = self.p.sd_model.forge_objects
+        self.replaced.append((objects, attribute, getattr(objects, attribute), clone))
+        setattr(objects, attribute, clone)
+
+    def batch(self) -> None:
+        if not self.clip_patches:
+            return
+        clip = self.p.sd_model.forge_objects.clip.clone()
+        for patches, strength, name in self.clip_patches:
+            clip.add_patches(filename=f"hirm-erasure:{name}", patches=patches, strength_patch=strength, strength_model=1.0,
+                             online_mode=False)
+        self._replace("clip", clip)
+
+    def before_sampling(self) -> None:
+        if self.cs is None:
+            return
+        unet = self.p.sd_model.forge_objects.unet.clone()
+        state = patcher_logic.ComfyNlce(self.cs, self.config, unet.model.predictor.timestep, self.gating, self.gating_to_k)
+        state.previous_wrapper = unet.model_options.get("model_function_wrapper")
+        unet.set_model_attn2_patch(state.context_patch)
+        for block, number, index in patcher_logic.cross_attention_blocks(unet.model.diffusion_model):
+            unet.set_model_attn2_replace(state.attention, block, number, index)
+        unet.set_model_unet_function_wrapper(state.unet_wrapper)
+        self._replace("unet", unet)
+
+    def undo(self) -> None:
+        originals = []
+        for objects, attribute, original, clone in reversed(self.replaced):
+            if getattr(objects, attribute) is clone:
+                setattr(objects, attribute, original)
+            if attribute == "clip" and all(original is not o for o in originals):
+                originals.append(original)
+        for clip in originals:  # the text encoder's weights: back to the patches of the CLIP we cloned
+            clip.patcher.refresh_loras()
+        self.replaced = []
+

@@ -1,0 +1,48 @@
+"""The patch folder (``models/erasure_patches``): listing, safe names, validated and cached loading."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from shared_core.errors import PatchFileError
+from shared_core.patch import load_patch
+
+FOLDER_NAME = "erasure_patches"
+_LOADED: OrderedDict = OrderedDict()  # (path, inode, mtime, size) -> ErasurePatch
+_KEEP = 8
+
+
+def list_patch_files(folder: str) -> list[str]:
+    """``.safetensors`` files under ``folder`` (subfolders too), as '/'-separated relative names, sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            if f.endswith(".safetensors") and not f.startswith(".tmp-hirm-"):  # not a half-written file
+                found.append(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/"))
+    return sorted(found, key=str.lower)
+
+
+def patch_path(folder: str, name: str) -> str:
+    """Absolute path of patch ``name`` inside ``folder``; a name that leaves the folder is refused."""
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, *name.split("/")))
+    if os.path.commonpath([root, path]) != root:
+        raise PatchFileError(f"erasure patch {name!r} is outside {folder}; pick a file from the list")
+    if not os.path.isfile(path):
+        raise PatchFileError(f"erasure patch {name!r} is not in {folder}; put it there and press the refresh button")
+    return path
+
+
+def load(folder: str, name: str):
+    """The validated patch ``name`` (see ``shared_core.patch.load_patch``), cached while the file is unchanged."""
+    path = patch_path(folder, name)
+    stat = os.stat(path)
+    key = (path, stat.st_ino, stat.st_mtime_ns, stat.st_size)  # patches are replaced by rename: a new inode
+    if key not in _LOADED:
+        _LOADED[key] = load_patch(path)
+        while len(_LOADED) > _KEEP:
+            _LOADED.popitem(last=False)
+    _LOADED.move_to_end(key)
+    return _LOADED[key]

@@ -1,0 +1,241 @@
+"""NLCE inside A1111's LDM UNet for the length of one job, and the concept operators it uses.
+
+A1111 replaces ``CrossAttention.forward`` on the class with its chosen attention optimisation,
+so NLCE sets an instance ``forward`` on every ``*attn2`` module of ``sd_model.model.diffusion_model``
+(SD1.x: ``forward(x, context=None, mask=None)`` with ``to_q``, ``to_k``, ``to_v``, ``to_out``,
+``heads``). The diffusion model's own ``forward`` is wrapped to start each UNet pass (and to run
+the dry pass of the ``faithful`` schedule), and ``sd_model.get_learned_conditioning`` is watched
+to learn where the words of each prompt are in its conditioning rows.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from shared_core import nlce
+from shared_core.encoders import build_text_model, signature_id
+from shared_core.errors import NlceError
+from shared_core.tokenizer import clip_tokenizer
+
+from .webui_model import weights_signature
+
+CHUNK = 77  # A1111 encodes prompts in chunks of 77 rows (start, 75 tokens, end)
+_CONCEPT_SETS: OrderedDict = OrderedDict()
+_KEEP = 4
+
+
+class Patched:
+    """``owner.name`` replaced by ``make(original)`` (an instance attribute) until ``restore()``.
+
+    If something else wrapped the attribute after us, ``restore()`` cannot take ours out of their
+    chain; it then turns ours into a pass-through to the original instead.
+    """
+
+    def __init__(self, owner, name: str, make: Callable):
+        self.owner, self.name = owner, name
+        self.had_own = name in owner.__dict__
+        self.saved = owner.__dict__.get(name)
+        original = getattr(owner, name)
+        replacement = make(original)
+        self.active = True
+
+        def call(*args, **kwargs):
+            return (replacement if self.active else original)(*args, **kwargs)
+
+        self.call = call
+        setattr(owner, name, call)
+
+    def restore(self) -> None:
+        self.active = False
+        if self.owner.__dict__.get(self.name) is self.call:
+            if self.had_own:
+                setattr(self.owner, self.name, self.saved)
+            else:
+                delattr(self.owner, self.name)
+
+
+# ---------------------------------------------------------------------------------------------- operators
+
+
+def concept_set(weights: dict[str, torch.Tensor], concepts: list[str], neighbors: list[str] | None, config,
+                device="cpu") -> nlce.ConceptSet:
+    """NLCE operators for ``concepts`` from canonical CLIP-L ``weights``; ``neighbors`` None mines them.
+
+    Cached per (base weights, concepts, neighbours, operator settings): building (and mining)
+    runs once, not per job.
+    """
+    operator = tuple(getattr(config, k) for k in nlce.OPERATOR_SETTINGS)
+    key = (signature_id(weights_signature(weights)), tuple(concepts), None if neighbors is None else tuple(neighbors), operator)
+    if key not in _CONCEPT_SETS:
+        encode = nlce.clip_row_encoder(build_text_model(weights, device=device), clip_tokenizer())
+        if neighbors is None:
+            table = {c: [w for w, _ in nlce.mine_neighbors(encode, c, exclude=concepts)] for c in concepts}
+        else:
+            table = {c: list(neighbors) for c in concepts}
+        _CONCEPT_SETS[key] = nlce.build_concept_set(encode, list(concepts), table, config)
+        while len(_CONCEPT_SETS) > _KEEP:
+            _CONCEPT_SETS.popitem(last=False)
+    _CONCEPT_SETS.move_to_end(key)
+    return _CONCEPT_SETS[key]
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def prompt_rows_mask(cond_stage_model, text: str, rows: int) -> torch.Tensor | None:
+    """(rows,) bool: True on the rows of ``text``'s words in A1111's chunked conditioning, from the
+    webui's own tokenisation (emphasis, embeddings, BREAK); None if the model cannot say."""
+    process, end = getattr(cond_stage_model, "process_texts", None), getattr(cond_stage_model, "id_end", None)
+    if process is None or end is None:
+        return None
+    flags: list[bool] = []
+    for chunk in process([text])[0][0]:
+        tokens = list(chunk.tokens)
+        last = tokens.index(end, 1) if end in tokens[1:] else len(tokens) - 1  # the words end at the first end token
+        flags += [False] + [True] * (last - 1) + [False] * (len(tokens) - last)
+    flags = (flags + [False] * rows)[:rows]
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def _starts_with(row: torch.Tensor, reference: torch.Tensor) -> bool:
+    n = reference.shape[0]
+    return (reference.shape[-1] == row.shape[-1] and n <= row.shape[0]
+            and torch.equal(row[:n], reference.to(row.device, row.dtype)))
+
+
+def uncond_tensors(p) -> list[torch.Tensor]:
+    """The negative prompts' conditioning of a job (first pass and hires), from ``p.uc`` / ``p.hr_uc``."""
+    out = []
+    for batch in (getattr(p, "uc", None), getattr(p, "hr_uc", None)):
+        for schedule in batch or []:
+            for item in schedule if isinstance(schedule, (list, tuple)) else [schedule]:
+                cond = getattr(item, "cond", item)
+                cond = cond.get("crossattn") if isinstance(cond, dict) else cond
+                if isinstance(cond, torch.Tensor) and cond.ndim == 2:
+                    out.append(cond)
+    return out
+
+
+class A1111Nlce:
+    """NLCE installed on one A1111 SD1.x model for one job; ``remove()`` puts every method back."""
+
+    def __init__(self, sd_model, concepts: nlce.ConceptSet, config, uncond: Callable[[], list[torch.Tensor]],
+                 check: Callable[[], None] = lambda: None):
+        dm = sd_model.model.diffusion_model
+        self.attention = {n: m for n, m in dm.named_modules() if n.endswith("attn2")}
+        gating = nlce.GATING_LAYERS["sd1"]["ldm"]
+        if gating not in self.attention:
+            raise NlceError(f"this UNet has no {gating} cross-attention; NLCE supports SD1.x models")
+        width = self.attention[gating].to_k.in_features
+        if width != concepts.width:
+            raise NlceError(f"this UNet's cross-attention reads {width}-wide text rows but CLIP-L gives {concepts.width}; "
+                            "NLCE supports SD1.x models")
+        self.sd_model, self.dm, self.gating = sd_model, dm, gating
+        self.session = nlce.NlceSession(concepts, config)
+        self.uncond, self.check = uncond, check
+        self.latent_hw: tuple[int, int] | None = None
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (conditioning rows, word mask) per prompt
+        self._rows: dict = {}
+        self.patched: list[Patched] = []
+
+    def install(self) -> "A1111Nlce":
+        try:
+            self.patched.append(Patched(self.sd_model, "get_learned_conditioning", self._recorder))
+            self.patched.append(Patched(self.dm, "forward", self._unet_forward))
+            for name, module in self.attention.items():
+                self.patched.append(Patched(module, "forward", self._cross_attention(module, name == self.gating)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for patched in reversed(self.patched):
+            patched.restore()
+        self.patched = []
+        self.recorded, self._rows = [], {}
+
+    # -- replacements ----------------------------------------------------------------------------
+
+    def _recorder(self, original):
+        def get_learned_conditioning(texts, *args, **kwargs):
+            out = original(texts, *args, **kwargs)
+            rows = out.get("crossattn") if isinstance(out, dict) else out
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            if isinstance(rows, torch.Tensor) and rows.ndim == 3 and rows.shape[0] == len(texts):
+                encoder = getattr(self.sd_model, "cond_stage_model", None)
+                for text, r in zip(texts, rows):
+                    self.recorded.append((r, prompt_rows_mask(encoder, text, r.shape[0])))
+                self.recorded = self.recorded[-64:]
+            return out
+        return get_learned_conditioning
+
+    def _unet_forward(self, original):
+        session = self.session
+
+        def forward(x, timesteps=None, context=None, *args, **kwargs):
+            t = float(timesteps.flatten()[0]) if torch.is_tensor(timesteps) else float(timesteps)
+            self.latent_hw, self._rows = tuple(x.shape[-2:]), {}
+            cfg = session.config
+            if cfg.schedule == "faithful" and (cfg.stage2 or cfg.stage3) and session.in_window(t):
+                session.begin_pass(t, dry=True)
+                original(x, timesteps, context, *args, **kwargs)
+            session.begin_pass(t)
+            return original(x, timesteps, context, *args, **kwargs)
+        return forward
+
+    def _cross_attention(self, module, is_gating: bool):
+        session = self.session
+
+        def make(original):
+            def forward(x, context=None, mask=None, **kwargs):
+                if context is None or kwargs:  # not the SD1.x cross-attention call NLCE knows
+                    return original(x, context=context, mask=mask, **kwargs)
+                if mask is not None:
+                    raise NlceError("NLCE cannot run with an attention mask on the prompt; disable the extension that sets it")
+                if self.latent_hw is None:
+                    raise NlceError("NLCE's UNet hook did not run before cross-attention; another extension replaced the UNet")
+                self.check()
+                cond, words = self.rows(context)
+                prepared = session.prepare(context, cond, words)
+                q = module.to_q(x)
+                k, v = module.to_k(prepared.context), module.to_v(prepared.context)
+                gate_key = module.to_k(context) if is_gating and prepared.context is not context else None
+                shape = nlce.spatial_shape_for(x.shape[1], self.latent_hw)
+                out = session.attend(q, k, v, module.heads, prepared, shape, is_gating, gate_key=gate_key)
+                return module.to_out(out.to(x.dtype))
+            return forward
+        return make
+
+    # -- which rows are the prompt's words ---------------------------------------------------------
+
+    def rows(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond (B,), word mask (B, S)) for a batch of conditioning rows (cached per pass).
+
+        A row block equal to a negative prompt's conditioning is unconditional; the others are
+        prompts, whose words come from the recorded conditioning (or, for conditioning computed
+        elsewhere, every row but the chunk starts).
+        """
+        key = (context.data_ptr(), tuple(context.shape))
+        if key not in self._rows:
+            B, S, _ = context.shape
+            cond = torch.ones(B, dtype=torch.bool)
+            words = torch.zeros(B, S, dtype=torch.bool)
+            unconds = self.uncond()
+            recorded = sorted(self.recorded, key=lambda r: -r[0].shape[0])  # longest match first
+            for b in range(B):
+                row = context[b]
+                if any(_starts_with(row, u) for u in unconds):
+                    cond[b] = False
+                    continue
+                mask = next((m for rows, m in recorded if m is not None and _starts_with(row, rows)), None)
+                if mask is None:
+                    mask = nlce.infer_token_mask(context[b:b + 1])[0].cpu()
+                    mask[::CHUNK] = False
+                n = min(S, mask.shape[0])
+                words[b, :n] = mask[:n]
+            self._rows[key] = (cond, words.to(context.device))
+        return self._rows[key]

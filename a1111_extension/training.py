@@ -1,0 +1,99 @@
+"""The Erasure tab's work: train a HiRM patch on the loaded model's CLIP-L and save it.
+
+Training runs on a copy built from the encoder's weights as loaded from the checkpoint (LoRAs
+merged by the webui are taken out first), so the loaded model is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+from typing import Callable, Iterator
+
+from comfy_hirm import core as patcher_logic  # train() on a CLIP state dict, with its cache of trained patches
+from shared_core.errors import HirmError
+from shared_core.patch import save_patch
+
+from .settings import split_list
+from .webui_model import check_model, clean_weights, clip_l, forge_clip_state, is_forge
+
+log = logging.getLogger("hirm-erasure")
+_NAME = re.compile(r"[\w][\w .()+-]*")
+
+
+def output_path(folder: str, name: str, overwrite: bool) -> str:
+    """``folder/name.safetensors`` for a plain file name; refuses odd names and (unless ``overwrite``) existing files."""
+    name = (name or "").strip()
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")].strip()
+    if not _NAME.fullmatch(name):
+        raise HirmError(f"output name {name!r} is not a plain file name; use letters, digits, spaces, '.', '-', '_'")
+    path = os.path.join(folder, name + ".safetensors")
+    if os.path.exists(path) and not overwrite:
+        raise HirmError(f"{name}.safetensors already exists in {folder}; choose another name or tick 'overwrite'")
+    return path
+
+
+def encoder_state(sd_model) -> dict:
+    """CLIP-L weights of the loaded model as a state dict under ``clip_l.transformer.*`` names."""
+    check_model(sd_model)
+    if is_forge(sd_model):
+        objects = getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
+        state = forge_clip_state(objects.clip)
+        if not any(k.startswith("clip_l.") for k in state):
+            raise HirmError("this model has no CLIP-L text encoder; HiRM trains CLIP-L (SD1.x, SDXL, Flux)")
+        return state
+    return {"clip_l.transformer." + k: v for k, v in clean_weights(clip_l(sd_model)).items()}
+
+
+def train(sd_model, *, concepts: str, method: str, anchor: str, preset: str, steps: int, seed: int, name: str,
+          overwrite: bool, folder: str, device="cpu", progress: Callable | None = None,
+          should_cancel: Callable | None = None) -> tuple[str, str]:
+    """(path of the saved patch, text-level report). 0 steps: the preset's."""
+    path = output_path(folder, name, overwrite)
+    concept_list = split_list(concepts)
+    if not concept_list:
+        raise HirmError("no concept given: type the concepts to erase (one per line)")
+    patch, report = patcher_logic.train(encoder_state(sd_model), concept_list, method=method, anchor=(anchor or "").strip() or None,
+                                        preset=preset, steps=int(steps or 0), seed=int(seed or 0), device=device,
+                                        progress=progress, should_cancel=should_cancel)
+    save_patch(patch, path)
+    return path, report
+
+
+def run_in_background(work: Callable[[Callable], tuple[str, str]], poll: float = 0.25) -> Iterator[tuple[str, str]]:
+    """Run ``work(progress)`` in a thread; yield (status line, report) while it runs and once at the end.
+
+    ``progress(step, total, loss)`` updates the status line; a HirmError (including a cancel)
+    becomes the final status, any other error is logged with its traceback.
+    """
+    updates: queue.Queue = queue.Queue()
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = work(lambda step, total, loss: updates.put(f"step {step}/{total}, loss {loss:.4g}"))
+        except HirmError as e:
+            result["error"] = str(e)
+        except Exception as e:  # a bug or a host failure: the user gets one line, the console the details
+            log.exception("hirm-erasure: training failed")
+            result["error"] = f"training failed ({type(e).__name__}: {e}); see the console"
+
+    thread = threading.Thread(target=target, name="hirm-erasure-training", daemon=True)
+    thread.start()
+    status = "starting (waits for a running generation to finish)"
+    while thread.is_alive():
+        try:
+            status = updates.get(timeout=poll)
+        except queue.Empty:
+            pass
+        yield status, ""
+    thread.join()
+    if "error" in result:
+        yield result["error"], ""
+    else:
+        path, report = result["value"]
+        yield f"saved {path}", report

@@ -1,0 +1,115 @@
+"""The widgets: the Erasure accordion (txt2img / img2img) and the Erasure tab (training).
+
+Plain gradio components that work with A1111's gradio 3.41 and Forge's gradio 4; every action
+calls ``settings``, ``library`` or ``training``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import gradio as gr
+
+from shared_core import hirm, nlce
+from shared_core.errors import HirmError
+
+from . import host, library, training
+from .settings import MAX_PATCHES, NLCE_KEY, NLCE_KEYS, NO_PATCH, PATCHES_KEY, SCHEDULES, UI_ARGS, paste_values
+
+_cancel = threading.Event()
+
+
+def _patch_choices() -> list[str]:
+    return [NO_PATCH] + library.list_patch_files(host.patch_folder())
+
+
+def _pasted(name: str):
+    """Infotext paste function for widget ``name`` (A1111 calls it with the parsed parameters)."""
+    def value(params: dict):
+        try:
+            values = paste_values(params)
+        except HirmError:
+            values = None
+        if values is None:
+            return False if name == "enabled" else None  # no erasure in this infotext: off, others untouched
+        return values[name]
+    return value
+
+
+def accordion(elem_id) -> tuple[list, list, list[str]]:
+    """(components in ``UI_ARGS`` order, infotext_fields, paste_field_names) for ``Script.ui``."""
+    choices = _patch_choices()
+    with host.input_accordion(False, "Erasure", elem_id("enabled")) as enabled:
+        slots = []
+        for i in range(1, MAX_PATCHES + 1):
+            with gr.Row():
+                slots.append(gr.Dropdown(label=f"erasure patch {i} (models/erasure_patches)", choices=choices, value=NO_PATCH,
+                                         allow_custom_value=True, elem_id=elem_id(f"patch_{i}")))
+                slots.append(gr.Slider(label="strength", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
+                                       elem_id=elem_id(f"strength_{i}")))
+        refresh = gr.Button(value="Refresh patch list", elem_id=elem_id("refresh"))
+        use_nlce = gr.Checkbox(label="NLCE: erase concepts in the UNet's cross-attention while sampling (SD1.x, no training)",
+                               value=False, elem_id=elem_id("nlce"))
+        concepts = gr.Textbox(label="NLCE concepts to erase (one per line)", lines=2, elem_id=elem_id("concepts"))
+        neighbors = gr.Textbox(label="neighbours to keep intact ('auto' mines them offline; empty: none)", value="auto",
+                               elem_id=elem_id("neighbors"))
+        with gr.Row():
+            preset = gr.Dropdown(label="NLCE preset", choices=list(nlce.NLCE_PRESETS), value="object", elem_id=elem_id("preset"))
+            beta = gr.Slider(label="beta", minimum=0.0, maximum=1.5, step=0.05, value=1.0, elem_id=elem_id("beta"))
+            gamma = gr.Slider(label="gamma (set by the preset)", minimum=0.0, maximum=1.5, step=0.05, value=1.0,
+                              elem_id=elem_id("gamma"))
+            schedule = gr.Dropdown(label="schedule (faithful: 2x cost)", choices=list(SCHEDULES), value=SCHEDULES[0],
+                                   elem_id=elem_id("schedule"))
+    dropdowns = slots[0::2]
+    refresh.click(fn=lambda: [gr.update(choices=_patch_choices()) for _ in dropdowns], inputs=[], outputs=dropdowns)
+
+    def preset_gamma(evt: gr.SelectData):  # on a user's choice only, so a pasted gamma is not overwritten
+        return nlce.make_nlce_config(evt.value).gamma
+
+    preset.select(fn=preset_gamma, inputs=[], outputs=[gamma])
+    components = [enabled, *slots, use_nlce, concepts, neighbors, preset, beta, gamma, schedule]
+    fields = [(c, _pasted(name)) for c, name in zip(components, UI_ARGS)]
+    return components, fields, [PATCHES_KEY, NLCE_KEY, *NLCE_KEYS.values()]
+
+
+def _train(concepts, method, anchor, preset, steps, seed, name, overwrite):
+    _cancel.clear()
+
+    def work(progress):
+        with host.queue_lock():
+            env = host.env()
+            return training.train(host.sd_model(), concepts=concepts, method=method, anchor=anchor, preset=preset,
+                                  steps=steps, seed=seed, name=name, overwrite=overwrite, folder=env.patch_folder,
+                                  device=env.device, progress=progress, should_cancel=_cancel.is_set)
+
+    yield from training.run_in_background(work)
+
+
+def training_tab():
+    """``script_callbacks.on_ui_tabs`` callback: [(blocks, title, elem_id)]."""
+    with gr.Blocks(analytics_enabled=False) as tab:
+        gr.Markdown("Train a **HiRM** erasure patch on the loaded model's CLIP-L text encoder (SD1.x, SDXL, Flux). "
+                    "The loaded model is not changed; the patch is saved in `models/erasure_patches` and appears in the "
+                    "Erasure accordion of txt2img / img2img after a refresh.")
+        with gr.Row():
+            with gr.Column():
+                concepts = gr.Textbox(label="concepts to erase (one per line; 'nudity' = the nudity keyword prompt)", lines=3)
+                with gr.Row():
+                    method = gr.Dropdown(label="method", choices=list(hirm.METHODS), value="random")
+                    preset = gr.Dropdown(label="preset (learning rate and steps)", choices=list(hirm.PRESETS), value="style")
+                anchor = gr.Textbox(label="anchor (superordinate method only, e.g. 'painting', 'building')")
+                with gr.Row():
+                    steps = gr.Number(label="steps (0: the preset's)", value=0, precision=0)
+                    seed = gr.Number(label="seed", value=0, precision=0)
+                with gr.Row():
+                    name = gr.Textbox(label="output name")
+                    overwrite = gr.Checkbox(label="overwrite an existing file", value=False)
+                with gr.Row():
+                    start = gr.Button("Train", variant="primary")
+                    cancel = gr.Button("Cancel")
+            with gr.Column():
+                status = gr.Textbox(label="progress", interactive=False)
+                report = gr.Textbox(label="text-level report", lines=8, interactive=False)
+        start.click(fn=_train, inputs=[concepts, method, anchor, preset, steps, seed, name, overwrite], outputs=[status, report])
+        cancel.click(fn=_cancel.set, inputs=[], outputs=[], queue=False)
+    return [(tab, "Erasure", "hirm_erasure")]

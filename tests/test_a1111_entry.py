@@ -1,0 +1,178 @@
+"""Loading the extension the way the webui does, from a plain clone: scripts/hirm_erasure.py with the
+repository root on sys.path only while it loads; the script class and callbacks it registers; a job
+through the real ErasureScript hooks. ``modules.*`` are minimal stand-ins with the real names."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from test_a1111_support import Processing, Sd1Model, call_hook, run_job, same, script_args, snapshot, text_model, write_patch
+
+from a1111_extension import jobs
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture()
+def webui(tmp_path, monkeypatch):
+    """A fake ``modules`` package: scripts, script_callbacks, paths, devices, shared, call_queue, ui_components."""
+    callbacks = {"ui_tabs": [], "model_loaded": []}
+
+    class Script:  # modules.scripts.Script (the parts the extension uses)
+        infotext_fields = paste_field_names = None
+        is_img2img = False
+
+        def elem_id(self, item_id):
+            return f"script_{'img2img' if self.is_img2img else 'txt2img'}_erasure_{item_id}"
+
+    fake = {
+        "modules": types.ModuleType("modules"),
+        "modules.scripts": types.SimpleNamespace(Script=Script, AlwaysVisible=object()),
+        "modules.script_callbacks": types.SimpleNamespace(on_ui_tabs=callbacks["ui_tabs"].append,
+                                                          on_model_loaded=callbacks["model_loaded"].append),
+        "modules.paths": types.SimpleNamespace(models_path=str(tmp_path / "models")),
+        "modules.devices": types.SimpleNamespace(device=torch.device("cpu")),
+        "modules.shared": types.SimpleNamespace(sd_model=None, loaded_hypernetworks=[]),
+        "modules.call_queue": types.SimpleNamespace(queue_lock=threading.Lock()),
+    }
+    for name, module in fake.items():
+        monkeypatch.setitem(sys.modules, name, module)
+        if "." in name:
+            setattr(fake["modules"], name.split(".")[1], module)
+    for name in ("a1111_extension.host", "a1111_extension.script", "a1111_extension.ui"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    yield types.SimpleNamespace(callbacks=callbacks, Script=Script, modules=fake, models=tmp_path / "models")
+    jobs.finish()
+    for name in ("a1111_extension.host", "a1111_extension.script", "a1111_extension.ui"):
+        sys.modules.pop(name, None)
+        if hasattr(sys.modules["a1111_extension"], name.rsplit(".", 1)[1]):
+            delattr(sys.modules["a1111_extension"], name.rsplit(".", 1)[1])
+
+
+def load_entry():
+    """modules/scripts.py load_scripts + script_loading.load_module for one extension script."""
+    path = str(ROOT / "scripts" / "hirm_erasure.py")
+    saved = sys.path
+    try:
+        sys.path = [str(ROOT)] + sys.path
+        spec = importlib.util.spec_from_file_location(os.path.basename(path), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path = saved
+    return module
+
+
+def test_the_entry_registers_one_always_visible_script_the_tab_and_the_model_watch(webui):
+    module = load_entry()
+    classes = [c for c in module.__dict__.values() if isinstance(c, type) and issubclass(c, webui.Script)]
+    assert [c.__name__ for c in classes] == ["ErasureScript"]
+    script = classes[0]()
+    assert script.title() == "Erasure" and script.show(False) is webui.modules["modules.scripts"].AlwaysVisible
+    assert len(webui.callbacks["ui_tabs"]) == 1 and webui.callbacks["model_loaded"] == [jobs.model_loaded]
+
+
+FAKE_MODULES = {
+    "__init__": "",
+    "scripts": "AlwaysVisible = object()\nclass Script:\n    pass\n",
+    "script_callbacks": "registered = []\ndef on_ui_tabs(f): registered.append(f)\ndef on_model_loaded(f): registered.append(f)\n",
+    "paths": "import os\nmodels_path = os.environ['FAKE_MODELS']\n",
+    "devices": "import torch\ndevice = torch.device('cpu')\n",
+    "shared": "sd_model = None\nloaded_hypernetworks = []\n",
+    "call_queue": "import threading\nqueue_lock = threading.Lock()\n",
+}
+
+PLAIN_CLONE = """
+import importlib.util, os, sys
+sys.path = [p for p in sys.path if "__editable__" not in p and p not in ("", os.getcwd())]  # no pip install of the project
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path_importer_cache.clear()
+sys.path.insert(0, os.environ["FAKE_WEBUI"])
+root, entry = os.environ["REPO"], os.path.join(os.environ["REPO"], "scripts", "hirm_erasure.py")
+assert importlib.util.find_spec("shared_core") is None and importlib.util.find_spec("a1111_extension") is None
+saved = sys.path
+sys.path = [root] + sys.path  # modules/scripts.py load_scripts: the extension root only while loading
+spec = importlib.util.spec_from_file_location(os.path.basename(entry), entry)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.path = saved
+assert importlib.util.find_spec("shared_core") is not None or "shared_core" in sys.modules
+sys.path.append(os.path.join(root, "tests"))  # the stand-ins only; everything of the extension is already loaded
+import test_a1111_support as s
+from contextlib import closing
+model = s.Sd1Model()
+folder = os.path.join(os.environ["FAKE_MODELS"], "erasure_patches")
+os.makedirs(folder)
+s.write_patch(__import__("pathlib").Path(folder), "cat.safetensors", s.text_model(model))
+p = s.run_job(module.ErasureScript(), s.Processing(model), s.script_args(patches=[("cat.safetensors", 1.0)], nlce=True,
+              concepts="cat", neighbors="auto"))
+assert not s.call_hook.reported, s.call_hook.reported
+from a1111_extension import training
+path, report = training.train(model, concepts="cat", method="random", anchor="", preset="object", steps=1, seed=0,
+                              name="trained", overwrite=False, folder=folder)
+print("OK", sorted(os.listdir(folder)))
+"""
+
+
+def test_a_plain_clone_loads_and_works_with_only_the_webuis_sys_path(tmp_path):
+    webui_root = tmp_path / "webui"
+    (webui_root / "modules").mkdir(parents=True)
+    for name, text in FAKE_MODULES.items():
+        (webui_root / "modules" / f"{name}.py").write_text(text)
+    env = {**os.environ, "FAKE_WEBUI": str(webui_root), "FAKE_MODELS": str(tmp_path / "models"), "REPO": str(ROOT),
+           "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", PLAIN_CLONE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK ['cat.safetensors', 'trained.safetensors']" in out.stdout
+
+
+def test_a_job_through_the_real_script_hooks_uses_models_erasure_patches(webui):
+    module = load_entry()
+    script = module.ErasureScript()
+    model = Sd1Model()
+    folder = webui.models / "erasure_patches"
+    folder.mkdir(parents=True)
+    name = write_patch(folder, "cat.safetensors", text_model(model))
+    before = snapshot(model)
+    seen = []
+    call_hook.reported.clear()
+    p = run_job(script, Processing(model), script_args(patches=[(name, 1.0)], nlce=True, concepts="cat"),
+                before_sample=lambda p: seen.append(jobs.active_job() is not None))
+    assert seen == [True] and not call_hook.reported and p.extra_generation_params["Erasure patches"] == "cat.safetensors:1"
+    assert same(snapshot(model), before)
+
+
+def test_the_ui_builds_with_gradio_and_pastes_an_infotext(webui, monkeypatch):
+    gr = pytest.importorskip("gradio")
+
+    class InputAccordion(gr.Checkbox):  # modules.ui_components.InputAccordion: a checkbox driving an accordion
+        def __init__(self, value, **kwargs):
+            super().__init__(value, visible=False, **{k: v for k, v in kwargs.items() if k != "label"})
+            self.accordion = gr.Accordion(label=kwargs.get("label", ""), open=value)
+
+        def __enter__(self):
+            self.accordion.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            self.accordion.__exit__(*exc)
+
+    monkeypatch.setitem(sys.modules, "modules.ui_components", types.SimpleNamespace(InputAccordion=InputAccordion))
+    module = load_entry()
+    script = module.ErasureScript()
+    with gr.Blocks():
+        components = script.ui(False)
+    assert len(components) == 14
+    fields = dict((id(c), f) for c, f in script.infotext_fields)
+    params = {"Erasure patches": "cat.safetensors:0.5", "Erasure NLCE": "cat, dog", "Erasure NLCE gamma": "0.5"}
+    values = [fields[id(c)](params) for c in components]
+    assert values[:3] == [True, "cat.safetensors", 0.5] and values[8] == "cat\ndog" and values[12] == 0.5
+    assert fields[id(components[0])]({"Steps": "20"}) is False
+    tabs = webui.callbacks["ui_tabs"][0]()
+    assert tabs[0][1:] == ("Erasure", "hirm_erasure")

@@ -1,0 +1,100 @@
+"""The accordion's values, the infotext round trip, the patch folder and install.py."""
+
+import runpy
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from test_a1111_support import make_patch, script_args, text_encoder, write_patch
+
+from a1111_extension import library
+from a1111_extension.settings import (NLCE_KEY, PATCHES_KEY, UI_ARGS, ErasureSettings, paste_values, parse_patch_list)
+from shared_core.errors import HirmError, NlceError, PatchFileError
+from shared_core.patch import save_patch
+
+INSTALL = str(Path(__file__).parents[1] / "install.py")
+
+
+def test_widget_values_become_settings_and_a_closed_accordion_is_off():
+    s = ErasureSettings.from_args(script_args(patches=[("a.safetensors", 1.0), ("None", 1.0), ("b.safetensors", 0.0)],
+                                              nlce=True, concepts="Van Gogh\n, Monet ,", neighbors=" Auto ", preset="artist",
+                                              beta=0.9, gamma=1.2, schedule="faithful"))
+    assert s.patches == (("a.safetensors", 1.0),)  # 'None' and strength 0 are no patch
+    assert s.concepts == ("Van Gogh", "Monet") and s.neighbors == "auto" and s.neighbor_list() is None
+    assert s.nlce_config().gamma == 1.2 and s.nlce_config().schedule == "faithful"
+    assert not ErasureSettings.from_args(script_args(patches=[("a.safetensors", 1.0)], enabled=False)).active
+    off = ErasureSettings.from_args(script_args(nlce=False, concepts="", gamma=9.0))  # NLCE widgets ignored while off
+    assert not off.active and len(UI_ARGS) == 14
+
+
+@pytest.mark.parametrize("args, message", [
+    (script_args(nlce=True, concepts=""), "no concept is given"),
+    (script_args(nlce=True, concepts="cat", beta=2.0), "beta = 2.0 is out of range"),
+    (script_args(nlce=True, concepts="cat", preset="dogs"), "unknown NLCE preset"),
+    (script_args(patches=[("a.safetensors", "x")]), "must be a number"),
+    (script_args()[:5], "expects 14 arguments"),
+])
+def test_bad_widget_values_are_one_line_errors(args, message):
+    with pytest.raises(HirmError, match=message) as raised:
+        ErasureSettings.from_args(args)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_infotext_reproduces_the_settings_through_paste():
+    s = ErasureSettings.from_args(script_args(patches=[("sub/a b.safetensors", 0.75), ("c.safetensors", 1.0)], nlce=True,
+                                              concepts="Van Gogh\nMonet", neighbors="painting, sketch", preset="celebrity",
+                                              beta=1.0, gamma=0.9, schedule="single-pass"))
+    text = s.infotext()
+    assert text[PATCHES_KEY] == "sub/a b.safetensors:0.75, c.safetensors:1" and text[NLCE_KEY] == "Van Gogh, Monet"
+    assert ErasureSettings.from_infotext(text) == s
+    values = paste_values(text)
+    assert ErasureSettings.from_args([values[k] for k in UI_ARGS]) == s
+    assert paste_values({"Steps": "20"}) is None
+    only_patch = paste_values({PATCHES_KEY: "a.safetensors:1"})
+    assert only_patch["nlce"] is False and only_patch["patch_2"] == "None"
+
+
+def test_a_malformed_patch_list_is_refused():
+    assert parse_patch_list("x.safetensors:0.5,") == [("x.safetensors", 0.5)]
+    with pytest.raises(HirmError, match="expected file:strength"):
+        parse_patch_list("x.safetensors")
+    with pytest.raises(NlceError):
+        ErasureSettings.from_infotext({NLCE_KEY: "cat", "Erasure NLCE gamma": "7"})
+
+
+def test_the_patch_folder_lists_patches_in_subfolders_and_keeps_names_inside_it(tmp_path):
+    model = text_encoder()
+    (tmp_path / "artists").mkdir()
+    write_patch(tmp_path, "b.safetensors", model)
+    write_patch(tmp_path / "artists", "A.safetensors", model)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".tmp-hirm-123.safetensors").write_text("half written")
+    assert library.list_patch_files(str(tmp_path)) == ["artists/A.safetensors", "b.safetensors"]
+    assert library.load(str(tmp_path), "artists/A.safetensors").concepts == ["cat"]
+    with pytest.raises(PatchFileError, match="outside"):
+        library.patch_path(str(tmp_path), "../escape.safetensors")
+    with pytest.raises(PatchFileError, match="press the refresh button"):
+        library.patch_path(str(tmp_path), "gone.safetensors")
+
+
+def test_a_patch_file_rewritten_in_place_is_read_again(tmp_path):
+    model = text_encoder()
+    write_patch(tmp_path, "p.safetensors", model, concept="cat")
+    assert library.load(str(tmp_path), "p.safetensors").concepts == ["cat"]
+    save_patch(make_patch(model, concept="dog"), str(tmp_path / "p.safetensors"))
+    assert library.load(str(tmp_path), "p.safetensors").concepts == ["dog"]
+
+
+def test_install_py_installs_only_missing_packages_with_the_webuis_pip_and_never_torch(monkeypatch):
+    calls = []
+    launch = types.ModuleType("launch")
+    launch.is_installed = lambda name: name != "safetensors"
+    launch.run_pip = lambda command, desc=None, live=False: calls.append(command)
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    runpy.run_path(INSTALL, run_name="__main__")
+    assert calls == ['install "safetensors>=0.3"']
+    launch.is_installed = lambda name: False
+    calls.clear()
+    runpy.run_path(INSTALL, run_name="__main__")
+    assert calls and not any("torch" in c for c in calls)

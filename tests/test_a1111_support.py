@@ -1,0 +1,616 @@
+"""Stand-ins for the parts of AUTOMATIC1111 / Forge the extension touches (no tests here).
+
+A1111 cannot be installed from a registry, so these mirror the real interfaces, read from the
+webuis' sources, with tiny sizes:
+
+- ``CrossAttention``: ldm.modules.attention.CrossAttention (to_q, to_k, to_v, to_out, heads, scale,
+  ``forward(x, context=None, mask=None)``), inside a tiny LDM UNet whose module names match SD1.x
+  (``input_blocks.8.1.transformer_blocks.0.attn2`` ...) and whose blocks also honour Forge's
+  ``transformer_options`` patches (attn2_patch, attn2 replace, model_function_wrapper).
+- ``HijackedClip``: modules.sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords (``wrapped.transformer``
+  is a real transformers CLIPTextModel; ``process_texts`` returns 77-token chunks; ``forward(texts)``).
+- ``LoraStandIn``: the weight bookkeeping of A1111's built-in Lora extension (networks.py:
+  network_apply_weights), which merges LoRAs into Linear weights with backups.
+- ``Processing`` + ``run_job``: StableDiffusionProcessing and the order in which
+  modules.processing.process_images calls the scripts (exceptions from script hooks are logged
+  and swallowed, as modules.scripts.ScriptRunner does; ``with closing(p)`` as txt2img does).
+- Forge: ``ModelPatcher`` / ``Clip`` / ``LoraLoader`` with backend/patcher semantics
+  (keyword-only ``add_patches``, hash-based refresh with backups) and ``run_forge_job``.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import closing
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from tiny import random_clip, tiny_config
+
+from a1111_extension import jobs
+from shared_core.encoders import canonical_parameters, model_signature
+from shared_core.patch import ErasurePatch, make_metadata, save_patch
+from shared_core.tokenizer import clip_tokenizer
+
+WIDTH = 32  # text width of the tiny CLIP and context width of the tiny UNet
+CHANNELS = 8
+
+
+# ---------------------------------------------------------------------------------------------- LDM UNet
+
+
+class CrossAttention(torch.nn.Module):
+    """The interface of ldm.modules.attention.CrossAttention (SD1.x), plain attention."""
+
+    def __init__(self, query_dim, context_dim=None, heads=2, dim_head=4):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        self.to_q = torch.nn.Linear(query_dim, inner, bias=False)
+        self.to_k = torch.nn.Linear(context_dim, inner, bias=False)
+        self.to_v = torch.nn.Linear(context_dim, inner, bias=False)
+        self.to_out = torch.nn.Sequential(torch.nn.Linear(inner, query_dim), torch.nn.Dropout(0.0))
+
+    def forward(self, x, context=None, mask=None):
+        h = self.heads
+        q = self.to_q(x)
+        context = x if context is None else context
+        k, v = self.to_k(context), self.to_v(context)
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+        sim = (q @ k.transpose(-1, -2)) * self.scale
+        if mask is not None:
+            sim = sim.masked_fill(~mask[:, None, None, :], -torch.finfo(sim.dtype).max)
+        out = sim.softmax(dim=-1) @ v
+        return self.to_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class BasicTransformerBlock(torch.nn.Module):
+    def __init__(self, dim, context_dim):
+        super().__init__()
+        self.attn1 = CrossAttention(dim)
+        self.attn2 = CrossAttention(dim, context_dim)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.n_heads, self.d_head = self.attn2.heads, dim // self.attn2.heads
+
+    def forward(self, x, context=None, transformer_options=None):
+        x = x + self.attn1(self.norm1(x))
+        n = self.norm2(x)
+        options = transformer_options or {}
+        patches, replace = options.get("patches", {}), options.get("patches_replace", {}).get("attn2", {})
+        extra = {k: v for k, v in options.items() if k not in ("patches", "patches_replace")}
+        extra.update(n_heads=self.n_heads, dim_head=self.d_head)
+        block = options.get("block")
+        key = (block[0], block[1], options.get("block_index", 0)) if block else None
+        value = context
+        for patch in patches.get("attn2_patch", []):  # Forge/ComfyUI: before the projections
+            n, context, value = patch(n, context, value, extra)
+        if key in replace:  # Forge/ComfyUI: between the projections and to_out
+            out = replace[key](self.attn2.to_q(n), self.attn2.to_k(context), self.attn2.to_v(value), extra)
+            return x + self.attn2.to_out(out)
+        return x + self.attn2(n, context=context)
+
+
+class SpatialTransformer(torch.nn.Module):
+    def __init__(self, channels, context_dim):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([BasicTransformerBlock(channels, context_dim)])
+
+    def forward(self, x, context, transformer_options=None):
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        for i, block in enumerate(self.transformer_blocks):
+            if transformer_options is not None:
+                transformer_options["block_index"] = i
+            tokens = block(tokens, context=context, transformer_options=transformer_options)
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+# SD1.x: which input/output blocks hold a cross-attention, and where the resolution halves / doubles
+_INPUT_ATTN, _OUTPUT_ATTN = {1, 2, 4, 5, 7, 8}, {3, 4, 5, 6, 7, 8, 9, 10, 11}
+_DOWN_AFTER, _UP_AFTER = {3, 6, 9}, {2, 5, 8}
+
+
+class TinyUNet(torch.nn.Module):
+    """SD1.x's LDM UNet layout (input_blocks / middle_block / output_blocks, attn2 at 1, 1/2, 1/4, 1/8
+    of the latent) with tiny, random layers; ``forward(x, timesteps=None, context=None, y=None)``."""
+
+    def __init__(self, context_dim=WIDTH, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        c = CHANNELS
+
+        def block(has_attn):
+            return torch.nn.ModuleList([torch.nn.Conv2d(c, c, 3, padding=1)] + ([SpatialTransformer(c, context_dim)] if has_attn else []))
+
+        self.conv_in = torch.nn.Conv2d(4, c, 3, padding=1)
+        self.time = torch.nn.Linear(1, c)
+        self.input_blocks = torch.nn.ModuleList([block(i in _INPUT_ATTN) for i in range(12)])
+        self.middle_block = torch.nn.ModuleList([torch.nn.Conv2d(c, c, 3, padding=1), SpatialTransformer(c, context_dim)])
+        self.output_blocks = torch.nn.ModuleList([block(i in _OUTPUT_ATTN) for i in range(12)])
+        self.conv_out = torch.nn.Conv2d(c, 4, 3, padding=1)
+
+    def _run(self, blocks, kind, h, context, options):
+        for i, b in enumerate(blocks):
+            if options is not None:
+                options["block"] = (kind, i)
+            h = torch.tanh(b[0](h))
+            if len(b) > 1:
+                h = b[1](h, context, options)
+            if kind == "input" and i in _DOWN_AFTER:
+                h = F.avg_pool2d(h, 2, ceil_mode=True)
+            if kind == "output" and i in _UP_AFTER:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+        return h
+
+    def forward(self, x, timesteps=None, context=None, y=None, transformer_options=None, **kwargs):
+        if transformer_options is not None:
+            transformer_options["original_shape"] = list(x.shape)
+        h = self.conv_in(x) + self.time(timesteps.float().reshape(-1, 1) / 1000)[:, :, None, None]
+        h = self._run(self.input_blocks, "input", h, context, transformer_options)
+        if transformer_options is not None:
+            transformer_options["block"] = ("middle", 0)
+        h = self.middle_block[1](torch.tanh(self.middle_block[0](h)), context, transformer_options)
+        h = self._run(self.output_blocks, "output", h, context, transformer_options)
+        return self.conv_out(h)
+
+
+# ---------------------------------------------------------------------------------------------- text encoder
+
+
+class PromptChunk:
+    def __init__(self, tokens):
+        self.tokens, self.multipliers, self.fixes = tokens, [1.0] * len(tokens), []
+
+
+class FrozenCLIPEmbedder(torch.nn.Module):
+    """ldm's FrozenCLIPEmbedder: a transformers CLIPTextModel (``transformer``) and its tokenizer."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer, self.tokenizer = transformer, clip_tokenizer()
+
+
+class HijackedClip(torch.nn.Module):
+    """sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords: 75-token chunks with start/end, end-token padding."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.wrapped = FrozenCLIPEmbedder(transformer)
+        tok = self.wrapped.tokenizer
+        self.id_start, self.id_end = tok.bos_token_id, tok.eos_token_id
+        self.id_pad = self.id_end
+
+    def process_texts(self, texts):
+        batch, count = [], 0
+        for text in texts:
+            ids = self.wrapped.tokenizer(text, add_special_tokens=False)["input_ids"]
+            chunks = [PromptChunk([self.id_start] + part + [self.id_end] * (76 - len(part)))
+                      for part in (ids[i:i + 75] for i in range(0, max(len(ids), 1), 75))]
+            batch.append(chunks)
+            count = max(count, len(ids))
+        return batch, count
+
+    def forward(self, texts):
+        batch, _ = self.process_texts(texts)
+        n = max(len(c) for c in batch)
+        empty = PromptChunk([self.id_start] + [self.id_end] * 76)
+        zs = []
+        for i in range(n):
+            ids = torch.tensor([(c[i] if i < len(c) else empty).tokens for c in batch])
+            zs.append(self.wrapped.transformer(input_ids=ids).last_hidden_state)
+        return torch.hstack(zs)
+
+
+def text_encoder(seed=0, hidden=WIDTH):
+    """A tiny CLIP whose output rows are long enough (final layer norm x6) for NLCE's live-token floor."""
+    model = random_clip(tiny_config(hidden=hidden), seed)
+    with torch.no_grad():
+        canonical_parameters(model)["text_model.final_layer_norm.weight"].mul_(6.0)
+    return model
+
+
+class Sd1Model(torch.nn.Module):
+    """The LatentDiffusion surface A1111 code uses: cond_stage_model, model.diffusion_model, flags."""
+
+    is_sd1, is_sd2, is_sdxl = True, False, False
+
+    def __init__(self, seed=0, text_width=WIDTH):
+        super().__init__()
+        self.cond_stage_model = HijackedClip(text_encoder(seed, text_width))
+        self.model = torch.nn.Module()
+        self.model.diffusion_model = TinyUNet(WIDTH, seed)
+
+    def get_learned_conditioning(self, texts):
+        return self.cond_stage_model(texts)
+
+
+def text_model(sd_model):
+    return sd_model.cond_stage_model.wrapped.transformer
+
+
+# ---------------------------------------------------------------------------------------------- patches
+
+
+def make_patch(model, concept="cat", seed=1, scale=0.05, family=None) -> ErasurePatch:
+    """A patch with random layer-0 deltas for ``model`` (what training would produce, without training)."""
+    g = torch.Generator().manual_seed(seed)
+    params = canonical_parameters(model)
+    deltas = {n: torch.randn(p.shape, generator=g) * scale for n, p in params.items()
+              if ".layers.0." in n and ("proj" in n or "mlp" in n)}
+    meta = make_metadata(method="random", concepts=[concept], config={}, model=model, base_signature=model_signature(model))
+    if family:
+        meta["encoder"]["family"] = family
+    return ErasurePatch(deltas, meta)
+
+
+def write_patch(folder, name, model, **kw) -> str:
+    save_patch(make_patch(model, **kw), str(folder / name))
+    return name
+
+
+def snapshot(*modules) -> list[dict]:
+    """Everything a job could leave behind: weights, instance attributes (forward overrides, Lora state)."""
+    out = []
+    for m in modules:
+        for name, sub in m.named_modules():
+            attrs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in sub.__dict__.items()
+                     if not k.startswith("_") and k != "training"}
+            out.append((name, {k: v.detach().clone() for k, v in sub.state_dict(keep_vars=True).items() if "." not in k}, attrs))
+    return out
+
+
+def same(a, b) -> bool:
+    if len(a) != len(b):
+        return False
+    for (n1, w1, x1), (n2, w2, x2) in zip(a, b):
+        if n1 != n2 or w1.keys() != w2.keys() or x1.keys() != x2.keys():
+            return False
+        if not all(torch.equal(w1[k], w2[k]) for k in w1):
+            return False
+        for k in x1:
+            v1, v2 = x1[k], x2[k]
+            if torch.is_tensor(v1) != torch.is_tensor(v2) or (torch.is_tensor(v1) and not torch.equal(v1, v2)) \
+                    or (not torch.is_tensor(v1) and v1 != v2):
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- A1111 Lora
+
+
+class LoraStandIn:
+    """What A1111's Lora extension does to a layer before its forward (networks.network_apply_weights):
+    first use of a LoRA backs the weight up; whenever the wanted set changes, weights are restored
+    from the backups and the wanted LoRAs are added."""
+
+    def __init__(self, model):
+        self.wanted: tuple = ()
+        self.deltas: dict[str, dict[str, torch.Tensor]] = {}  # lora name -> {layer name: weight delta}
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.network_layer_name = name
+                module.register_forward_pre_hook(self._apply)
+
+    def add(self, name, model, scale=0.1, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.deltas[name] = {n: torch.randn(m.weight.shape, generator=g) * scale for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear)}
+
+    @torch.no_grad()
+    def _apply(self, module, args):
+        current = getattr(module, "network_current_names", ())
+        if getattr(module, "network_weights_backup", None) is None and self.wanted != ():
+            module.network_weights_backup = module.weight.detach().to("cpu", copy=True)
+        if getattr(module, "network_bias_backup", None) is None:
+            module.network_bias_backup = module.bias.detach().to("cpu", copy=True) if module.bias is not None else None
+        if current != self.wanted:
+            if module.network_weights_backup is not None:
+                module.weight.copy_(module.network_weights_backup)
+            if module.network_bias_backup is not None:
+                module.bias.copy_(module.network_bias_backup)
+            for lora in self.wanted:
+                module.weight += self.deltas[lora][module.network_layer_name].to(module.weight.dtype)
+            module.network_current_names = self.wanted
+
+
+# ---------------------------------------------------------------------------------------------- processing
+
+
+class ScheduledPromptConditioning:
+    def __init__(self, end_at_step, cond):
+        self.end_at_step, self.cond = end_at_step, cond
+
+
+class Processing:
+    """StableDiffusionProcessing as the scripts see it, with a 3-step Euler-like sampler."""
+
+    cached_c = [None, None]  # class-level, shared between jobs, like A1111's
+    cached_uc = [None, None]
+
+    def __init__(self, sd_model, prompt="a photo of a cat", negative_prompt="", n_iter=1, size=16, seed=0,
+                 timesteps=(950.0, 600.0, 200.0), fail_at_step=None, interrupt_at_step=None):
+        self.sd_model, self.prompt, self.negative_prompt = sd_model, prompt, negative_prompt
+        self.n_iter, self.size, self.seed, self.timesteps = n_iter, size, seed, timesteps
+        self.fail_at_step, self.interrupt_at_step = fail_at_step, interrupt_at_step
+        self.cached_c, self.cached_uc = Processing.cached_c, Processing.cached_uc
+        self.extra_generation_params, self.comments = {}, {}
+        self.prompts, self.negative_prompts = [prompt], [negative_prompt]
+        self.c = self.uc = None
+        self.samples = []
+        self.closed = False
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def _conds(self, texts, cache):
+        key = (tuple(texts), id(self.sd_model))
+        if cache[0] != key:  # the webui's cache: keyed on prompts and model, not on erasure patches
+            cache[0], cache[1] = key, self.sd_model.get_learned_conditioning(texts)
+        return cache[1]
+
+    @torch.no_grad()
+    def setup_conds(self):
+        uc = self._conds(self.negative_prompts, self.cached_uc)
+        self.uc = [[ScheduledPromptConditioning(len(self.timesteps), u)] for u in uc]
+        self.c = self._conds(self.prompts, self.cached_c)
+
+    @torch.no_grad()
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        g = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(1, 4, self.size, self.size, generator=g)
+        uc = torch.stack([s[0].cond for s in unconditional_conditioning])
+        n = max(conditioning.shape[1], uc.shape[1])  # pad_cond_uncond: empty chunks at the end
+        pad = lambda t: torch.cat([t, t[:, -1:].expand(-1, n - t.shape[1], -1)], 1) if t.shape[1] < n else t  # noqa: E731
+        dm = self.sd_model.model.diffusion_model
+        for step, t in enumerate(self.timesteps):
+            if step == self.interrupt_at_step:  # the sampler returns what it has (InterruptedException is caught)
+                break
+            if step == self.fail_at_step:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            out = dm(torch.cat([x, x]), torch.full((2,), t), context=torch.cat([pad(conditioning), pad(uc)]))
+            cond, uncond = out.chunk(2)
+            x = x - 0.3 * (uncond + 5.0 * (cond - uncond))
+        self.samples.append(x)
+        return x
+
+    def close(self):
+        self.closed = True
+
+
+def call_hook(fn, *args, **kwargs):
+    """modules.scripts.ScriptRunner: an exception in a script hook is reported and generation goes on."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - mirrors errors.report(...)
+        call_hook.reported.append(e)
+
+
+call_hook.reported = []
+
+
+def run_job(script, p, args, before_sample=None):
+    """The order of modules.processing.process_images for one job (txt2img runs it in ``with closing(p)``)."""
+    with closing(p):
+        call_hook(script.process, p, *args)
+        for n in range(p.n_iter):
+            call_hook(script.process_batch, p, *args, batch_number=n, prompts=p.prompts, seeds=[p.seed], subseeds=[p.seed])
+            p.setup_conds()
+            if before_sample:
+                before_sample(p)
+            p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=[p.seed], subseeds=[p.seed],
+                     subseed_strength=0.0, prompts=p.prompts)
+        call_hook(script.postprocess, p, SimpleNamespace(images=[]), *args)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- Forge
+
+
+class LoraLoader:
+    """backend/patcher/lora.py LoraLoader: merges the patches of the patcher being loaded into the shared
+    model's weights, keeping backups; a different set of patches first restores the backups."""
+
+    def __init__(self, model):
+        self.model, self.backup, self.loaded_hash = model, {}, str([])
+
+    @torch.no_grad()
+    def refresh(self, lora_patches):
+        hashes = str(list(lora_patches.keys()))
+        if hashes == self.loaded_hash:
+            return
+        params = dict(self.model.named_parameters())
+        for key, w in self.backup.items():
+            params[key].data.copy_(w)
+        self.backup = {}
+        for patches in lora_patches.values():
+            for key, entries in patches.items():
+                self.backup.setdefault(key, params[key].detach().clone())
+                for strength, value, strength_model, _offset, _function in entries:
+                    kind, (diff,) = value if len(value) == 2 else ("diff", value)
+                    assert kind == "diff" and strength_model == 1.0
+                    params[key].data += strength * diff.to(params[key].dtype)
+        self.loaded_hash = hashes
+
+
+class ModelPatcher:
+    """backend/patcher/base.py ModelPatcher: clone() shares the model, copies patches and options."""
+
+    def __init__(self, model):
+        self.model, self.lora_patches, self.model_options = model, {}, {"transformer_options": {}}
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = LoraLoader(model)
+        self.lora_loader = model.lora_loader
+
+    def clone(self):
+        n = type(self).__new__(type(self))
+        n.model, n.lora_loader = self.model, self.lora_loader
+        n.lora_patches = self.lora_patches.copy()
+        n.model_options = copy.deepcopy(self.model_options)
+        return n
+
+    def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False):
+        keys = {k for k, _ in self.model.named_parameters()}
+        this = {k: [[strength_patch, v, strength_model, None, None]] for k, v in patches.items() if k in keys}
+        self.lora_patches[(filename, strength_patch, strength_model, online_mode)] = this
+        return set(this)
+
+    def refresh_loras(self):
+        self.lora_loader.refresh(self.lora_patches)
+
+    def set_model_unet_function_wrapper(self, fn):
+        self.model_options["model_function_wrapper"] = fn
+
+    def set_model_attn2_patch(self, patch):
+        to = self.model_options["transformer_options"]
+        to.setdefault("patches", {}).setdefault("attn2_patch", []).append(patch)
+
+    def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        to = self.model_options["transformer_options"]
+        to.setdefault("patches_replace", {}).setdefault("attn2", {})[(block_name, number, transformer_index)] = patch
+
+
+class TransformersV4Layout(torch.nn.Module):
+    """A CLIPTextModel under transformers 4.x parameter names (``text_model.*``), as Forge holds it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.text_model, self.config = model, model.config
+
+    def forward(self, **kwargs):
+        return self.text_model(**kwargs)
+
+
+class IntegratedCLIP(torch.nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = TransformersV4Layout(transformer)
+
+
+class Clip:
+    """backend/patcher/clip.py CLIP: cond_stage_model (a ModuleDict: clip_l, ...) behind a patcher."""
+
+    def __init__(self, transformer=None, key="clip_l"):
+        if transformer is None:
+            return
+        self.cond_stage_model = torch.nn.ModuleDict({key: IntegratedCLIP(transformer)})
+        self.patcher = ModelPatcher(self.cond_stage_model)
+
+    def clone(self):
+        n = Clip()
+        n.cond_stage_model, n.patcher = self.cond_stage_model, self.patcher.clone()
+        return n
+
+    def add_patches(self, *args, **kwargs):
+        return self.patcher.add_patches(*args, **kwargs)
+
+
+class Predictor:
+    def timestep(self, sigma):
+        return sigma * 100.0  # a k-diffusion sigma -> 0..1000 timestep stand-in
+
+
+class KModel(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.diffusion_model, self.predictor = unet, Predictor()
+
+    def apply_model(self, x, t, c_crossattn=None, transformer_options=None, **kwargs):
+        return self.diffusion_model(x, self.predictor.timestep(t), context=c_crossattn, transformer_options=transformer_options)
+
+
+class ForgeObjects:
+    def __init__(self, unet, clip, vae=None, clipvision=None):
+        self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, clipvision
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
+
+
+class ForgeSd1(torch.nn.Module):
+    """backend/diffusion_engine/sd15.py StableDiffusion: forge_objects (+ original, after LoRA), flags."""
+
+    is_sd1, is_sd2, is_sdxl = True, False, False
+
+    def __init__(self, seed=0, key="clip_l"):
+        super().__init__()
+        self.unet_model = KModel(TinyUNet(WIDTH, seed))
+        unet = ModelPatcher(self.unet_model)
+        self.forge_objects = ForgeObjects(unet, Clip(text_encoder(seed), key))
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+
+    def get_learned_conditioning(self, texts):
+        clip = self.forge_objects.clip
+        clip.patcher.refresh_loras()  # memory_management.load_model_gpu(clip.patcher)
+        hijack = HijackedClip(clip.cond_stage_model["clip_l"].transformer)
+        return hijack(texts)
+
+
+def run_forge_job(script, p, args):
+    """The order of Forge's process_images_inner / sample for one job, with Forge's sampling_function calls."""
+    model = p.sd_model
+    with closing(p):
+        call_hook(script.process, p, *args)
+        for n in range(p.n_iter):
+            model.forge_objects = model.forge_objects_original.shallow_copy()
+            model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()  # after extra networks
+            call_hook(script.process_batch, p, *args, batch_number=n, prompts=p.prompts, seeds=[p.seed], subseeds=[p.seed])
+            p.setup_conds()
+            model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()  # Forge's sample()
+            call_hook(script.process_before_every_sampling, p, *args, x=None, noise=None, c=p.c, uc=p.uc)
+            forge_sample(p)
+        call_hook(script.postprocess, p, SimpleNamespace(images=[]), *args)
+    return p
+
+
+@torch.no_grad()
+def forge_sample(p):
+    """backend/sampling/sampling_function.py: cond and uncond chunks through model_function_wrapper / apply_model."""
+    unet = p.sd_model.forge_objects.unet
+    g = torch.Generator().manual_seed(p.seed)
+    x = torch.randn(1, 4, p.size, p.size, generator=g)
+    uc = torch.stack([s[0].cond for s in p.uc])
+    for sigma in (9.5, 6.0, 2.0):
+        options = dict(unet.model_options["transformer_options"])
+        options.update(cond_or_uncond=[0, 1], sigmas=torch.tensor([sigma, sigma]))
+        c = {"c_crossattn": torch.cat([p.c, uc]), "transformer_options": options}
+        args = {"input": torch.cat([x, x]), "timestep": torch.full((2,), sigma), "c": c, "cond_or_uncond": [0, 1]}
+        wrapper = unet.model_options.get("model_function_wrapper")
+        out = wrapper(unet.model.apply_model, args) if wrapper else unet.model.apply_model(args["input"], args["timestep"], **c)
+        cond, uncond = out.chunk(2)
+        x = x - 0.3 * (uncond + 5.0 * (cond - uncond))
+    p.samples.append(x)
+    return x
+
+
+
+class ScriptHooks:
+    """What a1111_extension.script.ErasureScript's hooks do, without importing the webui (tested in test_a1111_entry)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def process(self, p, *args):
+        jobs.begin(p, args, self.env)
+
+    def process_batch(self, p, *args, **kwargs):
+        jobs.batch(p)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        jobs.before_sampling(p)
+
+    def postprocess(self, p, processed, *args):
+        jobs.finish(p)
+
+
+def script_args(patches=(), nlce=False, concepts="", neighbors="", preset="object", beta=1.0, gamma=1.0,
+                schedule="single-pass", enabled=True) -> list:
+    """The accordion's values in UI_ARGS order."""
+    slots = []
+    for i in range(3):
+        name, strength = patches[i] if i < len(patches) else ("None", 1.0)
+        slots += [name, strength]
+    return [enabled, *slots, nlce, concepts, neighbors, preset, beta, gamma, schedule]
