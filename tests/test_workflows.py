@@ -27,3 +27,13 @@ def test_links_join_matching_sockets_and_every_step_is_explained(path):
     notes = [n for n in nodes.values() if n["type"] == "Note"]
     assert notes and len(notes[0]["widgets_values"][0]) > 100
     assert any(n["type"].startswith("Hirm") for n in nodes.values())
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_no_node_covers_another_on_the_canvas(path):
+    title = 30  # the page draws each node's title bar above its pos
+    boxes = [(n["type"], n["pos"][0], n["pos"][1] - title, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in json.load(open(path))["nodes"]]
+    overlapping = [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                   if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]]
+    assert not overlapping
