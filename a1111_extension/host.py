@@ -3,7 +3,7 @@
 Names read from the webuis' sources (A1111 1.7-1.10, Forge): ``modules.scripts.Script`` /
 ``AlwaysVisible``, ``modules.script_callbacks.on_ui_tabs`` / ``on_model_loaded``,
 ``modules.paths.models_path``, ``modules.devices.device``, ``modules.shared.sd_model`` /
-``.loaded_hypernetworks``, ``modules.call_queue.queue_lock``, ``modules.ui_components.InputAccordion``.
+``.loaded_hypernetworks`` / ``.opts``, ``modules.call_queue.queue_lock``, ``modules.ui_components.InputAccordion``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def patch_folder() -> str:
 
 
 def env() -> Env:
-    return Env(patch_folder(), devices.device, hypernetworks_loaded=lambda: bool(getattr(shared, "loaded_hypernetworks", None)))
+    return Env(patch_folder(), devices.device, hypernetworks_loaded=lambda: bool(getattr(shared, "loaded_hypernetworks", None)),
+               hires_uses_firstpass_conds=lambda: bool(getattr(shared.opts, "hires_fix_use_firstpass_conds", False)))
 
 
 def sd_model():

@@ -43,6 +43,7 @@ class Env:
     patch_folder: str
     device: object = "cpu"
     hypernetworks_loaded: Callable[[], bool] = field(default=lambda: False)
+    hires_uses_firstpass_conds: Callable[[], bool] = field(default=lambda: False)  # opts.hires_fix_use_firstpass_conds
 
 
 _active: "Job | None" = None
@@ -96,7 +97,8 @@ def model_loaded(sd_model) -> None:
 
 def refuse(p, error: Exception) -> None:
     """Make job ``p`` fail with ``error``'s message when it starts sampling."""
-    message = str(error) if isinstance(error, HirmError) else f"erasure could not start ({type(error).__name__}: {error})"
+    detail = (str(error).strip().splitlines() or [""])[0][:300]  # one line, whatever the error
+    message = detail if isinstance(error, HirmError) else f"erasure could not start ({type(error).__name__}: {detail})"
     if isinstance(error, HirmError):
         log.error("hirm-erasure: %s", message)
     else:
@@ -133,9 +135,9 @@ class Job:
 
     def start(self) -> None:
         self.prepare()
-        for name in COND_CACHES:  # conditioning cached by other jobs was made without these patches
+        for name in COND_CACHES:  # conditioning cached by other jobs was made without these patches: fresh lists for this job
             if hasattr(self.p, name):
-                setattr(self.p, name, [None, None])
+                setattr(self.p, name, [None] * len(getattr(self.p, name) or (None, None)))  # A1111 has 2 slots, Forge 3
         try:
             self.apply()
             self.guards = [Patched(self.p, "sample", self._guard_sample), Patched(self.p, "close", self._guard_close)]
@@ -274,6 +276,15 @@ class ForgeJob(Job):
 
     def batch(self) -> None:
         if not self.clip_patches:
+            return
+        p = self.p
+        if (getattr(p, "enable_hr", False) and not self.env.hires_uses_firstpass_conds()
+                and getattr(p, "hr_extra_network_data", None) not in (None, getattr(p, "extra_network_data", None))):
+            # Forge rebuilds its CLIP from forge_objects_original for the hires prompt's LoRAs: the patches would be lost
+            finish(p)
+            refuse(p, HirmError("in Forge, a Hires. fix prompt with other LoRAs than the first pass loses the erasure patches; use "
+                                "the same LoRAs in both prompts, or turn on the setting 'For hires fix, calculate conds of "
+                                "second pass using extra networks of first pass'"))
             return
         clip = self.p.sd_model.forge_objects.clip.clone()
         for patches, strength, name in self.clip_patches:

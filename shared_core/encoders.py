@@ -160,28 +160,35 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]):
         bos_token_id=min(49406, vocab - 2), eos_token_id=min(49407, vocab - 1), pad_token_id=1)
 
 
+def _owned(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """``t`` on ``device`` / ``dtype``; a normal copy when ``t`` is an inference tensor (a host's
+    live weights after a generation), which a model outside inference mode cannot hold."""
+    return t.to(device=device, dtype=dtype or t.dtype, copy=t.is_inference())
+
+
 def build_text_model(sd: Mapping[str, torch.Tensor], config=None, device="cpu",
                      dtype: torch.dtype = torch.float32):
     """A transformers ``CLIPTextModel`` holding a canonical state dict (no download, eval mode)."""
     from transformers import CLIPTextModel
 
     config = config or config_from_state_dict(sd)
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    params = {n: p for n, p in text_module(model).named_parameters()}
-    missing = [CANONICAL + n for n in params if CANONICAL + n not in sd]
-    if missing:
-        raise EncoderSourceError(f"the text encoder weights are incomplete (missing {missing[0]} and {len(missing) - 1} more); the file is damaged or not a CLIP text encoder")
-    state = {n: sd[CANONICAL + n].to(device=device, dtype=dtype) for n in params}
-    tm = text_module(model)
-    persistent = set(tm.state_dict().keys())
-    for n, _ in list(tm.named_buffers()):
-        if n in persistent:
-            state[n] = sd.get(CANONICAL + n, torch.arange(config.max_position_embeddings).unsqueeze(0)).to(device)
-        else:  # non-persistent (position_ids in transformers 5): materialise it off the meta device
-            owner, _, leaf = n.rpartition(".")
-            tm.get_submodule(owner)._buffers[leaf] = torch.arange(config.max_position_embeddings, device=device).unsqueeze(0)
-    tm.load_state_dict(state, assign=True, strict=True)
+    with torch.inference_mode(False):  # a normal model even when called under inference mode or given inference tensors
+        with torch.device("meta"):
+            model = CLIPTextModel(config)
+        params = {n: p for n, p in text_module(model).named_parameters()}
+        missing = [CANONICAL + n for n in params if CANONICAL + n not in sd]
+        if missing:
+            raise EncoderSourceError(f"the text encoder weights are incomplete (missing {missing[0]} and {len(missing) - 1} more); the file is damaged or not a CLIP text encoder")
+        state = {n: _owned(sd[CANONICAL + n], device, dtype) for n in params}
+        tm = text_module(model)
+        persistent = set(tm.state_dict().keys())
+        for n, _ in list(tm.named_buffers()):
+            if n in persistent:
+                state[n] = _owned(sd.get(CANONICAL + n, torch.arange(config.max_position_embeddings).unsqueeze(0)), device)
+            else:  # non-persistent (position_ids in transformers 5): materialise it off the meta device
+                owner, _, leaf = n.rpartition(".")
+                tm.get_submodule(owner)._buffers[leaf] = torch.arange(config.max_position_embeddings, device=device).unsqueeze(0)
+        tm.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     return model
 

@@ -133,3 +133,30 @@ def test_a_patch_for_another_encoder_is_refused_in_forge(model, env, tmp_path):
     with pytest.raises(HirmError, match="does not fit"):
         p.sample(None, None, [0], [0], 0.0, p.prompts)
     assert make_patch(clip_transformer(model)).deltas  # the encoder itself is fine
+
+
+@pytest.mark.parametrize("hires_loras, firstpass_conds, refused", [
+    ("other", False, True),   # Forge rebuilds its CLIP for the hires prompt's LoRAs: the patches would be lost
+    ("same", False, False),
+    ("other", True, False),   # hires conds are made with the first pass's CLIP (our clone)
+])
+def test_hires_fix_with_other_loras_is_refused_unless_its_conds_keep_the_patches(model, tmp_path, hires_loras, firstpass_conds,
+                                                                                 refused):
+    name = write_patch(tmp_path, "cat.safetensors", clip_transformer(model))
+    env = jobs.Env(str(tmp_path), hires_uses_firstpass_conds=lambda: firstpass_conds)
+    before = modules(model)
+    p = Processing(model)
+    p.enable_hr, p.extra_network_data = True, {"lora": ["style"]}
+    p.hr_extra_network_data = {"lora": ["detail"]} if hires_loras == "other" else {"lora": ["style"]}
+    hooks = ScriptHooks(env)
+    hooks.process(p, *script_args(patches=[(name, 1.0)]))
+    hooks.process_batch(p)
+    assert (jobs.active_job() is None) == refused
+    if refused:
+        with pytest.raises(HirmError, match="Hires. fix prompt with other LoRAs"):
+            p.sample(None, None, [0], [0], 0.0, p.prompts)
+        assert model.forge_objects.clip is model.forge_objects_after_applying_lora.clip
+    else:
+        assert model.forge_objects.clip is not model.forge_objects_after_applying_lora.clip  # the clone with the patch
+    jobs.finish(p)
+    assert same(modules(model), before)

@@ -182,6 +182,15 @@ def test_bad_input_fails_the_job_with_one_line_and_changes_nothing(model, env, t
     assert same(snapshot(model), before)
 
 
+def test_an_unexpected_error_also_fails_the_job_with_one_line(model, env, monkeypatch):
+    def broken(folder, name):
+        raise ValueError("first line\nsecond line")
+    monkeypatch.setattr(jobs.library, "load", broken)
+    with pytest.raises(HirmError) as raised:
+        run_job(ScriptHooks(env), Processing(model), script_args(patches=[("cat.safetensors", 1.0)]))
+    assert str(raised.value) == "erasure could not start (ValueError: first line)"
+
+
 def test_a_refiner_or_a_hires_checkpoint_is_refused(model, env):
     for attrs in ({"refiner_checkpoint": "sd_xl_refiner"}, {"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}):
         p = Processing(model)

@@ -575,12 +575,12 @@ def forge_sample(p):
     uc = torch.stack([s[0].cond for s in p.uc])
     for sigma in (9.5, 6.0, 2.0):
         options = dict(unet.model_options["transformer_options"])
-        options.update(cond_or_uncond=[0, 1], sigmas=torch.tensor([sigma, sigma]))
-        c = {"c_crossattn": torch.cat([p.c, uc]), "transformer_options": options}
-        args = {"input": torch.cat([x, x]), "timestep": torch.full((2,), sigma), "c": c, "cond_or_uncond": [0, 1]}
+        options.update(cond_or_uncond=[1, 0], sigmas=torch.tensor([sigma, sigma]))  # uncond first, as Forge batches them
+        c = {"c_crossattn": torch.cat([uc, p.c]), "transformer_options": options}
+        args = {"input": torch.cat([x, x]), "timestep": torch.full((2,), sigma), "c": c, "cond_or_uncond": [1, 0]}
         wrapper = unet.model_options.get("model_function_wrapper")
         out = wrapper(unet.model.apply_model, args) if wrapper else unet.model.apply_model(args["input"], args["timestep"], **c)
-        cond, uncond = out.chunk(2)
+        uncond, cond = out.chunk(2)
         x = x - 0.3 * (uncond + 5.0 * (cond - uncond))
     p.samples.append(x)
     return x

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from tiny import canonical_state_dict, random_clip, tiny_clip, tiny_config
 
 from shared_core.encoders import (
-    base_signature, canonical_parameters, encoder_architecture, load_text_encoder, model_signature, signatures_match,
+    base_signature, build_text_model, canonical_parameters, encoder_architecture, load_text_encoder, model_signature, signatures_match,
 )
 from shared_core.errors import EncoderSourceError
 from shared_core.textenc import encode, tokenize
@@ -145,3 +145,22 @@ def test_sdxl_bigg_in_openclip_layout_loads_as_clip_g(tmp_path, reference):
     assert loaded.tokenizer.pad_token == "!"  # bigG's tokenizer pads with "!"
     _, _, ids, expected = reference
     assert torch.allclose(encode(loaded.model, ids)[0], expected, atol=1e-5)
+
+
+def test_a_model_built_from_a_hosts_inference_tensors_is_a_normal_model(reference):
+    """Hosts (ComfyUI, Forge) hand over weights made under inference mode; the model built from them
+    must run and train outside it, and must not write into the host's tensors."""
+    model, _, ids, expected = reference
+    with torch.inference_mode():
+        host = {k: v.clone() for k, v in canonical_state_dict(model, "").items()}
+        built_inside = build_text_model(host)
+    built = build_text_model(host)
+    for m in (built, built_inside):
+        first = next(m.parameters())
+        assert not first.is_inference()
+        assert torch.allclose(encode(m, ids)[0], expected, atol=1e-5)
+    before = {k: v.clone() for k, v in host.items()}
+    with torch.no_grad():
+        for p in built.parameters():
+            p.add_(1.0)  # would raise on an inference tensor; must not reach the host's tensors
+    assert all(torch.equal(host[k], before[k]) for k in host)
