@@ -100,9 +100,9 @@ def refuse(p, error: Exception) -> None:
     detail = (str(error).strip().splitlines() or [""])[0][:300]  # one line, whatever the error
     message = detail if isinstance(error, HirmError) else f"erasure could not start ({type(error).__name__}: {detail})"
     if isinstance(error, HirmError):
-        log.error("hirm-erasure: %s", message)
+        log.error("%s", message)
     else:
-        log.exception("hirm-erasure: %s", message)
+        log.exception("%s", message)
 
     def refused(*args, **kwargs):
         p.__dict__.pop("sample", None)
@@ -146,7 +146,7 @@ class Job:
             raise
         self.p.extra_generation_params.update(self.settings.infotext())
         for note in self.notes:
-            log.warning("hirm-erasure: %s", note)
+            log.warning("%s", note)
             if hasattr(self.p, "comment"):
                 self.p.comment(note)
 

@@ -79,7 +79,7 @@ def run_in_background(work: Callable[[Callable], tuple[str, str]], poll: float =
         except HirmError as e:
             result["error"] = str(e)
         except Exception as e:  # a bug or a host failure: the user gets one line, the console the details
-            log.exception("hirm-erasure: training failed")
+            log.exception("training failed")
             result["error"] = f"training failed ({type(e).__name__}: {e}); see the console"
 
     thread = threading.Thread(target=target, name="hirm-erasure-training", daemon=True)
