@@ -5,21 +5,14 @@ import copy
 
 import pytest
 import torch
-from test_a1111_support import (ForgeSd1, HijackedClip, Processing, ScriptHooks, call_hook, make_patch, run_forge_job, same,
+from test_a1111_support import (no_job_left,  # noqa: F401 (an autouse fixture)
+                                ForgeSd1, HijackedClip, Processing, ScriptHooks, call_hook, make_patch, run_forge_job, same,
                                 script_args, snapshot, write_patch)
 
 from a1111_extension import jobs
 from shared_core.encoders import canonical_parameters
 from shared_core.errors import HirmError
 from shared_core.patch import apply_patch, load_patch
-
-
-@pytest.fixture(autouse=True)
-def no_job_left():
-    call_hook.reported.clear()
-    jobs.finish()
-    yield
-    jobs.finish()
 
 
 @pytest.fixture()

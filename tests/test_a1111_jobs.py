@@ -5,7 +5,8 @@ import copy
 
 import pytest
 import torch
-from test_a1111_support import (LoraStandIn, Processing, ScriptHooks, Sd1Model, call_hook, make_patch, run_job, same,
+from test_a1111_support import (no_job_left,  # noqa: F401 (an autouse fixture)
+                                LoraStandIn, Processing, ScriptHooks, Sd1Model, call_hook, make_patch, run_job, same,
                                 script_args, snapshot, text_model, write_patch)
 
 from a1111_extension import jobs, nlce_runtime
@@ -15,16 +16,6 @@ from shared_core import nlce
 from shared_core.encoders import canonical_parameters
 from shared_core.errors import HirmError
 from shared_core.patch import apply_patch, load_patch
-
-
-@pytest.fixture(autouse=True)
-def no_job_left():
-    call_hook.reported.clear()
-    jobs.finish()
-    yield
-    jobs.finish()
-    Processing.cached_c[:] = [None, None]
-    Processing.cached_uc[:] = [None, None]
 
 
 @pytest.fixture()

@@ -24,6 +24,7 @@ import copy
 from contextlib import closing
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tiny import random_clip, tiny_config
@@ -389,6 +390,18 @@ def call_hook(fn, *args, **kwargs):
 
 
 call_hook.reported = []
+
+
+@pytest.fixture(autouse=True)
+def no_job_left():
+    """Imported by each test module of the extension: no job, reported error or cached conditioning
+    carries over from one test to the next."""
+    call_hook.reported.clear()
+    jobs.finish()
+    yield
+    jobs.finish()
+    Processing.cached_c[:] = [None, None]
+    Processing.cached_uc[:] = [None, None]
 
 
 def run_job(script, p, args, before_sample=None):

@@ -94,7 +94,8 @@ except Exception as error:  # noqa: BLE001 - any failure means: no usable Forge 
     pytest.skip(f"Forge's backend cannot be imported from {FORGE_PATH}: {type(error).__name__}: {reason}", allow_module_level=True)
 
 import diffusers  # noqa: E402
-from test_a1111_support import (Processing, ScriptHooks, call_hook, make_patch, same, script_args, snapshot,  # noqa: E402
+from test_a1111_support import (no_job_left,  # noqa: F401, E402 (an autouse fixture)
+                                Processing, ScriptHooks, call_hook, make_patch, same, script_args, snapshot,  # noqa: E402
                                 write_patch)
 from tiny import random_clip, tiny_config  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, modeling_utils  # noqa: E402
@@ -189,14 +190,6 @@ def build_engine(source):
 def engine(source):
     yield build_engine(source)
     forge.memory_management.unload_all_models()  # what Forge does before it loads another model
-
-
-@pytest.fixture(autouse=True)
-def no_job_left():
-    call_hook.reported.clear()
-    jobs.finish()
-    yield
-    jobs.finish()
 
 
 @pytest.fixture(autouse=True)
