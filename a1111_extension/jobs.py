@@ -286,7 +286,7 @@ class ForgeJob(Job):
                                 "the same LoRAs in both prompts, or turn on the setting 'For hires fix, calculate conds of "
                                 "second pass using extra networks of first pass'"))
             return
-        clip = self.p.sd_model.forge_objects.clip.clone()
+        clip = p.sd_model.forge_objects.clip.clone()
         for patches, strength, name in self.clip_patches:
             clip.add_patches(filename=f"hirm-erasure:{name}", patches=patches, strength_patch=strength, strength_model=1.0,
                              online_mode=False)
