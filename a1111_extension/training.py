@@ -58,7 +58,7 @@ def train(sd_model, *, concepts: str, method: str, anchor: str, preset: str, ste
     if not concept_list:
         raise HirmError("no concept given: type the concepts to erase (one per line)")
     patch, report = patcher_logic.train(encoder_state(sd_model), concept_list, method=method, anchor=(anchor or "").strip() or None,
-                                        preset=preset, steps=int(steps or 0), seed=int(seed or 0), device=device,
+                                        preset=preset, steps=int(steps or 0), seed=42 if seed in (None, "") else int(seed), device=device,
                                         progress=progress, should_cancel=should_cancel)
     save_patch(patch, path)
     return path, report

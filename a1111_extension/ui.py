@@ -100,7 +100,7 @@ def training_tab():
                 anchor = gr.Textbox(label="anchor (superordinate method only, e.g. 'painting', 'building')")
                 with gr.Row():
                     steps = gr.Number(label="steps (0: the preset's)", value=0, precision=0)
-                    seed = gr.Number(label="seed", value=0, precision=0)
+                    seed = gr.Number(label="seed", value=42, precision=0)
                 with gr.Row():
                     name = gr.Textbox(label="output name")
                     overwrite = gr.Checkbox(label="overwrite an existing file", value=False)

@@ -66,7 +66,7 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
 
 
 def train(clip_sd: Mapping[str, torch.Tensor], concepts: list[str], *, method: str = "random", anchor: str | None = None,
-          preset: str | None = None, steps: int = 0, lr: float = 0.0, seed: int = 0, device="cpu",
+          preset: str | None = None, steps: int = 0, lr: float = 0.0, seed: int = 42, device="cpu",
           progress: Callable | None = None, should_cancel: Callable | None = None):
     """(patch, report text) for the CLIP holding ``clip_sd``; 0 steps / lr mean "from the preset".
 

@@ -26,7 +26,7 @@ class TrainErasurePatch(io.ComfyNode):
                 io.Int.Input("steps", default=0, min=0, max=10000, tooltip="0: from the preset"),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-7, tooltip="0: from the preset"),
                 # no "randomize after run" widget (the UI adds one to any input named seed): a new seed would retrain
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),
+                io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=False),
             ],
             outputs=[ErasurePatch.Output(display_name="ERASURE_PATCH"), io.String.Output(display_name="report")],
         )

@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", choices=sorted(PRESETS), help="paper recipe for lr/steps (default: style; nudity for --method safety)")
     t.add_argument("--steps", type=int, help="training steps (default: from the preset)")
     t.add_argument("--lr", type=float, help="learning rate (default: from the preset)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=42, help="seed of the random target (default 42, as the reference code)")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--out", help="patch file to write (default: erasure-<concept>.safetensors)")
     t.add_argument("--component", default="clip_l", choices=("clip_l", "clip_g"), help="which text encoder of the model")

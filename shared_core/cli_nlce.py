@@ -19,7 +19,10 @@ def add_parser(subparsers) -> None:
                               description="Erase concepts at sampling time (no training) and save a side-by-side grid: "
                                           "left without, right with the erasure (same seed).")
     n.add_argument("model", nargs="?", help="diffusers SD1.x model folder or Hub id")
-    n.add_argument("--concept", action="append", help="concept to erase (repeat for several)")
+    n.add_argument("--concept", action="append", help="concept to erase (repeat for several); 'a | b | c' is ONE concept made "
+                   "of several terms; 'nudity' stands for the shipped nudity term list")
+    n.add_argument("--concept-terms", action="append", metavar="FILE",
+                   help="a text file of terms, one per line, that form ONE concept's subspace (repeatable)")
     n.add_argument("--neighbor", action="append", help="neighbour concept to keep (repeatable)")
     n.add_argument("--neighbors", choices=("auto",), help="auto: mine neighbours offline from the CLIP vocabulary")
     n.add_argument("--operators", metavar="FILE", help="NLCE operator file (from --save-operators or ConceptSet.save) instead of --concept")
@@ -48,10 +51,10 @@ def add_parser(subparsers) -> None:
 def _check_args(args) -> None:
     if not args.model:
         raise HirmError(NO_MODEL)
-    if args.operators and (args.concept or args.neighbor or args.neighbors):
-        raise HirmError("--operators already holds the concepts and neighbours; drop --concept/--neighbor/--neighbors")
-    if not args.operators and not args.concept:
-        raise HirmError("no concept to erase: pass --concept (repeatable) or --operators FILE")
+    if args.operators and (args.concept or args.concept_terms or args.neighbor or args.neighbors):
+        raise HirmError("--operators already holds the concepts and neighbours; drop --concept/--concept-terms/--neighbor/--neighbors")
+    if not args.operators and not (args.concept or args.concept_terms):
+        raise HirmError("no concept to erase: pass --concept (repeatable), --concept-terms FILE or --operators FILE")
     if args.neighbors and args.neighbor:
         raise HirmError("pass either --neighbor words or --neighbors auto, not both")
     if args.steps < 1:
@@ -78,17 +81,31 @@ def _load_pipeline(model: str, device: str):
     return pipe.to(device)
 
 
-def _concept_set(args, pipe, config):
+def _concept_set(args, concepts, pipe, config):
     """The operators: loaded, or built with the pipeline's text encoder as the erased column will run it."""
-    from .nlce import ConceptSet, build_concept_set, clip_row_encoder, mine_neighbors
+    from .nlce import ConceptSet, build_concept_set, clip_row_encoder, neighbor_table
 
     if args.operators:
         return ConceptSet.load(args.operators)
     encode = clip_row_encoder(pipe.text_encoder, pipe.tokenizer)
-    neighbors = args.neighbor
-    if args.neighbors == "auto":
-        neighbors = {c: [w for w, _ in mine_neighbors(encode, c)] for c in args.concept}
-    return build_concept_set(encode, args.concept, neighbors, config)
+    return build_concept_set(encode, concepts, neighbor_table(encode, concepts, args.neighbors or args.neighbor), config)
+
+
+def _concepts(args) -> list:
+    """--concept texts, plus one concept per --concept-terms file (its lines are the terms of ONE subspace)."""
+    concepts = list(args.concept or [])
+    for path in args.concept_terms or []:
+        try:
+            with open(path, encoding="utf-8") as f:
+                terms = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        except OSError as e:
+            raise HirmError(f"--concept-terms {path}: cannot read it ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise HirmError(f"--concept-terms {path}: not a UTF-8 text file (one term per line)") from None
+        if not terms:
+            raise HirmError(f"--concept-terms {path}: no terms in it (one per line)")
+        concepts.append(terms)
+    return concepts
 
 
 def cmd_nlce(args) -> int:
@@ -104,6 +121,7 @@ def cmd_nlce(args) -> int:
     settings = {k: v for k, v in (("schedule", args.schedule), ("beta", args.beta), ("gamma", args.gamma),
                                   ("suppression", args.suppression), ("scrub", args.scrub), ("t_max", args.t_max)) if v is not None}
     config = make_nlce_config(args.preset, **settings)  # bad settings fail before any model is loaded
+    concepts = _concepts(args)
     patch_args = [parse_patch_arg(p) for p in args.patch or []]
     patches = [(load_patch(f), s) for f, s in patch_args]
     pipe = _load_pipeline(args.model, _device_dtype(args.device))
@@ -116,7 +134,7 @@ def cmd_nlce(args) -> int:
 
     # the erased column first: every check (patches, concepts, settings, model) runs before any image is made
     with patched(pipe.text_encoder, patches):
-        concept_set = _concept_set(args, pipe, config)
+        concept_set = _concept_set(args, concepts, pipe, config)
         prompts = args.prompt or [f"a picture of {concept_set.concepts[0]}"]
         handle = apply_nlce(pipe, concept_set=concept_set, preset=args.preset, **settings)
         try:

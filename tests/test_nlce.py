@@ -81,6 +81,13 @@ def test_live_tokens_need_the_ratio_and_the_floor():
     assert not low.any()  # nothing reaches the floor
 
 
+def test_a_score_exactly_at_the_threshold_is_not_live():
+    """The reference's rule is strict: score > max(ratio * max, floor)."""
+    scores = torch.tensor([[[0.0, 20.0, 24.0, 40.0]]])
+    live = live_token_mask(scores, torch.tensor([[[False, True, True, True]]]), ratio=0.6, floor=20.0)
+    assert live.tolist() == [[[False, False, False, True]]]  # 20 == floor, 24 == 0.6 * 40
+
+
 def test_live_tokens_only_on_conditional_rows_and_real_tokens(table):
     cs = build_concept_set(fixed_encoder(table), ["cat"])
     x = torch.zeros(2, 5, D)
@@ -297,6 +304,51 @@ def test_presets_and_overrides():
         make_nlce_config("van gogh")
 
 
+def test_spectral_weights_over_all_values_or_the_kept_ones():
+    rows = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    _, over_all = subspace(rows, rank=2, spectral=True, a=200.0, weights_over="all")
+    _, over_kept = subspace(rows, rank=2, spectral=True, a=200.0, weights_over="kept")
+    r_all, r_kept = torch.tensor([9.0, 4.0]) / 14, torch.tensor([9.0, 4.0]) / 13
+    assert torch.allclose(over_all, 200 * r_all / (199 * r_all + 1), atol=1e-6)
+    assert torch.allclose(over_kept, 200 * r_kept / (199 * r_kept + 1), atol=1e-6)
+
+
+def test_linearly_dependent_rows_add_no_arbitrary_directions():
+    rows = torch.zeros(4, D)
+    rows[0, 0] = rows[2, 0] = 30.0  # a term given twice
+    rows[1, 1] = rows[3, 1] = 20.0
+    basis, weights = subspace(rows, rank=None, spectral=False, a=1.0)
+    assert basis.shape == (D, 2) and torch.allclose(projector(basis, weights), torch.diag(torch.tensor([1.0, 1, 0, 0, 0, 0])), atol=1e-6)
+
+
+def test_a_term_list_is_one_subspace_and_can_drop_start_rows():
+    start = torch.zeros(D)
+    start[5] = 50.0  # the start row is the same for every text
+    enc = fixed_encoder({t: torch.stack([start, *rows]) for t, rows in {
+        "naked": [torch.eye(D)[0] * 30, torch.eye(D)[4] * 9], "nude": [torch.eye(D)[1] * 25, torch.eye(D)[4] * 8],
+        "dressed": [torch.eye(D)[2] * 20, torch.eye(D)[4] * 7]}.items()})
+    with_start = build_concept_set(enc, [["naked", "nude"]], ["dressed"])
+    assert with_start.concepts == ["naked | nude"] and with_start.terms["naked | nude"] == ["naked", "nude"]
+    assert with_start.concept_projector(0)[5, 5] > 0.99  # the start direction is part of the subspace
+    same = build_concept_set(enc, ["naked | nude"], ["dressed"])
+    assert torch.equal(same.concept_projector(0), with_start.concept_projector(0))
+    without = build_concept_set(enc, [["naked", "nude"]], ["dressed"], make_nlce_config(drop_start_row=True))
+    pf = without.concept_projector(0)
+    assert pf[5, 5].abs() < 1e-6 and pf[0, 0] > 0.99 and pf[1, 1] > 0.99
+    assert projector(*without.neighbor_bases[0])[5, 5].abs() < 1e-6  # neighbours lose their start row too
+
+
+def test_nudity_stands_for_the_shipped_term_list():
+    from shared_core.nlce import NUDITY_TERMS, concept_terms
+
+    assert concept_terms("Nudity") == ("nudity", list(NUDITY_TERMS)) and len(NUDITY_TERMS) >= 16
+    assert concept_terms(" naked |  nude ") == ("naked | nude", ["naked", "nude"])
+    assert concept_terms("Van Gogh") == ("Van Gogh", ["Van Gogh"])
+    for bad in (5, None, ["cat", 3]):
+        with pytest.raises(NlceError, match="a text or a list"):
+            concept_terms(bad)
+
+
 def test_bad_concepts_are_refused(table):
     enc = fixed_encoder({**table, "": torch.zeros(2, D)})
     with pytest.raises(NlceError, match="no concept"):
@@ -308,6 +360,10 @@ def test_bad_concepts_are_refused(table):
     short = fixed_encoder({"x": torch.ones(2, D)})
     with pytest.raises(NlceError, match="no real tokens"):
         build_concept_set(short, ["x"])
+    with pytest.raises(NlceError, match="twice"):
+        build_concept_set(enc, ["cat", " CAT"])
+    with pytest.raises(NlceError, match="itself a concept"):
+        build_concept_set(enc, [["cat", "car"]], ["car"])  # a term of a term-list concept
 
 
 def test_operator_files_round_trip_and_bad_files_are_refused(table, tmp_path):
@@ -315,6 +371,7 @@ def test_operator_files_round_trip_and_bad_files_are_refused(table, tmp_path):
     path = cs.save(str(tmp_path / "ops.safetensors"))
     back = ConceptSet.load(path)
     assert back.concepts == cs.concepts and back.neighbors == cs.neighbors and back.config == cs.config
+    assert back.terms == cs.terms
     assert torch.equal(back.modulation(0, 1.0, 0.9), cs.modulation(0, 1.0, 0.9)) and back.neighbor_bases[1] is None
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a file")
@@ -341,6 +398,19 @@ def test_clip_rows_are_the_real_tokens_and_mining_ranks_words():
     with pytest.raises(NlceError, match="vocabulary=False"):
         mine_neighbors(plain, "cat")
     assert [w for w, _ in mine_neighbors(plain, "cat", candidates=["dog", "cats"], vocabulary=False)] == ["dog"]
+
+
+def test_auto_neighbours_never_mine_another_erased_concept():
+    from shared_core.nlce import neighbor_table
+
+    model, tok = tiny_clip()
+    enc = clip_row_encoder(model, tok)
+    table = neighbor_table(enc, ["cat", "dog | puppy"], "auto", top_k=50)
+    assert set(table) == {"cat", "dog | puppy"}
+    assert not {"dog", "puppy", "dogs"} & set(table["cat"]) and "cat" not in table["dog | puppy"]
+    cs = build_concept_set(enc, ["cat", "dog | puppy"], table)  # and the set builds (no neighbour is a concept)
+    assert cs.neighbors == table
+    assert neighbor_table(enc, ["cat"], "dog, fox\nlion") == ["dog", "fox", "lion"] and neighbor_table(enc, ["cat"], " ") is None
 
 
 def test_prompt_token_masks_mark_the_words_only():

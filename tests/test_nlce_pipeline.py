@@ -276,9 +276,16 @@ def test_cli_shares_operators_and_checks_everything_before_rendering(tmp_path, c
     assert main(["nlce", model, "--operators", ops, "--prompt", "a cat", "--out", str(tmp_path / "b.png")] + common) == 0
     record = json.loads(Image.open(tmp_path / "b.png").text["hirm-nlce"])
     assert record["neighbors"] == saved.neighbors and record["settings"]["gamma"] == 0.9 and record["operators"] == ops
+    terms = tmp_path / "terms.txt"
+    terms.write_text("# nudity terms\nnaked\nnude\n\ntopless\n", encoding="utf-8")
+    assert main(["nlce", model, "--concept-terms", str(terms), "--preset", "nudity", "--save-operators", ops,
+                 "--out", str(tmp_path / "c.png")] + common) == 0
+    assert ConceptSet.load(ops).terms == {"naked | nude | topless": ["naked", "nude", "topless"]}
     capsys.readouterr()
+    (tmp_path / "latin1.txt").write_bytes("nu\xe9\n".encode("latin-1"))
     bad = [["--concept", "cat", "--neighbor", "Cat"], ["--concept", "cat", "--size", "20"], ["--concept", "cat", "--beta", "2"],
-           ["--operators", ops, "--concept", "dog"], ["--operators", str(tmp_path / "missing.safetensors")]]
+           ["--operators", ops, "--concept", "dog"], ["--operators", str(tmp_path / "missing.safetensors")],
+           ["--concept-terms", str(tmp_path / "missing.txt")], ["--concept-terms", str(tmp_path / "latin1.txt")]]
     for args in bad:
         assert main(["nlce", model, "--out", str(tmp_path / "bad.png"), "--steps", "1", "--size", "16"] + args) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if "hirm" in line]  # (model loading prints a progress bar)

@@ -5,10 +5,10 @@ adapter (``apply_nlce`` in ``shared_core.nlce.diffusers``). See docs/nlce.md.
 """
 
 from ..errors import NlceError
-from .config import NLCE_PRESETS, OPERATOR_SETTINGS, NlceConfig, derive_nlce_config, make_nlce_config
+from .config import NLCE_PRESETS, NUDITY_TERMS, OPERATOR_SETTINGS, NlceConfig, derive_nlce_config, make_nlce_config
 from .diffusers import NlceHandle, apply_nlce
-from .mining import mine_neighbors, vocabulary_words
-from .operators import ConceptSet, build_concept_set, clip_row_encoder, prompt_token_mask
+from .mining import mine_neighbors, neighbor_table, vocabulary_words
+from .operators import ConceptSet, build_concept_set, clip_row_encoder, concept_terms, prompt_token_mask
 from .session import NlceSession, PreparedContext, infer_token_mask, spatial_shape_for
 
 # where the gate is read (SPEC: SD1.x, the second cross-attention of down block 2, 1/32 of the image)
@@ -18,6 +18,7 @@ GATING_LAYERS = {
 }
 
 
-__all__ = ["NlceError", "NlceConfig", "NLCE_PRESETS", "OPERATOR_SETTINGS", "make_nlce_config", "derive_nlce_config",
-           "ConceptSet", "build_concept_set", "clip_row_encoder", "prompt_token_mask", "mine_neighbors", "vocabulary_words",
+__all__ = ["NlceError", "NlceConfig", "NLCE_PRESETS", "NUDITY_TERMS", "OPERATOR_SETTINGS", "make_nlce_config", "derive_nlce_config",
+           "ConceptSet", "build_concept_set", "clip_row_encoder", "concept_terms", "prompt_token_mask", "mine_neighbors",
+           "neighbor_table", "vocabulary_words",
            "NlceSession", "PreparedContext", "infer_token_mask", "spatial_shape_for", "apply_nlce", "NlceHandle", "GATING_LAYERS"]

@@ -11,8 +11,14 @@ from ..errors import NlceError
 SCHEDULES = ("single-pass", "faithful")
 SUPPRESSIONS = ("mask", "scale")
 SCRUBS = ("soft", "binary")
+WEIGHTS_OVER = ("all", "kept")
 # settings baked into a ConceptSet's bases when it is built (the others act at sampling time)
-OPERATOR_SETTINGS = ("concept_spectral", "concept_a", "concept_rank", "neighbor_rank", "neighbor_a")
+OPERATOR_SETTINGS = ("concept_spectral", "concept_a", "concept_rank", "concept_weights_over", "neighbor_rank", "neighbor_a",
+                     "drop_start_row")
+# What the concept "nudity" stands for in NLCE: ONE subspace from the rows of all these terms (the
+# reference's I2P setting builds one subspace from a list of nudity terms; this list is the project's own).
+NUDITY_TERMS = ("naked", "nude", "nudity", "topless", "bottomless", "undressed", "unclothed", "bare skin", "no clothes",
+                "nude model", "naked body", "erotic", "explicit", "nsfw", "bare chest", "skinny dipping")
 
 
 @dataclass(frozen=True)
@@ -22,9 +28,11 @@ class NlceConfig:
     concept_spectral: bool = False    # plain projector (lambda = 1) unless spectral
     concept_a: float = 200.0
     concept_rank: int | None = None   # None: every component of the concept rows
+    concept_weights_over: str = "all"  # spectral weights r_i = s_i^2 / sum s^2 over "all" singular values, or the "kept" ones
     neighbor_rank: int = 16
     neighbor_a: float = 100.0
-    live_ratio: float = 0.6           # live if score >= max(live_ratio * max score, live_floor)
+    drop_start_row: bool = False      # concept and neighbour rows without the start row (words and end only)
+    live_ratio: float = 0.6           # live if score > max(live_ratio * max score, live_floor) (strict, as the reference)
     live_floor: float = 20.0
     gate_threshold: float = 0.025     # stage 2 `mask`: live logits -> -inf where gate > this
     suppression: str = "mask"         # "mask" | "scale"
@@ -58,8 +66,8 @@ NLCE_PRESETS: dict[str, dict] = {
     "object": {},
     "artist": {},
     "celebrity": {"gamma": 0.9},
-    "nudity": {"gamma": 0.5, "concept_spectral": True, "concept_a": 200.0, "concept_rank": 16, "neighbor_rank": 1,
-               "live_floor": 14.0, "gate_threshold": 0.01, "scrub": "binary"},
+    "nudity": {"gamma": 0.5, "concept_spectral": True, "concept_a": 200.0, "concept_rank": 16, "concept_weights_over": "all",
+               "neighbor_rank": 1, "drop_start_row": True, "live_floor": 14.0, "gate_threshold": 0.01, "scrub": "binary"},
 }
 
 
@@ -99,7 +107,7 @@ def validate(c: NlceConfig) -> NlceConfig:
     if (c.concept_rank is not None and c.concept_rank < 1) or c.neighbor_rank < 1:
         raise NlceError("NLCE ranks must be at least 1")
     for name, value, choices in (("schedule", c.schedule, SCHEDULES), ("suppression", c.suppression, SUPPRESSIONS),
-                                 ("scrub", c.scrub, SCRUBS)):
+                                 ("scrub", c.scrub, SCRUBS), ("concept_weights_over", c.concept_weights_over, WEIGHTS_OVER)):
         if value not in choices:
             raise NlceError(f"unknown NLCE {name} {value!r}; choose one of {', '.join(choices)}")
     return c

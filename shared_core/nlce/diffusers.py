@@ -14,7 +14,7 @@ import torch
 
 from ..errors import NlceError
 from .config import OPERATOR_SETTINGS, derive_nlce_config, make_nlce_config
-from .mining import mine_neighbors
+from .mining import neighbor_table
 from .operators import ConceptSet, build_concept_set, clip_row_encoder, prompt_token_mask
 from .session import NlceSession, spatial_shape_for
 
@@ -258,11 +258,7 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
             raise NlceError(f"the text encoder is {te_width} wide but the UNet's cross-attention expects {width}; "
                             "NLCE needs the pipeline's own text encoder (SDXL's concatenated text is not supported)")
         encode = clip_row_encoder(te, tok)
-        if isinstance(concepts, str):
-            concepts = [concepts]
-        if isinstance(neighbors, str) and neighbors.strip().lower() == "auto":
-            neighbors = {c: [w for w, _ in mine_neighbors(encode, c, top_k=mine_top_k)] for c in concepts or [] if c and c.strip()}
-        concept_set = build_concept_set(encode, concepts, neighbors, config)
+        concept_set = build_concept_set(encode, concepts, neighbor_table(encode, concepts, neighbors, mine_top_k), config)
     else:
         if concepts or neighbors:
             raise NlceError("pass either concepts (and neighbours) or a concept_set, not both")

@@ -33,42 +33,49 @@ def _related(a: str, b: str) -> bool:
     return len(short) >= 5 and long_.startswith(short)
 
 
-def _prefilter(encode, concept: str, words: list[str], pool: int) -> list[str]:
+def _prefilter(encode, terms: list[str], words: list[str], pool: int) -> list[str]:
     """The ``pool`` words whose input token embeddings are closest to the concept's (mean over its tokens)."""
     emb, tok = getattr(encode, "token_embedding", None), getattr(encode, "tokenizer", None)
     if emb is None or tok is None:
         raise NlceError("mining the vocabulary needs an encoder from clip_row_encoder; or pass candidates with vocabulary=False")
-    ids = tok(concept, add_special_tokens=False)["input_ids"]
+    ids = [i for t in terms for i in tok(t, add_special_tokens=False)["input_ids"]]
     target = emb[ids].float().mean(0)
     word_ids = [tok.convert_tokens_to_ids(w + "</w>") for w in words]
     sims = torch.nn.functional.cosine_similarity(emb[word_ids].float(), target[None], dim=-1)
     return [words[i] for i in sims.topk(min(pool, len(words))).indices.tolist()]
 
 
-def mine_neighbors(encode, concept: str, candidates: list[str] | None = None, top_k: int = 8,
+def mine_neighbors(encode, concept, candidates: list[str] | None = None, top_k: int = 8,
                    vocabulary: bool = True, exclude: list[str] = (), pool: int = 400,
                    near_duplicate: float = 0.98) -> list[tuple[str, float]]:
     """Up to ``top_k`` (word, cosine) pairs, most similar first.
 
-    ``encode`` is a row encoder (``clip_row_encoder``); candidates are ``candidates`` plus, with
-    ``vocabulary``, the CLIP vocabulary's words (pre-filtered to ``pool`` by token embedding).
-    The concept's own words (and their plural forms), ``exclude`` and near-duplicates of an
+    ``concept`` is anything ``concept_terms`` reads (a text, ``"a | b"``, a list of terms; a term
+    list is represented by the mean of its terms' embeddings). ``encode`` is a row encoder
+    (``clip_row_encoder``); candidates are ``candidates`` plus, with ``vocabulary``, the CLIP
+    vocabulary's words (pre-filtered to ``pool`` by token embedding). The concept's own words (and
+    their plural forms), the words of ``exclude`` (other concepts) and near-duplicates of an
     already chosen word (cosine above ``near_duplicate``) are left out.
     """
-    concept = (concept or "").strip()
-    if not concept:
+    from .operators import concept_terms
+
+    if isinstance(concept, str) and not concept.strip():
         raise NlceError("no concept given to mine neighbours for")
+    name, terms = concept_terms(concept)
     if top_k < 1:
         raise NlceError(f"top_k must be at least 1, got {top_k}")
-    own = [w for w in re.findall(r"[a-z]+", concept.lower())] + [e.lower().strip() for e in exclude]
+    others = [t for e in exclude for t in concept_terms(e)[1]]
+    own = [w for t in terms + others for w in re.findall(r"[a-z]+", t.lower())]
     user = [c.strip() for c in candidates or [] if c and c.strip()]
-    words = _prefilter(encode, concept, vocabulary_words(), pool) if vocabulary else []
+    words = _prefilter(encode, terms, vocabulary_words(), pool) if vocabulary else []
     pool_words = list(dict.fromkeys(user + words))
     pool_words = [w for w in pool_words if not any(_related(p, o) for p in re.findall(r"[a-z]+", w.lower()) for o in own)]
     if not pool_words:
-        raise NlceError(f"no neighbour candidates left for {concept!r}; pass candidate words")
-    rows = encode([concept] + pool_words)
+        raise NlceError(f"no neighbour candidates left for {name!r}; pass candidate words")
+    rows = encode(terms + pool_words)
     vecs = torch.nn.functional.normalize(torch.stack([r[-1] for r in rows]).float(), dim=-1)
+    target = torch.nn.functional.normalize(vecs[: len(terms)].mean(0), dim=-1)
+    vecs = torch.cat([target[None], vecs[len(terms):]])
     sims = vecs[1:] @ vecs[0]
     chosen: list[int] = []
     for i in sims.argsort(descending=True).tolist():
@@ -79,3 +86,21 @@ def mine_neighbors(encode, concept: str, candidates: list[str] | None = None, to
         if len(chosen) == top_k:
             break
     return [(pool_words[i], round(float(sims[i]), 4)) for i in chosen]
+
+
+def neighbor_table(encode, concepts, neighbors=None, top_k: int = 8) -> dict:
+    """What ``build_concept_set`` takes as neighbours, with ``"auto"`` resolved.
+
+    ``neighbors``: None or "" (none), "auto" (mined per concept, never a word of another erased
+    concept), a list shared by every concept, or {concept: [neighbours]} (passed through).
+    """
+    from .operators import concept_terms
+
+    if isinstance(neighbors, str):
+        if neighbors.strip().lower() == "auto":
+            concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
+            names = [concept_terms(c)[0] for c in concepts]
+            return {n: [w for w, _ in mine_neighbors(encode, c, top_k=top_k, exclude=[o for o in concepts if o is not c])]
+                    for n, c in zip(names, concepts)}
+        return [n.strip() for n in re.split(r"[\n,]", neighbors) if n.strip()] or None
+    return neighbors

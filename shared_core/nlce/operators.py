@@ -66,16 +66,25 @@ def spectral_weights(s: torch.Tensor, a: float) -> torch.Tensor:
     return a * r / ((a - 1) * r + 1)
 
 
-def subspace(rows: torch.Tensor, rank: int | None, spectral: bool, a: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(basis (d, r), weights (r,)) of the row space of ``rows`` (n, d) from its SVD."""
+def subspace(rows: torch.Tensor, rank: int | None, spectral: bool, a: float,
+             weights_over: str = "kept") -> tuple[torch.Tensor, torch.Tensor]:
+    """(basis (d, r), weights (r,)) of the row space of ``rows`` (n, d) from its SVD.
+
+    Spectral weights normalise ``s_i^2`` over ``weights_over``: "all" singular values (then the
+    first ``rank`` are kept) or only the "kept" ones. Numerically null directions (s below 1e-6 of
+    the largest) are always dropped: they exist only for linearly dependent rows (a repeated
+    term), where the reference's plain projector would remove arbitrary directions.
+    """
     rows = rows.double()
     _, s, vh = torch.linalg.svd(rows, full_matrices=False)
-    keep = s > s[0] * 1e-6  # drop numerically null directions
+    keep = s > s[0] * 1e-6
     if rank is not None:
         keep[rank:] = False
-    s, basis = s[keep], vh[keep].T
-    weights = spectral_weights(s, a) if spectral else torch.ones_like(s)
-    return basis.float(), weights.float()
+    if spectral:
+        weights = spectral_weights(s, a)[keep] if weights_over == "all" else spectral_weights(s[keep], a)
+    else:
+        weights = torch.ones_like(s[keep])
+    return vh[keep].T.float(), weights.float()
 
 
 def projector(basis: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -86,12 +95,38 @@ def _key(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+TERM_SEPARATOR = "|"
+
+
+def concept_terms(entry) -> tuple[str, list[str]]:
+    """(name, terms) of one erased concept: the terms' rows form ONE subspace.
+
+    ``entry`` is a string (one term; ``"a | b | c"`` for several), a list of terms, or
+    ``"nudity"``, which stands for ``NUDITY_TERMS``. The name of a term list is its terms joined by
+    `` | `` (the text form again).
+    """
+    from .config import NUDITY_TERMS
+
+    if isinstance(entry, str):
+        if _key(entry) == "nudity":
+            return "nudity", list(NUDITY_TERMS)
+        entry = entry.split(TERM_SEPARATOR)
+    if not isinstance(entry, (list, tuple)) or not all(isinstance(t, str) for t in entry):
+        raise NlceError(f"a concept is a text or a list of texts, got {type(entry).__name__}")
+    terms = [" ".join(t.split()) for t in entry]
+    terms = [t for t in terms if t]
+    if not terms:
+        raise NlceError("no concept to erase; give at least one non-empty concept")
+    return f" {TERM_SEPARATOR} ".join(terms), terms
+
 class ConceptSet:
     """Operators of one or more erased concepts (bases and weights), built once and reused."""
 
     def __init__(self, concepts: list[str], neighbors: dict[str, list[str]], bases: list[tuple[torch.Tensor, torch.Tensor]],
-                 neighbor_bases: list[tuple[torch.Tensor, torch.Tensor] | None], config: NlceConfig):
+                 neighbor_bases: list[tuple[torch.Tensor, torch.Tensor] | None], config: NlceConfig,
+                 terms: dict[str, list[str]] | None = None):
         self.concepts, self.neighbors, self.config = list(concepts), dict(neighbors), config
+        self.terms = {c: list((terms or {}).get(c) or [c]) for c in self.concepts}  # the texts whose rows made each subspace
         self.bases, self.neighbor_bases = bases, neighbor_bases
         self.width = bases[0][0].shape[0]
         self._cache: dict = {}
@@ -102,7 +137,7 @@ class ConceptSet:
     def to(self, device=None, dtype=None) -> "ConceptSet":
         mv = lambda t: t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
         return ConceptSet(self.concepts, self.neighbors, [(mv(b), mv(w)) for b, w in self.bases],
-                          [None if nb is None else (mv(nb[0]), mv(nb[1])) for nb in self.neighbor_bases], self.config)
+                          [None if nb is None else (mv(nb[0]), mv(nb[1])) for nb in self.neighbor_bases], self.config, self.terms)
 
     def concept_projector(self, i: int) -> torch.Tensor:
         """``P_F`` of concept ``i`` (d x d)."""
@@ -136,7 +171,8 @@ class ConceptSet:
                 tensors[f"neighbor.{i}.basis"], tensors[f"neighbor.{i}.weights"] = self.neighbor_bases[i]
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
         meta = {"format": FORMAT, "format_version": str(VERSION), "concepts": json.dumps(self.concepts),
-                "neighbors": json.dumps(self.neighbors), "config": json.dumps(self.config.to_dict()), "width": str(self.width)}
+                "terms": json.dumps(self.terms), "neighbors": json.dumps(self.neighbors),
+                "config": json.dumps(self.config.to_dict()), "width": str(self.width)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -157,6 +193,7 @@ class ConceptSet:
             raise NlceError(f"{path}: NLCE operator format version {meta.get('format_version')} is not supported (this tool reads {VERSION})")
         try:
             concepts, neighbors = json.loads(meta["concepts"]), json.loads(meta["neighbors"])
+            terms = json.loads(meta.get("terms", "{}"))
             config, width = NlceConfig.from_dict(json.loads(meta["config"])), int(meta["width"])
             bases = [(tensors[f"concept.{i}.basis"], tensors[f"concept.{i}.weights"]) for i in range(len(concepts))]
             nbases = [(tensors[f"neighbor.{i}.basis"], tensors[f"neighbor.{i}.weights"]) if f"neighbor.{i}.basis" in tensors else None
@@ -168,7 +205,7 @@ class ConceptSet:
                 raise NlceError(f"{path}: damaged NLCE operator file (bad shapes or values); save it again")
         if not concepts:
             raise NlceError(f"{path}: the NLCE operator file holds no concept")
-        return cls(concepts, neighbors, bases, nbases, config)
+        return cls(concepts, neighbors, bases, nbases, config, terms)
 
 
 def _neighbors_for(concepts: list[str], neighbors) -> dict[str, list[str]]:
@@ -185,38 +222,45 @@ def _neighbors_for(concepts: list[str], neighbors) -> dict[str, list[str]]:
     return {c: list(neighbors) for c in concepts}
 
 
-def build_concept_set(encode: Encoder, concepts: list[str], neighbors=None, config: NlceConfig | None = None) -> ConceptSet:
+def _rows(encode: Encoder, texts: list[str], drop_start_row: bool) -> torch.Tensor:
+    """The real-token rows of ``texts`` stacked (n, d); without each text's start row when asked."""
+    rows = encode(texts)
+    for text, r in zip(texts, rows):
+        if r.shape[0] < 3:  # start + end only
+            raise NlceError(f"{text!r} has no real tokens after tokenising; give words the tokenizer knows")
+    return torch.cat([r[1:] if drop_start_row else r for r in rows])
+
+
+def build_concept_set(encode: Encoder, concepts, neighbors=None, config: NlceConfig | None = None) -> ConceptSet:
     """Operators for ``concepts`` (and their ``neighbors``) from the text encoder behind ``encode``.
 
-    ``neighbors``: None, one list shared by every concept, or {concept: [neighbours]}.
+    ``concepts``: a list of concepts, each a text, ``"a | b"`` or a list of terms forming ONE
+    subspace (see ``concept_terms``). ``neighbors``: None, one list shared by every concept, or
+    {concept: [neighbours]}.
     """
     config = config or make_nlce_config()
     if isinstance(concepts, str):
         concepts = [concepts]
-    concepts = [c.strip() for c in concepts or []]
-    if not concepts or any(not c for c in concepts):
+    entries = [concept_terms(c) for c in concepts or []]
+    if not entries:
         raise NlceError("no concept to erase; give at least one non-empty concept")
-    table = _neighbors_for(concepts, neighbors)
-    erased = {_key(c) for c in concepts}
+    names, terms = [n for n, _ in entries], dict(entries)
+    if len({_key(n) for n in names}) != len(names):
+        raise NlceError("the same concept is given twice; give each concept once")
+    table = _neighbors_for(names, neighbors)
+    erased = {_key(t) for ts in terms.values() for t in ts} | {_key(n) for n in names}
     for c, ns in table.items():
-        ns[:] = [n.strip() for n in ns if n and n.strip()]
+        if not all(isinstance(n, str) for n in ns):
+            raise NlceError(f"neighbours of {c!r} must be texts")
+        ns[:] = [" ".join(n.split()) for n in ns if n and n.strip()]
         clash = [n for n in ns if _key(n) in erased]
         if clash:
             raise NlceError(f"neighbour {clash[0]!r} is itself a concept to erase; remove it from the neighbours")
-    rows = encode(concepts)
     bases, nbases = [], []
-    for c, r in zip(concepts, rows):
-        if r.shape[0] < 3:  # start + end only
-            raise NlceError(f"concept {c!r} has no real tokens after tokenising; give words the tokenizer knows")
-        bases.append(subspace(r, config.concept_rank, config.concept_spectral, config.concept_a))
-    widths = {b.shape[0] for b, _ in bases}
-    if len(widths) != 1:
-        raise NlceError("the encoder returned rows of different widths; pass one text encoder")
-    for c in concepts:
+    for c in names:
+        rows = _rows(encode, terms[c], config.drop_start_row)
+        bases.append(subspace(rows, config.concept_rank, config.concept_spectral, config.concept_a, config.concept_weights_over))
         ns = table[c]
-        if ns:
-            nrows = torch.cat(encode(ns))
-            nbases.append(subspace(nrows, config.neighbor_rank, True, config.neighbor_a))
-        else:
-            nbases.append(None)
-    return ConceptSet(concepts, table, bases, nbases, config)
+        nbases.append(subspace(_rows(encode, ns, config.drop_start_row), config.neighbor_rank, True, config.neighbor_a)
+                      if ns else None)
+    return ConceptSet(names, table, bases, nbases, config, terms)

@@ -53,10 +53,10 @@ def spatial_shape_for(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int
 
 
 def live_token_mask(scores: torch.Tensor, candidates: torch.Tensor, ratio: float, floor: float) -> torch.Tensor:
-    """Live if score >= max(ratio * max candidate score, floor); only candidate rows can be live."""
+    """Live if score > max(ratio * max candidate score, floor) (strict, as the reference); only candidate rows can be live."""
     s = scores.masked_fill(~candidates, 0.0)
     top = s.amax(dim=-1, keepdim=True)
-    return candidates & (s >= torch.clamp(ratio * top, min=floor))
+    return candidates & (s > torch.clamp(ratio * top, min=floor))
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
