@@ -22,15 +22,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from comfy_hirm import core as patcher_logic  # ComfyUI-style patcher logic, shared by Forge's patchers
-from shared_core.encoders import extract_text_encoder
+from shared_core.adapters import patcher  # Forge's backend is a ComfyUI-style ModelPatcher
+from shared_core.encoders import base_signature
 from shared_core.errors import HirmError, NlceError, PatchMismatchError
+from shared_core.hosting import concept_set_for
+from shared_core.patch import base_mismatch_note
 
 from . import library
-from .nlce_runtime import A1111Nlce, Patched, concept_set, uncond_tensors
+from .nlce_runtime import A1111Nlce, Patched, uncond_tensors
 from .settings import ErasureSettings
-from .webui_model import (TextEncoderPatches, check_model, clean_weights, clip_l, family, forge_clip_state, is_forge,
-                          mismatch_note, weights_signature)
+from .webui_model import TextEncoderPatches, check_model, clean_weights, clip_l, family, forge_clip_state, is_forge
 
 log = logging.getLogger("hirm-erasure")
 COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
@@ -131,7 +132,7 @@ class Job:
 
     def concept_set(self, weights):
         s = self.settings
-        return concept_set(weights, list(s.concepts), s.neighbor_list(), self.config, self.env.device)
+        return concept_set_for(weights, list(s.concepts), s.neighbors, self.config, self.env.device)
 
     def start(self) -> None:
         self.prepare()
@@ -199,8 +200,8 @@ class A1111Job(Job):
                                          "OpenCLIP model; use a CLIP-L patch here, or Forge / ComfyUI for CLIP-G")
             encoder = clip_l(self.model)
             weights = clean_weights(encoder)
-            signature = weights_signature(weights)
-            self.notes += [n for patch, _ in self.patches if (n := mismatch_note(patch, signature))]
+            signature = base_signature(weights)
+            self.notes += [n for patch, _ in self.patches if (n := base_mismatch_note(patch, signature, "this model"))]
             self.te = TextEncoderPatches(encoder, self.patches)
         if self.config is not None:
             if family(self.model) != "sd1":
@@ -252,22 +253,20 @@ class ForgeJob(Job):
         if any(k.startswith("clip_h.") for k in state) and not any(k.startswith("clip_l.") for k in state):
             raise HirmError("this is an SD2.x model (OpenCLIP-H text encoder), which erasure patches and NLCE do not support")
         for (patch, strength), (name, _) in zip(self.patches, self.settings.patches):
-            patches, warning = patcher_logic.encoder_patches(state, patch)
+            patches, warning = patcher.clip_patches(state, patch)
             self.clip_patches.append((patches, strength, name))
             if warning:
                 self.notes.append(warning)
         if self.config is not None:
-            blocks = patcher_logic.cross_attention_blocks(objects.unet.model.diffusion_model)
+            blocks = patcher.cross_attention_blocks(objects.unet.model.diffusion_model)
             if family(self.model) != "sd1" or not blocks:
                 raise NlceError("NLCE supports SD1.x models (a UNet with cross-attention reading CLIP-L's 768-wide rows); "
                                 "turn NLCE off or load an SD1.x model")
-            _, weights = extract_text_encoder({k: v for k, v in state.items() if k.startswith("clip_l.")}, "clip_l")
-            self.cs = self.concept_set(weights)
-            self.gating = patcher_logic.gating_block(blocks)
-            self.gating_to_k = blocks[self.gating].to_k
-            if self.gating_to_k.in_features != self.cs.width:
-                raise NlceError(f"this UNet's cross-attention reads {self.gating_to_k.in_features}-wide rows but CLIP-L gives "
-                                f"{self.cs.width}; NLCE supports SD1.x models")
+            self.cs = self.concept_set(patcher.encoder_weights(state))
+            width = next(iter(blocks.values())).to_k.in_features
+            if width != self.cs.width:
+                raise NlceError(f"this UNet's cross-attention reads {width}-wide rows but CLIP-L gives {self.cs.width}; "
+                                "NLCE supports SD1.x models")
 
     def _replace(self, attribute: str, clone) -> None:
         objects = self.p.sd_model.forge_objects
@@ -295,14 +294,9 @@ class ForgeJob(Job):
     def before_sampling(self) -> None:
         if self.cs is None:
             return
-        unet = self.p.sd_model.forge_objects.unet.clone()
-        state = patcher_logic.ComfyNlce(self.cs, self.config, unet.model.predictor.timestep, self.gating, self.gating_to_k)
-        state.previous_wrapper = unet.model_options.get("model_function_wrapper")
-        unet.set_model_attn2_patch(state.context_patch)
-        for block, number, index in patcher_logic.cross_attention_blocks(unet.model.diffusion_model):
-            unet.set_model_attn2_replace(state.attention, block, number, index)
-        unet.set_model_unet_function_wrapper(state.unet_wrapper)
-        self._replace("unet", unet)
+        unet = self.p.sd_model.forge_objects.unet
+        clone, _ = patcher.install_nlce(unet, self.cs, self.config, unet.model.predictor.timestep)
+        self._replace("unet", clone)
 
     def undo(self) -> None:
         originals = []

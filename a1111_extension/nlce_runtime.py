@@ -10,21 +10,14 @@ to learn where the words of each prompt are in its conditioning rows.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable
 
 import torch
 
 from shared_core import nlce
-from shared_core.encoders import build_text_model, signature_id
 from shared_core.errors import NlceError
-from shared_core.tokenizer import clip_tokenizer
-
-from .webui_model import weights_signature
 
 CHUNK = 77  # A1111 encodes prompts in chunks of 77 rows (start, 75 tokens, end)
-_CONCEPT_SETS: OrderedDict = OrderedDict()
-_KEEP = 4
 
 
 class Patched:
@@ -55,31 +48,6 @@ class Patched:
                 setattr(self.owner, self.name, self.saved)
             else:
                 delattr(self.owner, self.name)
-
-
-# ---------------------------------------------------------------------------------------------- operators
-
-
-def concept_set(weights: dict[str, torch.Tensor], concepts: list[str], neighbors: list[str] | None, config,
-                device="cpu") -> nlce.ConceptSet:
-    """NLCE operators for ``concepts`` from canonical CLIP-L ``weights``; ``neighbors`` None mines them.
-
-    Cached per (base weights, concepts, neighbours, operator settings): building (and mining)
-    runs once, not per job.
-    """
-    operator = tuple(getattr(config, k) for k in nlce.OPERATOR_SETTINGS)
-    key = (signature_id(weights_signature(weights)), tuple(concepts), None if neighbors is None else tuple(neighbors), operator)
-    if key not in _CONCEPT_SETS:
-        encode = nlce.clip_row_encoder(build_text_model(weights, device=device), clip_tokenizer())
-        if neighbors is None:
-            table = {c: [w for w, _ in nlce.mine_neighbors(encode, c, exclude=concepts)] for c in concepts}
-        else:
-            table = {c: list(neighbors) for c in concepts}
-        _CONCEPT_SETS[key] = nlce.build_concept_set(encode, list(concepts), table, config)
-        while len(_CONCEPT_SETS) > _KEEP:
-            _CONCEPT_SETS.popitem(last=False)
-    _CONCEPT_SETS.move_to_end(key)
-    return _CONCEPT_SETS[key]
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -126,9 +94,7 @@ class A1111Nlce:
                  check: Callable[[], None] = lambda: None):
         dm = sd_model.model.diffusion_model
         self.attention = {n: m for n, m in dm.named_modules() if n.endswith("attn2")}
-        gating = nlce.GATING_LAYERS["sd1"]["ldm"]
-        if gating not in self.attention:
-            raise NlceError(f"this UNet has no {gating} cross-attention; NLCE supports SD1.x models")
+        gating = nlce.gating_layer(self.attention)
         width = self.attention[gating].to_k.in_features
         if width != concepts.width:
             raise NlceError(f"this UNet's cross-attention reads {width}-wide text rows but CLIP-L gives {concepts.width}; "
@@ -179,12 +145,7 @@ class A1111Nlce:
         def forward(x, timesteps=None, context=None, *args, **kwargs):
             t = float(timesteps.flatten()[0]) if torch.is_tensor(timesteps) else float(timesteps)
             self.latent_hw, self._rows = tuple(x.shape[-2:]), {}
-            cfg = session.config
-            if cfg.schedule == "faithful" and (cfg.stage2 or cfg.stage3) and session.in_window(t):
-                session.begin_pass(t, dry=True)
-                original(x, timesteps, context, *args, **kwargs)
-            session.begin_pass(t)
-            return original(x, timesteps, context, *args, **kwargs)
+            return nlce.run_unet_pass(session, t, lambda: original(x, timesteps, context, *args, **kwargs))
         return forward
 
     def _cross_attention(self, module, is_gating: bool):
@@ -201,11 +162,9 @@ class A1111Nlce:
                 self.check()
                 cond, words = self.rows(context)
                 prepared = session.prepare(context, cond, words)
-                q = module.to_q(x)
-                k, v = module.to_k(prepared.context), module.to_v(prepared.context)
-                gate_key = module.to_k(context) if is_gating and prepared.context is not context else None
                 shape = nlce.spatial_shape_for(x.shape[1], self.latent_hw)
-                out = session.attend(q, k, v, module.heads, prepared, shape, is_gating, gate_key=gate_key)
+                out = nlce.cross_attention(session, module.to_q(x), context, prepared, module.to_k, module.to_v, module.heads,
+                                           shape, is_gating)
                 return module.to_out(out.to(x.dtype))
             return forward
         return make

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from shared_core import nlce
+from shared_core.common import split_list
 from shared_core.errors import HirmError, NlceError
 
 MAX_PATCHES = 3
@@ -23,11 +24,6 @@ PATCHES_KEY = "Erasure patches"
 NLCE_KEY = "Erasure NLCE"
 NLCE_KEYS = {"neighbors": "Erasure NLCE neighbors", "preset": "Erasure NLCE preset", "beta": "Erasure NLCE beta",
              "gamma": "Erasure NLCE gamma", "schedule": "Erasure NLCE schedule"}
-
-
-def split_list(text: str) -> list[str]:
-    """One entry per line or comma, blanks dropped."""
-    return [c.strip() for c in re.split(r"[\n,]", text or "") if c.strip()]
 
 
 def _number(value, what: str) -> float:
@@ -97,10 +93,6 @@ class ErasureSettings:
 
     def nlce_config(self):
         return nlce.make_nlce_config(self.preset, beta=self.beta, gamma=self.gamma, schedule=self.schedule)
-
-    def neighbor_list(self) -> list[str] | None:
-        """None for "auto" (mine them), else the typed list (possibly empty)."""
-        return None if self.neighbors == "auto" else split_list(self.neighbors)
 
     # -- infotext ------------------------------------------------------------------------------
 

@@ -13,11 +13,14 @@ import re
 import threading
 from typing import Callable, Iterator
 
-from comfy_hirm import core as patcher_logic  # train() on a CLIP state dict, with its cache of trained patches
+from shared_core.adapters import patcher
+from shared_core.common import split_list
 from shared_core.errors import HirmError
+from shared_core.hirm import make_config
+from shared_core.hosting import train_on_weights
 from shared_core.patch import save_patch
+from shared_core.report import format_report
 
-from .settings import split_list
 from .webui_model import check_model, clean_weights, clip_l, forge_clip_state, is_forge
 
 log = logging.getLogger("hirm-erasure")
@@ -37,16 +40,16 @@ def output_path(folder: str, name: str, overwrite: bool) -> str:
     return path
 
 
-def encoder_state(sd_model) -> dict:
-    """CLIP-L weights of the loaded model as a state dict under ``clip_l.transformer.*`` names."""
+def encoder_weights(sd_model) -> dict:
+    """Canonical CLIP-L weights of the loaded model as loaded from its file (LoRAs merged by the webui taken out)."""
     check_model(sd_model)
     if is_forge(sd_model):
         objects = getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
         state = forge_clip_state(objects.clip)
         if not any(k.startswith("clip_l.") for k in state):
             raise HirmError("this model has no CLIP-L text encoder; HiRM trains CLIP-L (SD1.x, SDXL, Flux)")
-        return state
-    return {"clip_l.transformer." + k: v for k, v in clean_weights(clip_l(sd_model)).items()}
+        return patcher.encoder_weights(state)
+    return clean_weights(clip_l(sd_model))
 
 
 def train(sd_model, *, concepts: str, method: str, anchor: str, preset: str, steps: int, seed: int, name: str,
@@ -57,11 +60,11 @@ def train(sd_model, *, concepts: str, method: str, anchor: str, preset: str, ste
     concept_list = split_list(concepts)
     if not concept_list:
         raise HirmError("no concept given: type the concepts to erase (one per line)")
-    patch, report = patcher_logic.train(encoder_state(sd_model), concept_list, method=method, anchor=(anchor or "").strip() or None,
-                                        preset=preset, steps=int(steps or 0), seed=42 if seed in (None, "") else int(seed), device=device,
-                                        progress=progress, should_cancel=should_cancel)
+    config = make_config(concept_list, method=method, anchor=(anchor or "").strip() or None, preset=preset,
+                         steps=int(steps or 0) or None, seed=42 if seed in (None, "") else int(seed))
+    patch = train_on_weights(encoder_weights(sd_model), config, device=device, progress=progress, should_cancel=should_cancel)
     save_patch(patch, path)
-    return path, report
+    return path, format_report(patch.report)
 
 
 def run_in_background(work: Callable[[Callable], tuple[str, str]], poll: float = 0.25) -> Iterator[tuple[str, str]]:

@@ -12,9 +12,9 @@ import warnings
 
 import torch
 
-from shared_core.encoders import base_signature, canonical_parameters, signature_id, signatures_match
+from shared_core.encoders import canonical_parameters
 from shared_core.errors import HirmError
-from shared_core.patch import BaseMismatchWarning, apply_patch, check_compatible
+from shared_core.patch import BaseMismatchWarning, applied_patches, apply_patch, check_compatible, forget_applied
 
 # attributes A1111's built-in Lora extension keeps on every layer it may change (extensions-builtin/Lora/networks.py)
 LORA_ATTRS = ("network_current_names", "network_weights_backup", "network_bias_backup")
@@ -69,7 +69,7 @@ def _owners(model) -> dict[int, tuple[torch.nn.Module, str]]:
 def clean_weights(model) -> dict[str, torch.Tensor]:
     """Canonical weights of a CLIPTextModel as loaded from the checkpoint: where A1111's Lora extension
     has merged a LoRA into a layer, its backup of the original weight is used instead."""
-    if getattr(model, "_hirm_applied", None):
+    if applied_patches(model):
         raise HirmError("an erasure patch is still applied to this text encoder; finish or cancel the running job first")
     params = canonical_parameters(model)
     owners = _owners(model)
@@ -81,25 +81,11 @@ def clean_weights(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def weights_signature(weights: dict[str, torch.Tensor]) -> list[float]:
-    layers = 1 + max(int(n.split(".")[3]) for n in weights if n.startswith("text_model.encoder.layers."))
-    return base_signature(weights, layers)
-
-
 def forge_clip_state(clip) -> dict[str, torch.Tensor]:
     """State dict of a Forge CLIP as loaded: LoRA-merged tensors replaced by the LoraLoader's backups."""
     sd = clip.cond_stage_model.state_dict()
     backup = getattr(getattr(clip.patcher, "lora_loader", None), "backup", None) or {}
     return {k: backup.get(k, v) for k, v in sd.items()}
-
-
-def mismatch_note(patch, signature: list[float]) -> str | None:
-    """A one-line note when ``patch`` was trained on other base weights than ``signature`` describes."""
-    if signatures_match(signature, patch.metadata.get("base_signature", [])):
-        return None
-    return (f"erasure patch '{', '.join(patch.concepts)}' was trained on other base weights "
-            f"({patch.metadata.get('base_fingerprint')}) than this model ({signature_id(signature)}); "
-            "it may erase less: retrain it on this model for best results")
 
 
 class TextEncoderPatches:
@@ -145,12 +131,7 @@ class TextEncoderPatches:
     def forget(self) -> None:
         """The model's weights were reloaded from a file (fresh, unpatched): drop the handles without
         writing anything back, so that nothing stale is ever restored over new weights."""
-        stack = getattr(self.model, "_hirm_applied", [])
-        for handle in self.handles:
-            if handle in stack:
-                stack.remove(handle)
-        if not stack:
-            self.model.__dict__.pop("_hirm_base_signature", None)
+        forget_applied(self.model)
         self.handles, self.lora_state = [], {}
 
     def remove(self) -> None:

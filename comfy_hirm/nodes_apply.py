@@ -21,7 +21,7 @@ class ApplyEncoderPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, patch, strength) -> io.NodeOutput:
-        patches, warning = core.encoder_patches(host.clip_state_dict(clip), patch)
+        patches, warning = core.patcher.clip_patches(host.clip_state_dict(clip), patch)
         if warning:
             host.log.warning("[hirm] %s", warning)
         patched = clip.clone()

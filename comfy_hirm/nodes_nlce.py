@@ -31,7 +31,10 @@ class NlceGate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, neighbors, preset, beta, gamma, suppression, schedule) -> io.NodeOutput:
-        patched, used = core.nlce_model(model, host.clip_state_dict(clip), core.parse_list(concepts), neighbors, preset=preset,
-                                        device=host.compute_device(), beta=beta, gamma=None if gamma < 0 else gamma,
-                                        suppression=suppression, schedule=schedule)
-        return io.NodeOutput(patched, "\n".join(f"{c}: {', '.join(ns) or '(none)'}" for c, ns in used.items()))
+        config = core.nlce.make_nlce_config(preset, beta=beta, gamma=None if gamma < 0 else gamma, suppression=suppression,
+                                            schedule=schedule)
+        weights = core.patcher.encoder_weights(host.clip_state_dict(clip))
+        concept_set = core.hosting.concept_set_for(weights, core.common.split_list(concepts, "concept"), neighbors, config,
+                                                   device=host.compute_device())
+        patched, _ = core.patcher.install_nlce(model, concept_set, config, model.get_model_object("model_sampling").timestep)
+        return io.NodeOutput(patched, "\n".join(f"{c}: {', '.join(ns) or '(none)'}" for c, ns in concept_set.neighbors.items()))

@@ -33,8 +33,9 @@ class TrainErasurePatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, concepts, method, anchor, preset, steps, learning_rate, seed) -> io.NodeOutput:
-        concept_list = core.parse_list(concepts)
-        patch, text = core.train(host.clip_state_dict(clip), concept_list, method=method, anchor=anchor.strip() or None,
-                                 preset=preset, steps=steps, lr=learning_rate, seed=seed, device=host.compute_device(),
-                                 progress=host.progress_callback(), should_cancel=host.check_interrupted)
-        return io.NodeOutput(patch, text)
+        config = core.hirm.make_config(core.common.split_list(concepts, "concept"), method=method, anchor=anchor.strip() or None,
+                                       preset=preset, steps=steps or None, lr=learning_rate or None, seed=seed)
+        weights = core.patcher.encoder_weights(host.clip_state_dict(clip))
+        patch = core.hosting.train_on_weights(weights, config, device=host.compute_device(), progress=host.progress_callback(),
+                                              should_cancel=host.check_interrupted)
+        return io.NodeOutput(patch, core.report.format_report(patch.report))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import warnings
 
-from . import __version__
+from . import __version__, cli_hub, cli_nlce
+from .common import parse_patch_arg, resolve_device, slug
 from .errors import HirmError
 from .files import atomic_write
 
@@ -19,20 +19,6 @@ SOURCE_HELP = ("the text encoder: a single-file checkpoint (SD1.x, SDXL, Flux/SD
 NO_SOURCE = ("no text encoder given: pass a checkpoint file (e.g. v1-5-pruned-emaonly.safetensors, sd_xl_base_1.0.safetensors, "
              "clip_l.safetensors), a diffusers model folder or a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5); "
              "run 'hirm demo' to check the install on a tiny random model")
-
-
-def _device_dtype(device: str | None):
-    import torch
-
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HirmError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return device
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "concept"
 
 
 class _Progress:
@@ -76,7 +62,7 @@ def cmd_train(args) -> int:
                          templates=args.template, neighbors=args.neighbor, multi=args.multi, eta=args.eta,
                          target_scale=args.scale, **({"pairs": pairs} if pairs else {}))
     out = args.out or f"erasure-{slug('-'.join(config.concepts))}.safetensors"
-    device = _device_dtype(args.device)
+    device = resolve_device(args.device)
     enc = load_text_encoder(args.source, component=args.component, device=device, dtype=torch.float32)
     progress = _Progress(not args.json and not args.quiet)
     try:
@@ -145,14 +131,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def parse_patch_arg(text: str) -> tuple[str, float]:
-    path, _, strength = text.partition(":") if not os.path.exists(text) else (text, "", "")
-    try:
-        return path, float(strength) if strength else 1.0
-    except ValueError:
-        raise HirmError(f"--patch {text}: write FILE or FILE:STRENGTH (e.g. vangogh.safetensors:0.8)") from None
-
-
 def cmd_apply(args) -> int:
     if not args.source:
         raise HirmError(NO_SOURCE)
@@ -186,7 +164,7 @@ def _apply_to_checkpoint(source: str, patches, out: str) -> None:
         return prefix + (name[len("text_model."):] if flat else name)
 
     changed = merged_state_dict({key(k): v for k, v in canon.items()}, patches, key)
-    _check_fingerprint(canon, patches)
+    _warn_base_mismatch(canon, patches)
     sd.update(changed)
     meta = {}
     if source.endswith(".safetensors"):
@@ -196,15 +174,14 @@ def _apply_to_checkpoint(source: str, patches, out: str) -> None:
     atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
 
 
-def _check_fingerprint(canon, patches) -> None:
-    from .encoders import base_signature, config_from_state_dict, signatures_match
-    from .patch import BaseMismatchWarning
+def _warn_base_mismatch(canon, patches) -> None:
+    from .encoders import base_signature
+    from .patch import BaseMismatchWarning, base_mismatch_note
 
-    sig = base_signature(canon, config_from_state_dict(canon).num_hidden_layers)
+    signature = base_signature(canon)
     for p, _ in patches:
-        if not signatures_match(sig, p.metadata.get("base_signature", [])):
-            warnings.warn(f"patch '{', '.join(p.concepts)}' was trained on other base weights; retrain it on this model for best results",
-                          BaseMismatchWarning, stacklevel=2)
+        if note := base_mismatch_note(p, signature, "this checkpoint"):
+            warnings.warn(note, BaseMismatchWarning, stacklevel=2)
 
 
 def _apply_to_folder(source: str, patches, out: str, component: str) -> None:
@@ -309,12 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=5)
     d.set_defaults(func=cmd_demo)
 
-    for module, attr in ((".cli_nlce", "add_parser"), (".cli_hub", "add_parsers")):
-        try:
-            mod = __import__(__package__ + module, fromlist=[attr])
-        except ImportError:
-            continue
-        getattr(mod, attr)(sub)
+    cli_nlce.add_parser(sub)
+    cli_hub.add_parsers(sub)
     return ap
 
 

@@ -113,7 +113,7 @@ def cmd_nlce(args) -> int:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from .cli import _device_dtype, parse_patch_arg
+    from .common import parse_patch_arg, resolve_device
     from .nlce import apply_nlce, make_nlce_config
     from .patch import load_patch, patched
 
@@ -124,7 +124,7 @@ def cmd_nlce(args) -> int:
     concepts = _concepts(args)
     patch_args = [parse_patch_arg(p) for p in args.patch or []]
     patches = [(load_patch(f), s) for f, s in patch_args]
-    pipe = _load_pipeline(args.model, _device_dtype(args.device))
+    pipe = _load_pipeline(args.model, resolve_device(args.device))
     pipe.set_progress_bar_config(disable=True)
 
     def render(prompt):

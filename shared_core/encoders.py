@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .common import short_error
 from .errors import EncoderSourceError, HirmError
 
 CANONICAL = "text_model."
@@ -46,14 +47,63 @@ _OPENCLIP_MARKERS = {
 }
 
 
+# Attribute names hosts insert between a module and its parameters: A1111's sd_hijack replaces CLIP's
+# token embedding with EmbeddingsWithFixes, which holds the original nn.Embedding as ``.wrapped``
+# (SD1.x, and both SDXL embedders).
+HOST_WRAPPERS = ("wrapped",)
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How a host names an encoder's tensors: ``prefix`` + the canonical name (``nested``) or the
+    name without its ``text_model.`` level (transformers 5's flat layout, as some files store it)."""
+
+    prefix: str = ""
+    nested: bool = True
+
+
+# ComfyUI's and Forge's CLIP patchers (SD1.x, SDXL, SD3, Flux)
+PATCHER_LAYOUTS = {"clip_l": KeyLayout("clip_l.transformer."), "clip_g": KeyLayout("clip_g.transformer.")}
+
+
+def host_key(name: str, layout: KeyLayout) -> str:
+    """The host's key for canonical parameter ``name``: the only place canonical names become host keys."""
+    if not name.startswith(CANONICAL):
+        raise HirmError(f"{name} is not a canonical text-encoder name")
+    return layout.prefix + (name if layout.nested else name[len(CANONICAL):])
+
+
+def canonical_from_host(state: Mapping[str, torch.Tensor], layout: KeyLayout) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` under ``layout`` renamed to canonical names (others left out)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(layout.prefix):
+            rest = k[len(layout.prefix):]
+            out[rest if layout.nested else CANONICAL + rest] = v
+    return {k: v for k, v in out.items() if k.startswith(_TEXT_PARTS)}
+
+
 def text_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module holding ``embeddings``/``encoder``/``final_layer_norm`` (4.x and 5.x layouts)."""
     return getattr(model, "text_model", model)
 
 
+def canonical_parameter_name(path: str) -> str:
+    """Canonical name of a parameter path inside the text module, host wrappers (``HOST_WRAPPERS``) taken out."""
+    return CANONICAL + ".".join(part for part in path.split(".") if part not in HOST_WRAPPERS)
+
+
 def canonical_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The encoder's parameters under canonical names, whatever the transformers layout."""
-    return {CANONICAL + n: p for n, p in text_module(model).named_parameters()}
+    """The encoder's parameters under canonical names, whatever the transformers layout or host wrapping."""
+    return {canonical_parameter_name(n): p for n, p in text_module(model).named_parameters()}
+
+
+def num_layers(weights: Mapping[str, torch.Tensor]) -> int:
+    """How many transformer layers a canonical state dict holds."""
+    found = [int(m.group(1)) for k in weights if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))]
+    if not found:
+        raise EncoderSourceError("the text encoder weights hold no transformer layers; the file is damaged or not a CLIP text encoder")
+    return 1 + max(found)
 
 
 def encoder_layers(model: torch.nn.Module):
@@ -149,7 +199,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]):
     from transformers import CLIPTextConfig
 
     vocab, hidden = sd[CANONICAL + _TOKEN_EMBEDDING].shape
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)))
+    layers = num_layers(sd)
     inter = sd[CANONICAL + "encoder.layers.0.mlp.fc1.weight"].shape[0]
     positions = sd[CANONICAL + "embeddings.position_embedding.weight"].shape[0]
     # CLIP-L (OpenAI) uses quick_gelu; the OpenCLIP encoders (bigG, H) use gelu.
@@ -214,20 +264,16 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except Exception as e:  # safetensors raises several types
-            raise EncoderSourceError(f"{path}: not a readable safetensors file ({_short(e)})") from None
+            raise EncoderSourceError(f"{path}: not a readable safetensors file ({short_error(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise EncoderSourceError(f"{path}: not a readable checkpoint ({_short(e)}); convert it to .safetensors") from None
+        raise EncoderSourceError(f"{path}: not a readable checkpoint ({short_error(e)}); convert it to .safetensors") from None
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise EncoderSourceError(f"{path}: holds no state dict")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _short(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
 
 def _folder_state_dict(folder: str) -> dict[str, torch.Tensor]:
@@ -291,7 +337,7 @@ def _download(repo_id: str, local_files_only: bool | None) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=bool(local_files_only))
     except HfHubHTTPError as e:
-        raise EncoderSourceError(f"{repo_id}: the Hugging Face Hub refused the download ({_short(e)}); check the repo id, or log in for a private repo") from None
+        raise EncoderSourceError(f"{repo_id}: the Hugging Face Hub refused the download ({short_error(e)}); check the repo id, or log in for a private repo") from None
     except Exception as e:
         raise EncoderSourceError(
             f"{repo_id}: not a local path, and the Hugging Face Hub cannot be reached or has no cached copy ({type(e).__name__}); "
@@ -350,7 +396,7 @@ _SIGNATURE_TENSORS = (
 _SIGNATURE_SAMPLES = 64
 
 
-def base_signature(params: Mapping[str, torch.Tensor], num_layers: int) -> list[float]:
+def base_signature(params: Mapping[str, torch.Tensor], layers: int | None = None) -> list[float]:
     """A few hundred fixed weight samples that identify a base encoder.
 
     Robust to fp16/bf16/fp32 copies of the same weights (compared with a tolerance by
@@ -358,7 +404,7 @@ def base_signature(params: Mapping[str, torch.Tensor], num_layers: int) -> list[
     """
     values = []
     for name in _SIGNATURE_TENSORS:
-        t = params[name.format(last=num_layers - 1)].detach()
+        t = params[name.format(last=(layers or num_layers(params)) - 1)].detach()
         g = torch.Generator().manual_seed(len(name))
         idx = torch.randint(0, t.numel(), (_SIGNATURE_SAMPLES,), generator=g)
         values += t.reshape(-1)[idx.to(t.device)].float().cpu().tolist()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any, Iterable
 
 import torch
 
+from .common import short_error, slug
 from .errors import HirmError, PatchFileError
 from .patch import ErasurePatch, decode_metadata, load_patch, save_patch
 
@@ -25,13 +25,8 @@ _SERVES = {
 
 
 def concept_slug(concept: str) -> str:
-    """File-name form of a concept: lower case, runs of other characters become '-'."""
-    slug = re.sub(r"[^a-z0-9]+", "-", concept.strip().lower()).strip("-")
-    return slug or "patch"
-
-
-def _short(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:160]
+    """File-name form of a concept (``common.slug``): safe, bounded, and different for different concepts."""
+    return slug(concept.strip(), empty="patch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +67,7 @@ def push(patch_files: Iterable[str], repo_id: str, *, private: bool = False, tok
     except HirmError:
         raise
     except Exception as e:
-        raise HirmError(f"{repo_id}: upload to the Hugging Face Hub failed ({_short(e)}); check the repo id, "
+        raise HirmError(f"{repo_id}: upload to the Hugging Face Hub failed ({short_error(e)}); check the repo id, "
                         "your token's write access ('hf auth login') and the network") from None
     return {"repo": repo_id, "files": [name for _, name, _ in patches], "commit": getattr(info, "commit_url", None)}
 
@@ -155,7 +150,7 @@ def _hub_error(e: BaseException, repo_id: str, what: str) -> HirmError:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
             return HirmError(f"{repo_id}: access denied ({status}); it is private: log in with 'hf auth login' or pass a token")
-        return HirmError(f"{repo_id}: the Hugging Face Hub refused the request ({_short(e)})")
+        return HirmError(f"{repo_id}: the Hugging Face Hub refused the request ({short_error(e)})")
     return HirmError(f"{repo_id}: the Hugging Face Hub cannot be reached and no cached copy of {what} exists "
                      f"({type(e).__name__}); connect once, or pull a local file")
 

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import re
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -258,6 +260,69 @@ def expected_shape(name: str, enc: Mapping[str, Any]) -> tuple[int, ...] | None:
 # Applying to a transformers CLIPTextModel
 
 
+# The strengths every entry point accepts: beyond 4x the trained change a patch stops meaning anything
+# (and large values overflow fp16 weights); negative values undo an erasure, which is allowed.
+STRENGTH_RANGE = (-4.0, 4.0)
+
+
+def check_strength(strength, what: str = "strength") -> float:
+    """``strength`` as a float, or a one-line HirmError when it is not a finite number in ``STRENGTH_RANGE``."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise HirmError(f"{what} must be a number, got {strength!r}") from None
+    lo, hi = STRENGTH_RANGE
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise HirmError(f"{what} must be a finite number from {lo:g} to {hi:g}, got {strength!r}")
+    return value
+
+
+def base_mismatch_note(patch: ErasurePatch, signature: list[float], where: str = "this encoder") -> str | None:
+    """The one-line note for a patch trained on other base weights than ``signature`` describes (None when they match)."""
+    if signatures_match(signature, patch.metadata.get("base_signature", [])):
+        return None
+    return (f"erasure patch '{', '.join(patch.concepts)}' was trained on other base weights "
+            f"({patch.metadata.get('base_fingerprint')}) than {where} ({signature_id(signature)}), e.g. another "
+            "fine-tune; it may erase less or drift more: retrain it on this model for best results")
+
+
+class _Applied:
+    """What the core knows about one model's applied patches (never stored on the model itself)."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.stack: list[AppliedPatch] = []
+        self.base_signature: list[float] | None = None
+
+
+_APPLIED: "weakref.WeakKeyDictionary[Any, _Applied]" = weakref.WeakKeyDictionary()
+_APPLIED_LOCK = threading.Lock()
+
+
+def _applied(model) -> _Applied:
+    with _APPLIED_LOCK:
+        state = _APPLIED.get(model)
+        if state is None:
+            state = _APPLIED[model] = _Applied()
+        return state
+
+
+def applied_patches(model) -> list["AppliedPatch"]:
+    """The patches applied to ``model`` and not yet removed, oldest first."""
+    state = _APPLIED.get(model)
+    return list(state.stack) if state else []
+
+
+def forget_applied(model) -> None:
+    """Drop what the core knows of ``model``'s patches without touching its weights: for a host that has just
+    reloaded them from a file (so that nothing stale is ever written back over new weights)."""
+    state = _APPLIED.get(model)
+    if state is not None:
+        with state.lock:
+            state.stack.clear()
+            state.base_signature = None
+
+
 @dataclass(eq=False)
 class AppliedPatch:
     """Handle of a patch applied to a model; ``remove()`` restores the weights bit for bit."""
@@ -269,18 +334,19 @@ class AppliedPatch:
     base_matches: bool
 
     def remove(self) -> None:
-        stack = getattr(self.model, "_hirm_applied", [])
-        if self not in stack:
-            return
-        if stack[-1] is not self:
-            raise HirmError("patches must be removed in reverse order of application; remove the most recent one first")
-        params = canonical_parameters(self.model)
-        with torch.no_grad():
-            for name, orig in self.originals.items():
-                params[name].data.copy_(orig)
-        stack.pop()
-        if not stack:
-            del self.model._hirm_base_signature
+        state = _applied(self.model)
+        with state.lock:
+            if self not in state.stack:
+                return
+            if state.stack[-1] is not self:
+                raise HirmError("patches must be removed in reverse order of application; remove the most recent one first")
+            params = canonical_parameters(self.model)
+            with torch.no_grad():
+                for name, orig in self.originals.items():
+                    params[name].data.copy_(orig)
+            state.stack.pop()
+            if not state.stack:
+                state.base_signature = None
 
 
 def check_compatible(patch: ErasurePatch, model) -> None:
@@ -301,47 +367,50 @@ def check_compatible(patch: ErasurePatch, model) -> None:
 def apply_patch(model, patch: ErasurePatch, strength: float = 1.0) -> AppliedPatch:
     """Add ``strength * delta`` to the model's weights in place; returns a handle to undo it.
 
-    Refuses a patch for another architecture before touching anything; warns
-    (``BaseMismatchWarning``) when the base weights differ from those the patch was trained on.
+    Refuses a patch for another architecture, or a strength outside ``STRENGTH_RANGE``, before
+    touching anything; warns (``BaseMismatchWarning``) when the base weights differ from those the
+    patch was trained on. Safe to call from several threads: each model has its own lock.
     """
-    if not math.isfinite(strength):
-        raise HirmError(f"strength must be a finite number, got {strength}")
+    strength = check_strength(strength)
     check_compatible(patch, model)
-    stack = getattr(model, "_hirm_applied", None)
-    if stack is None:
-        stack = model._hirm_applied = []
-    if not stack:
-        model._hirm_base_signature = model_signature(model)
-    matches = signatures_match(model._hirm_base_signature, patch.metadata.get("base_signature", []))
-    if not matches:
-        warnings.warn(
-            f"patch '{', '.join(patch.concepts)}' was trained on other base weights "
-            f"({patch.metadata.get('base_fingerprint')}) than this encoder ({signature_id(model._hirm_base_signature)}), "
-            "e.g. another fine-tune of CLIP-L; it may erase less or drift more: retrain it on this model for best results",
-            BaseMismatchWarning, stacklevel=2)
-    params = canonical_parameters(model)
-    originals = {n: params[n].detach().clone() for n in patch.deltas}
-    with torch.no_grad():
-        for name, delta in patch.deltas.items():
-            p = params[name]
-            p.data.copy_((p.data.float() + strength * delta.to(p.device, torch.float32)).to(p.dtype))
-    handle = AppliedPatch(model, patch, float(strength), originals, matches)
-    stack.append(handle)
-    return handle
+    state = _applied(model)
+    with state.lock:
+        if not state.stack:
+            state.base_signature = model_signature(model)
+        note = base_mismatch_note(patch, state.base_signature)
+        if note:
+            warnings.warn(note, BaseMismatchWarning, stacklevel=2)
+        params = canonical_parameters(model)
+        originals = {n: params[n].detach().clone() for n in patch.deltas}
+        new = {n: (params[n].data.float() + strength * d.to(params[n].device, torch.float32)).to(params[n].dtype)
+               for n, d in patch.deltas.items()}
+        check_finite(new, f"the encoder with '{', '.join(patch.concepts)}' at strength {strength:g}",
+                     "nothing was changed: lower the strength", PatchMismatchError)
+        with torch.no_grad():
+            for name, value in new.items():
+                params[name].data.copy_(value)
+        handle = AppliedPatch(model, patch, strength, originals, note is None)
+        state.stack.append(handle)
+        return handle
 
 
 @contextlib.contextmanager
 def patched(model, patches: ErasurePatch | Iterable[tuple[ErasurePatch, float]], strength: float = 1.0):
-    """Context manager: the model carries the patch(es) inside the block, its own weights after."""
+    """Context manager: the model carries the patch(es) inside the block, its own weights after.
+
+    The block holds the model's lock: another thread using ``patched`` on the same model waits
+    until this block ends (nested blocks in one thread are fine).
+    """
     pairs = [(patches, strength)] if isinstance(patches, ErasurePatch) else list(patches)
-    handles = []
-    try:
-        for p, s in pairs:
-            handles.append(apply_patch(model, p, s))
-        yield handles
-    finally:
-        for h in reversed(handles):
-            h.remove()
+    with _applied(model).lock:
+        handles = []
+        try:
+            for p, s in pairs:
+                handles.append(apply_patch(model, p, s))
+            yield handles
+        finally:
+            for h in reversed(handles):
+                h.remove()
 
 
 def merged_state_dict(canonical_sd: Mapping[str, torch.Tensor], patches: Iterable[tuple[ErasurePatch, float]],
@@ -352,6 +421,7 @@ def merged_state_dict(canonical_sd: Mapping[str, torch.Tensor], patches: Iterabl
     """
     out: dict[str, torch.Tensor] = {}
     for patch, strength in patches:
+        strength = check_strength(strength)
         for name, delta in patch.deltas.items():
             key = name_map(name)
             if key not in canonical_sd:
@@ -360,4 +430,5 @@ def merged_state_dict(canonical_sd: Mapping[str, torch.Tensor], patches: Iterabl
             if tuple(base.shape) != tuple(delta.shape):
                 raise PatchMismatchError(f"patch tensor {name} does not fit {key} {tuple(base.shape)}; use a patch trained on this encoder")
             out[key] = (base.float() + strength * delta.float()).to(base.dtype)
+    check_finite(out, "the patched weights", "nothing was written: lower the strength", PatchMismatchError)
     return out

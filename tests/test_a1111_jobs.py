@@ -9,12 +9,13 @@ from test_a1111_support import (no_job_left,  # noqa: F401 (an autouse fixture)
                                 LoraStandIn, Processing, ScriptHooks, Sd1Model, call_hook, make_patch, run_job, same,
                                 script_args, snapshot, text_model, write_patch)
 
-from a1111_extension import jobs, nlce_runtime
+from a1111_extension import jobs
 from a1111_extension.nlce_runtime import A1111Nlce, Patched, prompt_rows_mask, uncond_tensors
 from a1111_extension.webui_model import TextEncoderPatches
 from shared_core import nlce
 from shared_core.encoders import canonical_parameters
 from shared_core.errors import HirmError
+from shared_core.hosting import concept_set_for
 from shared_core.patch import apply_patch, load_patch
 
 
@@ -283,7 +284,7 @@ def test_prompt_rows_mask_marks_the_words_of_every_chunk_from_the_webuis_tokenis
 
 def test_rows_tell_the_negative_prompt_from_the_prompt_and_find_its_words(model):
     p = Processing(model, prompt="a photo of a cat", negative_prompt="blurry")
-    cs = nlce_runtime.concept_set(canonical_parameters(text_model(model)), ["cat"], [], nlce.make_nlce_config())
+    cs = concept_set_for(canonical_parameters(text_model(model)), ["cat"], None, nlce.make_nlce_config())
     runtime = A1111Nlce(model, cs, nlce.make_nlce_config(), lambda: uncond_tensors(p)).install()
     try:
         p.setup_conds()

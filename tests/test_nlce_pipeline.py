@@ -4,8 +4,10 @@ import pytest
 import torch
 from tiny_pipeline import render, tiny_pipeline
 
-from shared_core.nlce import GATING_LAYERS, ConceptSet, NlceError, apply_nlce
-from shared_core.nlce.diffusers import NlceAttnProcessor, cross_attention_names, default_gating_layer
+from shared_core.nlce import ConceptSet, NlceError, apply_nlce, gating_layer
+from shared_core.nlce.diffusers import NlceAttnProcessor, cross_attention_names
+
+SD1_GATING = "down_blocks.2.attentions.1.transformer_blocks.0.attn2"  # SPEC: the second cross-attention of down block 2
 
 LOW = {"live_floor": 0.1}  # tiny random encoders give small rows; let the ratio rule decide
 
@@ -137,16 +139,16 @@ def test_the_default_gating_layer_of_the_sd15_unet_is_the_second_cross_attention
 
     with torch.device("meta"):  # the SD1.5 architecture without allocating its weights
         unet = UNet2DConditionModel(cross_attention_dim=768)
-    assert default_gating_layer(cross_attention_names(unet)) == GATING_LAYERS["sd1"]["diffusers"] + ".processor"
+    assert gating_layer(cross_attention_names(unet)) == SD1_GATING + ".processor"
 
 
 def test_gating_layer_names_with_or_without_processor_are_accepted(pipe):
-    name = GATING_LAYERS["sd1"]["diffusers"].replace("down_blocks.2", "down_blocks.1").replace("attentions.1", "attentions.0")
+    name = SD1_GATING.replace("down_blocks.2", "down_blocks.1").replace("attentions.1", "attentions.0")
     for given in (name, name + ".processor"):
         with apply_nlce(pipe, ["cat"], gating_layer=given) as h:
             assert h.gating_layer == name + ".processor"
     with pytest.raises(NlceError, match="not a cross-attention layer"):
-        apply_nlce(pipe, ["cat"], gating_layer=GATING_LAYERS["sd1"]["diffusers"])  # the tiny UNet has no down block 2
+        apply_nlce(pipe, ["cat"], gating_layer=SD1_GATING)  # the tiny UNet has no down block 2
 
 
 def test_saved_operators_bring_their_settings_and_keep_their_bases(pipe, tmp_path):

@@ -7,18 +7,13 @@ adapter (``apply_nlce`` in ``shared_core.nlce.diffusers``). See docs/nlce.md.
 from ..errors import NlceError
 from .config import NLCE_PRESETS, NUDITY_TERMS, OPERATOR_SETTINGS, NlceConfig, derive_nlce_config, make_nlce_config
 from .diffusers import NlceHandle, apply_nlce
+from .driver import cross_attention, gate_key, gating_layer, run_unet_pass
 from .mining import mine_neighbors, neighbor_table, vocabulary_words
 from .operators import ConceptSet, build_concept_set, clip_row_encoder, concept_terms, prompt_token_mask
 from .session import NlceSession, PreparedContext, infer_token_mask, spatial_shape_for
 
-# where the gate is read (SPEC: SD1.x, the second cross-attention of down block 2, 1/32 of the image)
-GATING_LAYERS = {
-    "sd1": {"diffusers": "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
-            "ldm": "input_blocks.8.1.transformer_blocks.0.attn2", "comfy": ("input", 8, 0)},
-}
-
-
 __all__ = ["NlceError", "NlceConfig", "NLCE_PRESETS", "NUDITY_TERMS", "OPERATOR_SETTINGS", "make_nlce_config", "derive_nlce_config",
            "ConceptSet", "build_concept_set", "clip_row_encoder", "concept_terms", "prompt_token_mask", "mine_neighbors",
            "neighbor_table", "vocabulary_words",
-           "NlceSession", "PreparedContext", "infer_token_mask", "spatial_shape_for", "apply_nlce", "NlceHandle", "GATING_LAYERS"]
+           "NlceSession", "PreparedContext", "infer_token_mask", "spatial_shape_for", "apply_nlce", "NlceHandle",
+           "cross_attention", "gate_key", "gating_layer", "run_unet_pass"]

@@ -8,7 +8,7 @@ where its words are). ``handle.remove()`` puts back the original objects.
 
 from __future__ import annotations
 
-import re
+import weakref
 
 import torch
 
@@ -16,9 +16,10 @@ from ..errors import NlceError
 from .config import OPERATOR_SETTINGS, derive_nlce_config, make_nlce_config
 from .mining import neighbor_table
 from .operators import ConceptSet, build_concept_set, clip_row_encoder, prompt_token_mask
+from .driver import cross_attention, gating_layer as default_gating_layer, run_unet_pass
 from .session import NlceSession, spatial_shape_for
 
-_NAME = re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2\.processor$")
+_INSTALLED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # UNet -> the NlceHandle installed on it
 # processors that compute plain attention (NLCE replaces them); others (IP-Adapter, custom) carry extra behaviour
 PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU",
                     "FusedAttnProcessor2_0")
@@ -26,14 +27,6 @@ PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor"
 
 def cross_attention_names(unet) -> list[str]:
     return [n for n in unet.attn_processors if n.endswith("attn2.processor")]
-
-
-def default_gating_layer(names: list[str]) -> str:
-    """The last attention of the deepest down block with cross-attention (SD1.x: down_blocks.2.attentions.1, 1/32 size)."""
-    found = [(int(m[1]), int(m[2]), -int(m[3]), n) for n in names if (m := _NAME.search(n))]
-    if not found:
-        raise NlceError("this UNet has no cross-attention in its down blocks; NLCE needs an SD1.x-style UNet")
-    return max(found)[3]
 
 
 class NlceAttnProcessor:
@@ -64,10 +57,8 @@ class NlceAttnProcessor:
         context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
         cond, token_mask = self.handle.rows(encoder_hidden_states)  # the embeddings as encode_prompt returned them
         prepared = session.prepare(context, cond, token_mask)
-        key, value = attn.to_k(prepared.context), attn.to_v(prepared.context)
-        # the gate is read from the keys the unmodified model would see, as in the faithful schedule's dry pass
-        gate_key = attn.to_k(context) if self.is_gating_layer and prepared.has_live and prepared.context is not context else None
-        out = session.attend(query, key, value, attn.heads, prepared, shape, self.is_gating_layer, gate_key=gate_key).to(query.dtype)
+        out = cross_attention(session, query, context, prepared, attn.to_k, attn.to_v, attn.heads, shape,
+                              self.is_gating_layer).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
@@ -109,14 +100,9 @@ class NlceHandle:
 
         def nlce_forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
             t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-            t = t * 1000.0 / train_steps
             self.latent_hw = tuple(sample.shape[-2:])
-            cfg = session.config
-            if cfg.schedule == "faithful" and (cfg.stage2 or cfg.stage3) and session.in_window(t):
-                session.begin_pass(t, dry=True)
-                forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-            session.begin_pass(t)
-            return forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+            return run_unet_pass(session, t * 1000.0 / train_steps,
+                                 lambda: forward(sample, timestep, encoder_hidden_states, *args, **kwargs))
 
         self.unet.forward = nlce_forward
         encode_prompt = getattr(self.pipe, "encode_prompt", None)
@@ -127,7 +113,7 @@ class NlceHandle:
                 return result
 
             self.pipe.encode_prompt = nlce_encode_prompt
-        self.unet._hirm_nlce = self
+        _INSTALLED[self.unet] = self
 
     def remove(self) -> None:
         """Put back the original processors, ``unet.forward`` and ``pipe.encode_prompt``."""
@@ -139,7 +125,7 @@ class NlceHandle:
                 setattr(owner, name, saved)
             else:
                 owner.__dict__.pop(name, None)
-        self.unet.__dict__.pop("_hirm_nlce", None)
+        _INSTALLED.pop(self.unet, None)
         self.removed = True
 
     def __enter__(self):
@@ -237,14 +223,14 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
     ``concept_set``: operators built or loaded earlier (instead of ``concepts``); its settings are the
     base that ``preset`` / ``settings`` change (operator settings such as ranks cannot change).
     ``settings``: any ``NlceConfig`` field (beta, gamma, schedule, suppression, scrub, t_max, ...).
-    ``gating_layer``: a diffusers attn2 module name (default: SD1.x's, see ``GATING_LAYERS``).
+    ``gating_layer``: a diffusers attn2 module name (default: ``driver.gating_layer``'s choice).
     Everything is validated before the pipeline is touched.
     """
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(unet, "attn_processors"):
         raise NlceError("this pipeline has no UNet with cross-attention (NLCE works on SD1.x-style UNets; "
                         "Flux/SD3 transformers are not supported)")
-    if getattr(unet, "_hirm_nlce", None) is not None:
+    if unet in _INSTALLED:
         raise NlceError("NLCE is already applied to this pipeline; call remove() on its handle first")
     gating_layer = _check_unet(unet, cross_attention_names(unet), gating_layer)
     width = unet.config.cross_attention_dim

@@ -180,11 +180,46 @@ class NlceSession:
         if entry is None or (entry["gate"] is not None and not overwrite):
             return
         rows = prepared.live.any(dim=-1)
-        g = gate[rows] if rows.any() else gate
+        g = (gate[rows] if rows.any() else gate).detach()
         entry["gate"] = {"mean": float(g.mean()), "max": float(g.max()), "area": float((g > self.config.gate_threshold).float().mean()),
                          "shape": list(gate.shape[-2:]), "source": source}
         if self.record_maps:
             entry["gate_map"] = gate[:, 0].detach().float().cpu()
+
+    def _gate_for(self, qh: torch.Tensor, kh: torch.Tensor, heads: int, prepared: PreparedContext, spatial_shape,
+              is_gating_layer: bool, scale: float, gate_key: torch.Tensor | None):
+        """(gate (B, N) fp32 at this layer's resolution or None, fp32 logits of this layer's own keys or None)."""
+        cfg = self.config
+        logits = gate = None
+        if not (prepared.has_live and (cfg.stage2 or cfg.stage3)):
+            return None, None
+        if is_gating_layer and (self.dry or (self.intervening and cfg.schedule == "single-pass")):
+            own = gate_key is None
+            gate_logits = (qh.float() @ (kh if own else _heads(gate_key, heads)).float().transpose(-1, -2)) * scale
+            logits = gate_logits if own else None
+            new_gate = self._gate_map(gate_logits.softmax(dim=-1), prepared, spatial_shape)
+            self._record_gate(new_gate, prepared, "dry pass" if self.dry else "this pass", overwrite=True)
+            if self.dry:
+                self._dry_gate = new_gate
+            else:
+                self._gate = gate = new_gate
+        elif self.intervening:
+            gate = self._gate_to_use(qh.shape[0])
+            if gate is not None:
+                source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
+                self._record_gate(gate, prepared, source, overwrite=False)
+        if gate is None:
+            return None, logits
+        if tuple(gate.shape[-2:]) != tuple(spatial_shape):
+            gate = F.interpolate(gate.float(), size=spatial_shape, mode="bilinear", align_corners=False)
+        return gate.reshape(qh.shape[0], -1).to(torch.float32), logits
+
+    def _scrubbed(self, out: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.config
+        if g is None or not cfg.stage3:
+            return out
+        keep = (1.0 - g) if cfg.scrub == "soft" else (g <= cfg.scrub_threshold).to(torch.float32)
+        return out * keep[:, :, None].to(out.dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, prepared: PreparedContext,
                spatial_shape: tuple[int, int], is_gating_layer: bool, scale: float | None = None,
@@ -200,29 +235,9 @@ class NlceSession:
         qh, kh, vh = _heads(q, heads), _heads(k, heads), _heads(v, heads)
         sdpa_scale = scale  # None: SDPA's own default, exactly as the hosts' plain attention
         scale = qh.shape[-1] ** -0.5 if scale is None else scale
-        logits = None  # fp32 q k^T * scale of this layer's own keys, once materialised
-        gate = None
-        if prepared.has_live and (cfg.stage2 or cfg.stage3):
-            if is_gating_layer and (self.dry or (self.intervening and cfg.schedule == "single-pass")):
-                own = gate_key is None
-                gate_logits = (qh.float() @ (kh if own else _heads(gate_key, heads)).float().transpose(-1, -2)) * scale
-                logits = gate_logits if own else None
-                new_gate = self._gate_map(gate_logits.softmax(dim=-1), prepared, spatial_shape)
-                self._record_gate(new_gate, prepared, "dry pass" if self.dry else "this pass", overwrite=True)
-                if self.dry:
-                    self._dry_gate = new_gate
-                else:
-                    self._gate = gate = new_gate
-            elif self.intervening:
-                gate = self._gate_to_use(B)
-                if gate is not None:
-                    source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
-                    self._record_gate(gate, prepared, source, overwrite=False)
-        g = blocked = factor = None
-        if gate is not None:
-            if tuple(gate.shape[-2:]) != tuple(spatial_shape):
-                gate = F.interpolate(gate.float(), size=spatial_shape, mode="bilinear", align_corners=False)
-            g = gate.reshape(B, N).to(torch.float32)
+        g, logits = self._gate_for(qh, kh, heads, prepared, spatial_shape, is_gating_layer, scale, gate_key)
+        blocked = factor = None
+        if g is not None:
             live = prepared.live[:, None, :]  # (B, 1, S)
             if cfg.stage2 and cfg.suppression == "mask":  # live logits -> -inf where the gate is high; softmax renormalises
                 blocked = (g > cfg.gate_threshold)[:, :, None] & live  # (B, N, S)
@@ -230,8 +245,10 @@ class NlceSession:
                 factor = torch.where(live, 1.0 - g[:, :, None], torch.ones((), device=g.device))  # (B, N, S)
                 if logits is None:
                     logits = (qh.float() @ kh.float().transpose(-1, -2)) * scale
-        if logits is None:
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if blocked is None else ~blocked[:, None], scale=sdpa_scale)
+        if blocked is None and factor is None:
+            out = F.scaled_dot_product_attention(qh, kh, vh, scale=sdpa_scale)
+        elif logits is None:
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=~blocked[:, None], scale=sdpa_scale)
         else:
             if blocked is not None:
                 logits = logits.masked_fill(blocked[:, None], float("-inf"))
@@ -239,8 +256,14 @@ class NlceSession:
             if factor is not None:
                 probs = probs * factor[:, None]
             out = probs.to(vh.dtype) @ vh
-        out = out.transpose(1, 2).reshape(B, N, C)
-        if g is not None and cfg.stage3:
-            keep = (1.0 - g) if cfg.scrub == "soft" else (g <= cfg.scrub_threshold).to(torch.float32)
-            out = out * keep[:, :, None].to(out.dtype)
-        return out
+        return self._scrubbed(out.transpose(1, 2).reshape(B, N, C), g)
+
+    def scrub(self, out: torch.Tensor, prepared: PreparedContext, spatial_shape: tuple[int, int], is_gating_layer: bool, *,
+              q: torch.Tensor, k: torch.Tensor, heads: int, scale: float | None = None,
+              gate_key: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage 3 on an attention output that someone else computed (``out``: batch, h*w, channels); the gate
+        is read or computed from ``q`` and ``k`` exactly as ``attend`` does. Stage 2 cannot act here."""
+        qh, kh = _heads(q, heads), _heads(k, heads)
+        scale = qh.shape[-1] ** -0.5 if scale is None else scale
+        g, _ = self._gate_for(qh, kh, heads, prepared, spatial_shape, is_gating_layer, scale, gate_key)
+        return self._scrubbed(out, g)

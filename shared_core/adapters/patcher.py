@@ -1,0 +1,176 @@
+"""Hosts built on a ComfyUI-style ModelPatcher (ComfyUI itself, and Forge's backend).
+
+Nothing here imports a host: it speaks the patcher's documented protocol on the objects a host
+hands over. CLIP state dicts are keyed ``clip_l.transformer.text_model.*`` (``PATCHER_LAYOUTS``);
+a CLIP takes weight differences as ``{key: ("diff", (delta,))}``; cross-attention is reached
+through ``attn2_patch`` (before the projections: stage 1), ``attn2`` replace functions (between
+projections and ``to_out``: stages 2 and 3) and the UNet function wrapper (the passes).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from typing import Callable, Mapping
+
+import torch
+
+from .. import nlce
+from ..encoders import PATCHER_LAYOUTS, extract_text_encoder
+from ..errors import HirmError, NlceError, PatchMismatchError
+from ..hosting import patch_differences
+from ..nlce.driver import gate_key, gating_layer, run_unet_pass
+
+log = logging.getLogger("hirm")
+COMPONENT = {"clip-g": "clip_g"}  # patch family -> the CLIP's component (everything else sits in clip_l)
+_ATTN2 = re.compile(r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.\d+\.transformer_blocks\.(\d+)\.attn2$")
+
+
+def components(clip_sd: Mapping[str, torch.Tensor]) -> list[str]:
+    return sorted({k.split(".")[0] for k in clip_sd if "." in k})
+
+
+def encoder_weights(clip_sd: Mapping[str, torch.Tensor], component: str = "clip_l") -> dict[str, torch.Tensor]:
+    """Canonical copy of one text encoder of a patcher CLIP's state dict (``clip.get_sd()``).
+
+    The copy is made outside inference mode, so that a model built from it can be trained and
+    nothing done to it reaches the CLIP's own tensors.
+    """
+    prefix = PATCHER_LAYOUTS[component].prefix
+    if not any(k.startswith(prefix) for k in clip_sd):
+        raise HirmError(f"this CLIP has no {component} text encoder (it has {', '.join(components(clip_sd)) or 'nothing'}); "
+                        "use the CLIP of an SD1.x, SDXL or Flux model")
+    with torch.inference_mode(False):
+        own = {k: v.detach().clone() for k, v in clip_sd.items() if k.startswith(component + ".")}
+    _, canon = extract_text_encoder(own, component, source=f"the CLIP's {component}")
+    return canon
+
+
+def clip_patches(clip_sd: Mapping[str, torch.Tensor], patch) -> tuple[dict, str | None]:
+    """(``add_patches`` dict for a CLIP holding ``clip_sd``, base-mismatch note or None).
+
+    A CLIP-G patch goes to ``clip_g``, any other to ``clip_l``; a patch for an encoder the CLIP does
+    not have, or of other shapes, is refused (PatchMismatchError).
+    """
+    component = COMPONENT.get(patch.family, "clip_l")
+    if not any(k.startswith(component + ".") for k in clip_sd):
+        raise PatchMismatchError(f"this patch is for {patch.family} but this CLIP has {', '.join(components(clip_sd)) or 'no encoder'}; "
+                                 f"apply it to a model with {component} (SD1.x/SDXL/Flux for clip_l, SDXL for clip_g)")
+    diffs, note = patch_differences(clip_sd, patch, PATCHER_LAYOUTS[component], where="this CLIP")
+    return {k: ("diff", (d,)) for k, d in diffs.items()}, note
+
+
+def cross_attention_blocks(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module]:
+    """Patch keys (block, number, transformer index) of an LDM UNet's cross-attentions -> the attn2 module."""
+    found = {}
+    for name, module in diffusion_model.named_modules():
+        m = _ATTN2.match(name)
+        if m:
+            kind, number, middle, index = m.groups()
+            found[(kind or middle, int(number or 0), int(index))] = module
+    return found
+
+
+def _foreign_replace(model_options: dict, key: tuple[str, int, int]) -> Callable | None:
+    """An attn2 replace another node installed at ``key`` (looked up the way ComfyUI does: with, then without the index)."""
+    table = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return table.get(key) or table.get(key[:2])
+
+
+class PatcherNlce:
+    """NLCE on one patched MODEL: ``context_patch`` (attn2_patch: stage 1, live tokens), ``attention``
+    (attn2 replace: stages 2 and 3) and ``unet_wrapper`` (starts each pass; the faithful dry pass).
+
+    Where another node had already installed an attn2 replace, NLCE calls through to it: that
+    block gets stage 1 (its keys and values), the gate, and stage 3 on its output; stage 2 needs
+    NLCE's own attention there and is left out (said once in the log). Patchers deep-copy
+    ``model_options`` on every clone, so modules are held through weak references only.
+    """
+
+    def __init__(self, concept_set, config, sigma_to_timestep: Callable, gating: tuple[str, int, int],
+                 gating_to_k: torch.nn.Module):
+        self.session = nlce.NlceSession(concept_set, config)
+        self.sigma_to_timestep, self.gating = sigma_to_timestep, gating
+        self._gating_to_k = weakref.ref(gating_to_k)
+        self._incoming = self._prepared = None
+        self._in_pass = False
+        self._attention_calls = 0
+        self.previous_wrapper = None
+        self.foreign: dict[tuple[str, int, int], Callable] = {}
+
+    @staticmethod
+    def cond_rows(extra: dict, batch: int) -> torch.Tensor:
+        """(batch,) bool, True for conditional rows; patchers batch equal chunks, 0 = cond, 1 = uncond."""
+        chunks = extra.get("cond_or_uncond") or [0]
+        per = max(1, batch // len(chunks))
+        return torch.tensor([c == 0 for c in chunks], dtype=torch.bool).repeat_interleave(per)[:batch]
+
+    def context_patch(self, n, context, value, extra):
+        if not self._in_pass:  # begin_pass never ran: the gate and caches would carry stale state
+            raise NlceError("NLCE's UNet wrapper was replaced by a node applied after NLCE Gate; apply NLCE Gate last")
+        self._incoming = context
+        self._prepared = self.session.prepare(context, self.cond_rows(extra, context.shape[0]), None)
+        return n, self._prepared.context, self._prepared.context
+
+    def attention(self, q, k, v, extra):
+        prepared = self._prepared
+        if prepared is None or prepared.context.shape[0] != q.shape[0]:
+            raise NlceError("NLCE's attention ran without its context patch (another node replaced it); apply NLCE Gate last")
+        self._attention_calls += 1
+        if extra.get("activations_shape"):
+            shape = tuple(extra["activations_shape"][-2:])
+        else:
+            shape = nlce.spatial_shape_for(q.shape[1], tuple(extra["original_shape"][-2:]))
+        block = extra.get("block") or ("", -1)
+        key = (block[0], block[1], extra.get("block_index", 0))
+        is_gating = key == self.gating
+        gk = gate_key(is_gating, prepared, self._incoming, self._gating_to_k())
+        foreign = self.foreign.get(key)
+        if foreign is None:
+            return self.session.attend(q, k, v, extra["n_heads"], prepared, shape, is_gating, gate_key=gk).to(q.dtype)
+        out = foreign(q, k, v, extra)
+        return self.session.scrub(out, prepared, shape, is_gating, q=q, k=k, heads=extra["n_heads"], gate_key=gk).to(q.dtype)
+
+    def unet_wrapper(self, apply_model, args):
+        t = float(self.sigma_to_timestep(args["timestep"]).flatten()[0])
+        call = self.previous_wrapper or (lambda f, a: f(a["input"], a["timestep"], **a["c"]))
+        self._in_pass, self._attention_calls = True, 0
+        try:
+            out = run_unet_pass(self.session, t, lambda: call(apply_model, args))
+            if self._prepared is not None and self._attention_calls == 0:
+                raise NlceError("NLCE's attention was replaced by a node applied after NLCE Gate, so only part of the erasure "
+                                "ran; apply NLCE Gate last")
+            return out
+        finally:
+            self._in_pass = False
+            self._incoming = self._prepared = None  # no context tensors kept between passes (or copied by clone())
+
+
+def install_nlce(patcher, concept_set, config, sigma_to_timestep: Callable):
+    """A clone of ``patcher`` (a MODEL) with NLCE on every cross-attention of its UNet; the input is not changed.
+
+    Other nodes' patches stay: attn2 patches run before NLCE's context patch, a UNet function
+    wrapper is called through, an attn2 replace at a block is called through (``PatcherNlce``).
+    """
+    blocks = cross_attention_blocks(patcher.model.diffusion_model)
+    if not blocks:
+        raise NlceError("this model has no UNet cross-attention (Flux and SD3 use joint attention); NLCE needs an SD1.x model")
+    width = next(iter(blocks.values())).to_k.in_features
+    if width != concept_set.width:
+        raise NlceError(f"this UNet's cross-attention reads {width}-wide text rows but the concept operators are "
+                        f"{concept_set.width} wide; NLCE supports SD1.x models (768-wide CLIP-L text)")
+    gating = gating_layer(blocks)
+    state = PatcherNlce(concept_set, config, sigma_to_timestep, gating, blocks[gating].to_k)
+    clone = patcher.clone()
+    state.previous_wrapper = clone.model_options.get("model_function_wrapper")
+    state.foreign = {key: fn for key in blocks if (fn := _foreign_replace(clone.model_options, key)) is not None}
+    if state.foreign:
+        log.warning("[hirm] NLCE: another node's attention already replaces cross-attention at %d of %d blocks (e.g. an "
+                    "IP-Adapter); NLCE calls through to it there, with stages 1 and 3 (stage 2 needs NLCE's own attention)",
+                    len(state.foreign), len(blocks))
+    clone.set_model_attn2_patch(state.context_patch)
+    for block, number, index in blocks:
+        clone.set_model_attn2_replace(state.attention, block, number, index)
+    clone.set_model_unet_function_wrapper(state.unet_wrapper)
+    return clone, state

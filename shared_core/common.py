@@ -1,0 +1,81 @@
+"""Small helpers every entry point uses: one-line errors, lists typed in a box, safe file names, devices."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+
+from .errors import HirmError
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type when it has none), at most ``limit`` characters."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def split_list(text: str, what: str | None = None) -> list[str]:
+    """Entries typed one per line or comma-separated, blanks dropped; with ``what``, none at all is an error."""
+    if text is not None and not isinstance(text, str):
+        raise HirmError(f"expected text for the {what or 'list'}, got {type(text).__name__}")
+    items = [c.strip() for c in re.split(r"[\n,]", text or "") if c.strip()]
+    if what and not items:
+        raise HirmError(f"no {what} given: type at least one (one per line or comma-separated)")
+    return items
+
+
+def slug(text: str, limit: int = 60, empty: str = "concept") -> str:
+    """A file-name form of ``text``: lower-case ASCII letters, digits and '-', at most ``limit`` + 9 characters.
+
+    Text that does not survive that exactly (other scripts, accents, cut to ``limit``) gets a
+    short hash of the whole text appended, so two different concepts never share a name.
+    """
+    ascii_text = unicodedata.normalize("NFKD", text or "").encode("ascii", "ignore").decode()
+    base = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    exact = base == re.sub(r"[^a-z0-9]+", "-", (text or "").lower()).strip("-") and len(base) <= limit and base
+    base = base[:limit].strip("-")
+    if exact:
+        return base
+    digest = hashlib.sha256((text or "").encode("utf-8")).hexdigest()[:8]
+    return f"{base}-{digest}" if base else f"{empty}-{digest}"
+
+
+def resolve_device(device: str | None) -> str:
+    """A torch device name for "auto" (CUDA when present), "cpu", "cuda", "cuda:N" or "mps"; anything else is refused."""
+    import torch
+
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise HirmError(f"device {device}: CUDA is not available here; use cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise HirmError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        return name
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise HirmError("device mps: Apple's MPS backend is not available here; use cpu")
+        return name
+    raise HirmError(f"device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+
+
+def parse_patch_arg(text: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:STRENGTH`` -> (file, strength); the strength is checked (finite, within ``STRENGTH_RANGE``)."""
+    from .patch import check_strength
+
+    path, sep, tail = text.rpartition(":")
+    if os.path.exists(text) or not sep or not path:
+        return text, 1.0
+    try:
+        value = float(tail)
+    except ValueError:
+        if re.fullmatch(r"[\w.+-]*", tail) and not tail.endswith(".safetensors"):
+            raise HirmError(f"--patch {text}: write FILE or FILE:STRENGTH (e.g. vangogh.safetensors:0.8)") from None
+        return text, 1.0  # a colon inside the path (C:\...)
+    return path, check_strength(value, f"--patch {text}: the strength")

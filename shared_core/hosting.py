@@ -1,0 +1,104 @@
+"""What every host adapter calls, on canonical weights: training with a cache of trained patches, a patch's
+weight differences in a host's key layout, and NLCE operators for a host's encoder (cached too).
+
+Hosts only get their encoder's weights into canonical form (``encoders.canonical_from_host``,
+``extract_text_encoder``) and hand the results to their own patching API; nothing here knows a host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from typing import Callable, Mapping
+
+import torch
+
+from .encoders import KeyLayout, base_signature, build_text_model, host_key
+from .errors import PatchMismatchError
+from .patch import ErasurePatch, base_mismatch_note
+
+_TRAINED: OrderedDict = OrderedDict()  # (exact weights digest, HirmConfig) -> patch: the same inputs do not retrain
+_OPERATORS: OrderedDict = OrderedDict()  # (base signature, concepts, neighbours, operator settings, device) -> ConceptSet
+_KEEP = 8
+_LOCK = threading.Lock()
+
+
+def _remember(cache: OrderedDict, key, make: Callable):
+    with _LOCK:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    value = make()  # outside the lock: training takes seconds, and a cancel raises here and caches nothing
+    with _LOCK:
+        cache[key] = value
+        while len(cache) > _KEEP:
+            cache.popitem(last=False)
+    return value
+
+
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """Exact content hash of a state dict (any change to any weight, e.g. a LoRA, changes it)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(weights):
+        t = weights[name].detach().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())
+    return h.hexdigest()
+
+
+def train_on_weights(weights: Mapping[str, torch.Tensor], config, *, device="cpu", progress: Callable | None = None,
+                     should_cancel: Callable | None = None) -> ErasurePatch:
+    """A HiRM patch (``config``: a ``HirmConfig``) trained on a fp32 model built from canonical ``weights``.
+
+    Works under a host's inference mode and with a host's inference tensors; the weights are never
+    touched. The same weights and settings return the patch trained before.
+    """
+    from .hirm import train_patch
+    from .tokenizer import clip_tokenizer
+
+    def make():
+        with torch.inference_mode(False), torch.enable_grad():
+            model = build_text_model(weights, device=device, dtype=torch.float32)
+            return train_patch(model, clip_tokenizer(), config, progress=progress, should_cancel=should_cancel)
+
+    return _remember(_TRAINED, (weights_digest(weights), config), make)
+
+
+def patch_differences(host_state: Mapping[str, torch.Tensor], patch: ErasurePatch, layout: KeyLayout,
+                      where: str = "this model") -> tuple[dict[str, torch.Tensor], str | None]:
+    """({host key: delta}, base-mismatch note or None) for applying ``patch`` to the encoder at ``layout`` in ``host_state``.
+
+    Refuses (PatchMismatchError) a patch whose tensors the host's encoder lacks or shapes differently.
+    """
+    from .encoders import canonical_from_host
+
+    out = {}
+    for name, delta in patch.deltas.items():
+        key = host_key(name, layout)
+        if key not in host_state or tuple(host_state[key].shape) != tuple(delta.shape):
+            raise PatchMismatchError(f"patch tensor {name} does not fit {where}'s text encoder (a patch for another "
+                                     "architecture); use a patch trained on this model's encoder")
+        out[key] = delta
+    note = base_mismatch_note(patch, base_signature(canonical_from_host(host_state, layout)), where)
+    return out, note
+
+
+def concept_set_for(weights: Mapping[str, torch.Tensor], concepts, neighbors, config, device="cpu"):
+    """NLCE operators for ``concepts`` built with the encoder holding canonical ``weights`` (cached).
+
+    ``neighbors`` is anything ``nlce.neighbor_table`` reads ("auto" mines them, never another erased concept).
+    """
+    from . import nlce
+    from .tokenizer import clip_tokenizer
+
+    operator = tuple(getattr(config, k) for k in nlce.OPERATOR_SETTINGS)
+    frozen = lambda x: x if isinstance(x, str) or x is None else tuple(frozen(i) for i in x)  # noqa: E731
+    table = tuple(sorted((k, tuple(v)) for k, v in neighbors.items())) if isinstance(neighbors, Mapping) else frozen(neighbors)
+    key = (weights_digest(weights), frozen(list(concepts)), table, operator, str(device))
+
+    def make():
+        encode = nlce.clip_row_encoder(build_text_model(weights, device=device), clip_tokenizer())
+        return nlce.build_concept_set(encode, list(concepts), nlce.neighbor_table(encode, concepts, neighbors), config)
+
+    return _remember(_OPERATORS, key, make)
