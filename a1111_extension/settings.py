@@ -6,7 +6,6 @@ order is ``UI_ARGS`` (also what API callers pass in ``alwayson_scripts["Erasure"
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from shared_core import nlce

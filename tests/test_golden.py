@@ -10,7 +10,6 @@ import copy
 import golden
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from shared_core.cli import main
 from shared_core.hirm import train_patch
