@@ -12,7 +12,7 @@ import warnings
 from . import __version__, cli_hub, cli_nlce
 from .common import parse_patch_arg, resolve_device, slug
 from .errors import HirmError
-from .files import atomic_write
+from .files import atomic_folder, atomic_write, check_target
 
 SOURCE_HELP = ("the text encoder: a single-file checkpoint (SD1.x, SDXL, Flux/SD3 clip_l, ComfyUI state dict), "
                "a diffusers or transformers model folder, or a Hugging Face Hub repo id")
@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
 
     from .encoders import load_text_encoder
     from .hirm import make_config, train_patch
-    from .patch import save_patch
+    from .patch import is_patch_file, save_patch
     from .report import format_report
 
     pairs = _read_pairs(args.pairs) if args.pairs else None
@@ -62,6 +62,8 @@ def cmd_train(args) -> int:
                          templates=args.template, neighbors=args.neighbor, multi=args.multi, eta=args.eta,
                          target_scale=args.scale, **({"pairs": pairs} if pairs else {}))
     out = args.out or f"erasure-{slug('-'.join(config.concepts))}.safetensors"
+    _never_the_input(out, args.source)
+    check_target(out, args.force, is_patch_file, "erasure patch")  # before training: no half a minute for nothing
     device = resolve_device(args.device)
     enc = load_text_encoder(args.source, component=args.component, device=device, dtype=torch.float32)
     progress = _Progress(not args.json and not args.quiet)
@@ -70,7 +72,7 @@ def cmd_train(args) -> int:
     finally:
         progress.close()
     patch.metadata["trained_on"] = os.path.basename(str(args.source).rstrip("/"))
-    save_patch(patch, out, dtype=torch.float32 if args.dtype == "fp32" else torch.float16)
+    save_patch(patch, out, dtype=torch.float32 if args.dtype == "fp32" else torch.float16, overwrite=args.force)
     if args.json:
         print(json.dumps({"out": out, "concepts": list(config.concepts), "method": config.method,
                           "train_seconds": patch.metadata["train_seconds"], "size_bytes": os.path.getsize(out),
@@ -82,14 +84,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _never_the_input(out: str, source: str | None) -> None:
+    """Refuse an output path that is the input model (or inside its folder)."""
+    if not source or not os.path.exists(source):
+        return
+    out_real, src_real = os.path.realpath(out), os.path.realpath(source)
+    if out_real == src_real or (os.path.isdir(src_real) and out_real.startswith(src_real + os.sep)):
+        raise HirmError(f"--out {out} is the input model {source} (or inside it); it is never written over: choose another path")
+
+
 def _read_pairs(path: str) -> list[tuple[str, str]]:
     if not os.path.isfile(path):
         raise HirmError(f"{path}: no such pairs file")
     pairs = []
-    for ln in open(path, encoding="utf-8"):
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise HirmError(f"{path}: not a UTF-8 text file; write the pairs as UTF-8 text, one 'with<TAB>without' per line") from None
+    for ln in lines:
         if ln.strip() and not ln.startswith("#"):
-            parts = ln.rstrip("\n").split("\t")
-            if len(parts) != 2:
+            parts = ln.split("\t")
+            if len(parts) != 2 or not all(x.strip() for x in parts):
                 raise HirmError(f"{path}: each line must be 'prompt with concept<TAB>same prompt without it'")
             pairs.append((parts[0], parts[1]))
     if not pairs:
@@ -136,42 +152,81 @@ def cmd_apply(args) -> int:
         raise HirmError(NO_SOURCE)
     from .patch import load_patch
 
-    patches = [(load_patch(p), s) for p, s in map(parse_patch_arg, args.patch)]
+    patches = [(load_patch(p), s) for p, s in map(parse_patch_arg, args.patch)]  # every file checked before any work
+    _never_the_input(args.out, args.source)
+    if not os.path.isfile(args.source) and os.path.lexists(args.out):  # a folder output: checked before any loading
+        raise HirmError(f"--out {args.out} already exists; a patched text-encoder folder is written only to a new path")
     if os.path.isfile(args.source):
-        _apply_to_checkpoint(args.source, patches, args.out)
+        _apply_to_checkpoint(args.source, patches, args.out, args.force)
     else:
         _apply_to_folder(args.source, patches, args.out, args.component)
     print(f"wrote {args.out} with {len(patches)} patch(es): " + "; ".join(f"{p.describe()} x{s}" for p, s in patches))
     return 0
 
 
-def _apply_to_checkpoint(source: str, patches, out: str) -> None:
-    """A copy of a single-file checkpoint with the patches merged into its CLIP-L (safetensors)."""
+def _is_patched_checkpoint(path: str) -> bool:
+    """A checkpoint this tool wrote (``hirm apply`` records its patches in the header)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from .encoders import extract_text_encoder, load_state_dict_file
+    try:
+        with safe_open(path, framework="pt") as f:
+            return "hirm_patches" in (f.metadata() or {})
+    except Exception:
+        return False
+
+
+def _apply_to_checkpoint(source: str, patches, out: str, force: bool = False) -> None:
+    """A copy of a single-file checkpoint with the patches merged into its CLIP-L (safetensors).
+
+    The copy is streamed tensor by tensor: the checkpoint is never held in memory whole.
+    """
+    from .encoders import KeyLayout, SafetensorsFile, extract_text_encoder, host_key, load_state_dict_file
+    from .files import write_safetensors
     from .patch import merged_state_dict
 
     if not out.endswith(".safetensors"):
         raise HirmError("--out for a single-file checkpoint must end in .safetensors")
+    check_target(out, force, _is_patched_checkpoint, "checkpoint", "pass --force to replace a checkpoint this tool wrote")
     sd = load_state_dict_file(source)
     component = "clip_g" if all(p.family == "clip-g" for p, _ in patches) else "clip_l"
     prefix, canon = extract_text_encoder(sd, component, source=source)
-    flat = prefix + "text_model.embeddings.token_embedding.weight" not in sd
-
-    def key(name):  # canonical -> the checkpoint's own key
-        return prefix + (name[len("text_model."):] if flat else name)
-
-    changed = merged_state_dict({key(k): v for k, v in canon.items()}, patches, key)
+    layout = KeyLayout(prefix, nested=prefix + "text_model.embeddings.token_embedding.weight" in sd)
+    changed = merged_state_dict({host_key(k, layout): v for k, v in canon.items()}, patches, lambda n: host_key(n, layout))
     _warn_base_mismatch(canon, patches)
-    sd.update(changed)
-    meta = {}
-    if source.endswith(".safetensors"):
-        with safe_open(source, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    meta["hirm_patches"] = json.dumps([{"concepts": p.concepts, "strength": s, "base": p.metadata.get("base_fingerprint")} for p, s in patches])
-    atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
+    meta = sd.metadata() if isinstance(sd, SafetensorsFile) else {}
+    meta["hirm_patches"] = json.dumps([{"concepts": p.concepts, "strength": s, "base": p.metadata.get("base_fingerprint")}
+                                       for p, s in patches])
+    view = _Overlay(sd, changed)
+    atomic_write(out, lambda f: write_safetensors(f, view, meta), overwrite=force, is_ours=_is_patched_checkpoint, what="checkpoint")
+
+
+class _Overlay(dict):
+    """``base`` with ``changed`` on top, read one tensor at a time (a lazy file stays lazy)."""
+
+    def __init__(self, base, changed):
+        super().__init__()
+        self.base, self.changed = base, changed
+
+    def __getitem__(self, key):
+        return self.changed[key] if key in self.changed else self.base[key]
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __contains__(self, key):
+        return key in self.base
+
+    def keys(self):
+        return list(self.base)
+
+    def info(self, key):
+        if key in self.changed or not hasattr(self.base, "info"):
+            t = self[key]
+            return t.dtype, tuple(t.shape)
+        return self.base.info(key)
 
 
 def _warn_base_mismatch(canon, patches) -> None:
@@ -196,11 +251,10 @@ def _apply_to_folder(source: str, patches, out: str, component: str) -> None:
         apply_patch(enc.model, p, s)
 
     def write(tmp):
-        os.makedirs(tmp)
         enc.model.save_pretrained(tmp)
         enc.tokenizer.save_pretrained(tmp)
 
-    atomic_write(out, write, folder=True)
+    atomic_folder(out, write, "text-encoder folder")
 
 
 def cmd_demo(args) -> int:
@@ -264,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scale", type=float, help="target scale c (default: 5000 random, 500 random-gaussian, 1 otherwise)")
     t.add_argument("--pairs", help="TSV of 'with concept<TAB>without' prompt pairs for --method safety (default: shipped nudity pairs)")
     t.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="storage dtype of the deltas (default fp16)")
+    t.add_argument("--force", action="store_true", help="replace --out if it is an erasure patch already (never any other file)")
     t.add_argument("--json", action="store_true", help="machine-readable output")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -278,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint; a folder or Hub id gives a patched text encoder folder (transformers/diffusers format).")
     a.add_argument("source", nargs="?", help=SOURCE_HELP)
     a.add_argument("--patch", action="append", required=True, help="patch file, optionally FILE:STRENGTH (repeat to stack)")
-    a.add_argument("--out", required=True, help="output .safetensors (checkpoint) or folder")
+    a.add_argument("--out", required=True, help="output .safetensors (checkpoint) or a NEW folder (never written over)")
+    a.add_argument("--force", action="store_true", help="replace --out if it is a checkpoint this tool wrote (never any other file)")
     a.add_argument("--component", default="clip_l", choices=("clip_l", "clip_g"))
     a.set_defaults(func=cmd_apply)
 
@@ -291,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a service manager, ``kill``) stops the command like Ctrl-C: writes in progress are abandoned cleanly."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -299,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    _interrupt_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except HirmError as e:

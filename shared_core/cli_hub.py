@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from . import hub
 
+TIMEOUT_HELP = f"seconds to wait for the Hub in all (default {hub.DEFAULT_TIMEOUT:g})"
+
+
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("push", help="upload patch files and a model card to a Hugging Face repo (one commit)")
     p.add_argument("files", nargs="+", help="patch files (.safetensors)")
@@ -20,15 +23,20 @@ def add_parsers(subparsers) -> None:
     p.add_argument("concept", help="concept name, folder or filename in the repo")
     p.add_argument("--revision", default=None, help="branch, tag or commit sha to pin")
     p.add_argument("--out", default=None, help="folder to save the patch into (default: only the Hub cache)")
+    p.add_argument("--force", action="store_true", help="replace a patch of the same name in --out (never any other file)")
     p.add_argument("--token", default=None)
-    p.set_defaults(func=lambda a: run_pull(a.repo, a.concept, revision=a.revision, out_dir=a.out, token=a.token))
+    p.add_argument("--timeout", type=float, default=hub.DEFAULT_TIMEOUT, help=TIMEOUT_HELP)
+    p.set_defaults(func=lambda a: run_pull(a.repo, a.concept, revision=a.revision, out_dir=a.out, token=a.token,
+                                           timeout=a.timeout, force=a.force))
     p = subparsers.add_parser("ls", help="list the patches of a Hugging Face repo (reads headers only)")
     p.add_argument("repo", help="repo id")
     p.add_argument("--revision", default=None)
     p.add_argument("--encoder", default=None, help="text encoder source to check each patch's base fingerprint against")
     p.add_argument("--component", default="clip_l", choices=("clip_l", "clip_g"))
     p.add_argument("--token", default=None)
-    p.set_defaults(func=lambda a: run_ls(a.repo, revision=a.revision, encoder=a.encoder, component=a.component, token=a.token))
+    p.add_argument("--timeout", type=float, default=hub.DEFAULT_TIMEOUT, help=TIMEOUT_HELP)
+    p.set_defaults(func=lambda a: run_ls(a.repo, revision=a.revision, encoder=a.encoder, component=a.component, token=a.token,
+                                         timeout=a.timeout))
 
 
 def run_push(files: list[str], repo: str, private: bool = False, token: str | None = None, api=None, out=print) -> int:
@@ -38,8 +46,8 @@ def run_push(files: list[str], repo: str, private: bool = False, token: str | No
 
 
 def run_pull(repo: str, concept: str, revision: str | None = None, out_dir: str | None = None,
-             token: str | None = None, out=print) -> int:
-    patch = hub.pull(repo, concept, revision=revision, dest=out_dir, token=token)
+             token: str | None = None, out=print, timeout: float | None = None, force: bool = False) -> int:
+    patch = hub.pull(repo, concept, revision=revision, dest=out_dir, token=token, timeout=timeout, overwrite=force)
     src = patch.metadata["source"]
     out(f"{patch.describe()}\nfrom {src['repo']}/{src['filename']} @ {src['revision']}")
     if out_dir:
@@ -60,8 +68,11 @@ def format_table(rows: list[dict], match: dict[str, bool] | None = None) -> str:
 
 
 def run_ls(repo: str, revision: str | None = None, encoder: str | None = None, component: str = "clip_l",
-           token: str | None = None, api=None, endpoint: str | None = None, out=print) -> int:
-    rows = hub.list_patches(repo, revision=revision, token=token, api=api, endpoint=endpoint)
+           token: str | None = None, api=None, endpoint: str | None = None, out=print, timeout: float | None = None) -> int:
+    skipped: list = []
+    rows = hub.list_patches(repo, revision=revision, token=token, api=api, endpoint=endpoint, timeout=timeout, skipped=skipped)
+    for filename, reason in skipped:
+        out(f"skipped {filename!r}: {reason}")
     if not rows:
         out(f"{repo}: no erasure patches")
         return 0

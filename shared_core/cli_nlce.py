@@ -45,7 +45,20 @@ def add_parser(subparsers) -> None:
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--device", default="auto")
     n.add_argument("--out", default="nlce-grid.png")
+    n.add_argument("--force", action="store_true", help="replace --out / --save-operators if they are a grid / operator file "
+                   "this tool wrote (never any other file)")
     n.set_defaults(func=cmd_nlce)
+
+
+def _is_grid(path: str) -> bool:
+    """A PNG this command wrote (it carries the ``hirm-nlce`` text chunk)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.format == "PNG" and "hirm-nlce" in getattr(im, "text", {})
+    except Exception:
+        return False
 
 
 def _check_args(args) -> None:
@@ -61,6 +74,12 @@ def _check_args(args) -> None:
         raise HirmError(f"--steps {args.steps}: give at least 1")
     if args.size < 8 or args.size % 8:
         raise HirmError(f"--size {args.size}: the image side must be a positive multiple of 8 (e.g. 512)")
+    from .files import check_target
+    from .nlce.operators import is_operator_file
+
+    check_target(args.out, args.force, _is_grid, "grid image")  # before any model is loaded or image made
+    if args.save_operators:
+        check_target(args.save_operators, args.force, is_operator_file, "NLCE operator file")
 
 
 def _load_pipeline(model: str, device: str):
@@ -139,7 +158,7 @@ def cmd_nlce(args) -> int:
         handle = apply_nlce(pipe, concept_set=concept_set, preset=args.preset, **settings)
         try:
             if args.save_operators:
-                concept_set.save(args.save_operators)
+                concept_set.save(args.save_operators, overwrite=args.force)
             after = [render(p) for p in prompts]
         finally:
             handle.remove()
@@ -156,7 +175,7 @@ def cmd_nlce(args) -> int:
               "size": args.size, "patches": [{"file": f, "strength": s} for f, s in patch_args],
               "layout": "left: without erasure, right: with erasure"}
     info.add_text("hirm-nlce", json.dumps(record))
-    atomic_write(args.out, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
+    atomic_write(args.out, lambda f: grid.save(f, format="PNG", pnginfo=info), overwrite=args.force, is_ours=_is_grid, what="grid image")
     print(f"wrote {args.out} (left: without, right: with erasure of {', '.join(concept_set.concepts)}; "
           f"neighbours {json.dumps(concept_set.neighbors)})")
     return 0

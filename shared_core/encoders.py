@@ -13,7 +13,8 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -148,14 +149,14 @@ def extract_text_encoder(state_dict: Mapping[str, torch.Tensor], component: str 
             "pass an SD1.x/SDXL/Flux checkpoint, a diffusers model folder or a CLIP-L file")
     prefix = candidates[0]
     out = {}
-    for k, v in state_dict.items():
+    for k in keys:  # only this encoder's tensors are read (a lazy file mapping reads nothing else)
         if not k.startswith(prefix):
             continue
         rest = k[len(prefix):]
         if not rest.startswith(CANONICAL):
             rest = CANONICAL + rest
         if rest.startswith(_TEXT_PARTS):
-            out[rest] = v
+            out[rest] = state_dict[k]
     return prefix, out
 
 
@@ -170,20 +171,15 @@ def openclip_to_canonical(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[s
     names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     block = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
-    for k, v in sd.items():
-        m = block.match(k)
-        if not m:
-            continue
-        layer, module, kind = m.groups()
-        base = f"text_model.encoder.layers.{layer}."
-        if module == "attn" or module.startswith("attn.in_proj"):  # fused q/k/v: in_proj_weight / in_proj_bias
-            continue
-        out[base + names.get(module, module) + "." + kind] = v
-    for k, v in sd.items():
-        m = re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
-        if m:
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+    fused = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
+    for k in [k for k in sd.keys() if k.startswith(prefix)]:
+        if m := fused.match(k):  # fused q/k/v: in_proj_weight / in_proj_bias
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), sd[k].chunk(3, dim=0)):
                 out[f"text_model.encoder.layers.{m.group(1)}.self_attn.{name}.{m.group(2)}"] = part
+        elif m := block.match(k):
+            layer, module, kind = m.groups()
+            if module != "attn":
+                out[f"text_model.encoder.layers.{layer}." + names.get(module, module) + "." + kind] = sd[k]
     return out
 
 
@@ -254,17 +250,55 @@ class LoadedEncoder:
     prefix: str = ""  # where the encoder sat in a single-file checkpoint
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors / .ckpt / .pt / .bin file, with clear errors for bad files."""
+class SafetensorsFile(Mapping):
+    """The tensors of a .safetensors file as a read-only mapping; each tensor is read when first asked for
+    (only the header is read up front), so taking one encoder out of a 7 GB checkpoint reads only it."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._file = safe_open(path, framework="pt")
+            self._keys = list(self._file.keys())
+        except Exception as e:  # safetensors raises several types
+            raise EncoderSourceError(f"{path}: not a readable safetensors file ({short_error(e)})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except Exception as e:
+            raise EncoderSourceError(f"{self.path}: tensor {key} cannot be read ({short_error(e)}); the file is truncated or damaged") from None
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._file.metadata() or {})
+
+    def info(self, key: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype code, shape) of a tensor, from the header only."""
+        piece = self._file.get_slice(key)
+        return str(piece.get_dtype()), tuple(int(n) for n in piece.get_shape())
+
+
+def load_state_dict_file(path: str) -> Mapping[str, torch.Tensor]:
+    """Tensors of a .safetensors / .ckpt / .pt / .bin file, with clear errors for bad files.
+
+    A safetensors file comes back as a ``SafetensorsFile`` (tensors read on first use); ``dict()`` it
+    for a full copy."""
     if not os.path.isfile(path):
         raise EncoderSourceError(f"{path}: no such file")
     if path.endswith(".safetensors") or path.endswith(".sft"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors raises several types
-            raise EncoderSourceError(f"{path}: not a readable safetensors file ({short_error(e)})") from None
+        return SafetensorsFile(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -284,7 +318,8 @@ def _folder_state_dict(folder: str) -> dict[str, torch.Tensor]:
         raise EncoderSourceError(f"{folder}: no weight files (*.safetensors or pytorch_model*.bin)")
     sd = {}
     for f in files:
-        sd.update(load_state_dict_file(os.path.join(folder, f)))
+        loaded = load_state_dict_file(os.path.join(folder, f))
+        sd.update({k: loaded[k] for k in loaded})
     return sd
 
 

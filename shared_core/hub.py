@@ -7,8 +7,12 @@ accepts a folder layout ``<concept-slug>/patch.safetensors`` and any explicit fi
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
+import threading
+import time
 from typing import Any, Iterable
 
 import torch
@@ -121,6 +125,146 @@ def model_card(repo_id: str, named_patches: list[tuple[str, ErasurePatch]], lice
 
 
 # ----------------------------------------------------------------------------------------------
+# waiting for the Hub: one deadline per command, quiet retries, one line per kind of failure
+
+DEFAULT_TIMEOUT = 60.0  # seconds for a whole pull / ls (CLI --timeout; the nodes and the extension use it too)
+_HTTP_LOGGERS = ("huggingface_hub.utils._http", "huggingface_hub.file_download", "huggingface_hub")
+
+
+class Deadline:
+    """Time left for one command's Hub requests; ``run`` gives up on a call that outlives it.
+
+    huggingface_hub's own per-request timeouts and retries stay as they are (they differ between
+    its versions); the call runs in a worker thread and is abandoned at the deadline: its HTTP
+    session is closed so that the transfer stops, and the partial blobs it left are removed.
+    """
+
+    def __init__(self, seconds: float | None = None):
+        seconds = DEFAULT_TIMEOUT if seconds is None else float(seconds)
+        if not (math.isfinite(seconds) and 0 < seconds <= 86400):
+            raise HirmError(f"the Hub timeout must be a number of seconds from 0 to 86400, got {seconds:g}")
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def run(self, call, repo_id: str, cache_dir: str | None = None):
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            raise self.expired(repo_id)
+        before = _partial_blobs(repo_id, cache_dir)
+        result: dict = {}
+
+        def work():
+            try:
+                result["value"] = call()
+            except BaseException as e:  # handed to the caller's thread
+                result["error"] = e
+
+        quiet = [(logging.getLogger(n), logging.getLogger(n).level) for n in _HTTP_LOGGERS]
+        for logger, _ in quiet:  # no "Retrying in 1s [Retry 1/5]" lines: the outcome is one line of ours
+            logger.setLevel(logging.ERROR)
+        try:
+            worker = threading.Thread(target=work, name="hirm-hub", daemon=True)
+            worker.start()
+            worker.join(remaining)
+            if worker.is_alive():
+                _stop_transfers()
+                worker.join(1)  # a worker still blocked is abandoned (a daemon thread); its partial blob is removed below
+        finally:
+            for logger, level in quiet:
+                logger.setLevel(level)
+        if "value" in result:
+            return result["value"]
+        _remove_new_partials(repo_id, cache_dir, before)
+        if "error" in result:
+            raise result["error"]
+        raise self.expired(repo_id)
+
+    def expired(self, repo_id: str) -> HirmError:
+        return HirmError(f"{repo_id}: the Hugging Face Hub did not answer within {self.seconds:g} s; nothing was saved: "
+                         "try again later, or allow more time (--timeout)")
+
+
+def _repo_cache(repo_id: str, cache_dir: str | None) -> str:
+    from huggingface_hub import constants
+
+    return os.path.join(cache_dir or constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"), "blobs")
+
+
+def _partial_blobs(repo_id: str, cache_dir: str | None) -> set[str]:
+    folder = _repo_cache(repo_id, cache_dir)
+    try:
+        return {f for f in os.listdir(folder) if f.endswith(".incomplete")}
+    except OSError:
+        return set()
+
+
+def _remove_new_partials(repo_id: str, cache_dir: str | None, before: set[str]) -> None:
+    folder = _repo_cache(repo_id, cache_dir)
+    for name in _partial_blobs(repo_id, cache_dir) - before:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
+def _stop_transfers() -> None:
+    """Close huggingface_hub's shared HTTP session (it makes a new one on the next call)."""
+    import huggingface_hub
+
+    for name in ("close_session", "reset_sessions"):  # 1.x and newer / 0.x
+        fn = getattr(huggingface_hub, name, None) or getattr(getattr(huggingface_hub, "utils", None), name, None)
+        if fn is not None:
+            try:
+                fn()
+            except Exception:
+                pass
+            return
+
+
+def _status(e: BaseException | None) -> int | None:
+    """The HTTP status behind an error, looking through its causes (huggingface_hub wraps a final 5xx in
+    a "not found locally" error after its retries)."""
+    seen = 0
+    while e is not None and seen < 10:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _hub_error(e: BaseException, repo_id: str, what: str) -> HirmError:
+    """One line for each kind of failure: not found (repo / revision / file), access, server error, timeout, offline."""
+    from huggingface_hub import errors as he
+
+    if isinstance(e, HirmError):
+        return e
+    if isinstance(e, he.GatedRepoError):
+        return HirmError(f"{repo_id}: gated repository; accept its terms on the Hub and log in ('hf auth login')")
+    if isinstance(e, he.RepositoryNotFoundError):  # also what the Hub answers for a private repo without a token
+        return HirmError(f"{repo_id}: repository not found on the Hugging Face Hub (or private: log in with 'hf auth login' or pass a token)")
+    if isinstance(e, he.RevisionNotFoundError):
+        return HirmError(f"{repo_id}: revision {what!r} does not exist; pass a branch, tag or commit sha of the repo")
+    status = _status(e)
+    if isinstance(e, he.EntryNotFoundError) and not isinstance(e, he.LocalEntryNotFoundError) and status in (None, 404):
+        return HirmError(f"{repo_id}: no file {what!r} in the repo; list them with 'hirm ls {repo_id}'")
+    if status in (401, 403):
+        return HirmError(f"{repo_id}: access denied ({status}); it is private: log in with 'hf auth login' or pass a token")
+    if status == 429:
+        return HirmError(f"{repo_id}: the Hugging Face Hub is rate-limiting requests (429); wait a minute and try again")
+    if status is not None and status >= 500:
+        return HirmError(f"{repo_id}: the Hugging Face Hub answered with a server error ({status}); try again later")
+    if status is not None:
+        return HirmError(f"{repo_id}: the Hugging Face Hub refused the request ({status}: {short_error(e)})")
+    if isinstance(e, he.OfflineModeIsEnabled if hasattr(he, "OfflineModeIsEnabled") else ()) or _offline():
+        return HirmError(f"{repo_id}: offline (HF_HUB_OFFLINE is set) and no cached copy of {what} exists; "
+                         "connect once to download it, or use a local file")
+    if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower():
+        return HirmError(f"{repo_id}: the Hugging Face Hub did not answer in time; nothing was saved: try again later")
+    return HirmError(f"{repo_id}: the Hugging Face Hub cannot be reached and no cached copy of {what} exists "
+                     f"({type(e).__name__}); connect once, or pull a local file")
+
+
+# ----------------------------------------------------------------------------------------------
 # pull
 
 
@@ -129,30 +273,18 @@ def _candidates(concept_or_filename: str) -> list[str]:
     if s.endswith(".safetensors"):
         return [s]
     slug = concept_slug(s)
-    out = [f"{s}/patch.safetensors", f"{slug}.safetensors", f"{slug}/patch.safetensors"]
+    out = [f"{slug}.safetensors", f"{slug}/patch.safetensors"]
+    if re.fullmatch(r"[\w.\- ]{1,100}", s, flags=re.ASCII):  # a folder named as typed (ASCII, bounded)
+        out.insert(1, f"{s}/patch.safetensors")
     return list(dict.fromkeys(out))
+
+
+def _same_concept(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _hub_error(e: BaseException, repo_id: str, what: str) -> HirmError:
-    from huggingface_hub import errors as he
-
-    if isinstance(e, he.RepositoryNotFoundError):  # also what the Hub answers for a private repo without a token
-        return HirmError(f"{repo_id}: repository not found on the Hugging Face Hub (or private: log in with 'hf auth login' or pass a token)")
-    if isinstance(e, he.RevisionNotFoundError):
-        return HirmError(f"{repo_id}: revision {what!r} does not exist; pass a branch, tag or commit sha of the repo")
-    if isinstance(e, he.GatedRepoError):
-        return HirmError(f"{repo_id}: gated repository; accept its terms on the Hub and log in")
-    if isinstance(e, he.HfHubHTTPError):
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in (401, 403):
-            return HirmError(f"{repo_id}: access denied ({status}); it is private: log in with 'hf auth login' or pass a token")
-        return HirmError(f"{repo_id}: the Hugging Face Hub refused the request ({short_error(e)})")
-    return HirmError(f"{repo_id}: the Hugging Face Hub cannot be reached and no cached copy of {what} exists "
-                     f"({type(e).__name__}); connect once, or pull a local file")
 
 
 def _download(repo_id: str, filename: str, revision, cache_dir, local_files_only, token, endpoint) -> str:
@@ -174,69 +306,84 @@ def _revision_of(path: str) -> str | None:
 
 def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, cache_dir: str | None = None,
          local_files_only: bool | None = None, dest: str | None = None, token: str | None = None,
-         endpoint: str | None = None) -> ErasurePatch:
+         endpoint: str | None = None, timeout: float | None = None, overwrite: bool = False) -> ErasurePatch:
     """Fetch a patch through huggingface_hub's cache and return it validated.
 
-    ``concept_or_filename`` is a file in the repo, a folder holding ``patch.safetensors``, or a
-    concept name (found as ``<slug>.safetensors``). Works offline from the cache when
+    ``concept_or_filename`` is a file in the repo, or a concept name: then the files where a patch
+    for it would be (``<slug>.safetensors``, ``<concept>/patch.safetensors``) are tried, and one
+    is taken only if its own header names that concept. Works offline from the cache when
     HF_HUB_OFFLINE is set or ``local_files_only`` is true; when the network is down it falls back
-    to the cache. With ``dest`` the patch is also saved atomically into that folder, its metadata
-    recording ``source`` = {"repo", "revision" (commit sha), "filename"}.
+    to the cache. Everything waits at most ``timeout`` seconds in all (default ``DEFAULT_TIMEOUT``).
+    With ``dest`` the patch is also saved atomically into that folder (an existing file there only
+    with ``overwrite``), its metadata recording ``source`` = {"repo", "revision" (commit), "filename"}.
     """
     from huggingface_hub import errors as he
 
+    wanted = (concept_or_filename or "").strip()
+    if not wanted:
+        raise HirmError("give a concept name or a file name to pull")
+    if dest is not None and os.path.exists(dest) and not os.path.isdir(dest):
+        raise HirmError(f"--out {dest} is not a folder; give the folder to save the patch into")
+    deadline = Deadline(timeout)
+    by_concept = not wanted.endswith(".safetensors")
     local = bool(local_files_only) or _offline()
-    path = filename = None
     unreachable: BaseException | None = None  # the Hub could not be asked and the cache lacks the file
-    for name in _candidates(concept_or_filename):
+    others: list[str] = []  # files found at a concept's place that hold another concept
+    for name in _candidates(wanted):
+        fetch = lambda only_cache: deadline.run(  # noqa: E731
+            lambda: _download(repo_id, name, revision, cache_dir, only_cache, token, endpoint), repo_id, cache_dir)
         try:
-            path = _download(repo_id, name, revision, cache_dir, local, token, endpoint)
-            filename = name
-            break
+            path = fetch(local)
         except (he.RepositoryNotFoundError, he.RevisionNotFoundError, he.GatedRepoError) as e:
-            raise _hub_error(e, repo_id, revision or concept_or_filename) from None
+            raise _hub_error(e, repo_id, revision or wanted) from None
         except he.LocalEntryNotFoundError as e:
             if not local:
                 unreachable = e
+                if _status(e) is not None:  # the Hub answered with an error after its own retries: the other files fare no better
+                    break
+            continue
         except he.EntryNotFoundError:
             continue
+        except HirmError:
+            raise
         except he.HfHubHTTPError as e:
-            raise _hub_error(e, repo_id, concept_or_filename) from None
+            raise _hub_error(e, repo_id, wanted) from None
         except Exception as e:  # connection dropped, truncated transfer...: the cache may still have it
             try:
-                path = _download(repo_id, name, revision, cache_dir, True, token, endpoint)
-                filename = name
-                break
+                path = fetch(True)
             except Exception:
                 unreachable = e
-    if path is None:
-        if unreachable is not None:
-            raise _hub_error(unreachable, repo_id, concept_or_filename)
-        where = "in the local cache (offline)" if local else "in the repo"
-        raise HirmError(f"{repo_id}: no patch {concept_or_filename!r} {where}; tried "
-                        f"{', '.join(_candidates(concept_or_filename))}; list them with 'hirm ls {repo_id}'")
-    try:
-        patch = load_patch(path)
-    except PatchFileError as e:
-        raise PatchFileError(f"{repo_id}/{filename}: {str(e).split(': ', 1)[-1]}") from None
-    sha = _revision_of(path) or revision
-    patch = ErasurePatch(patch.deltas, {**patch.metadata, "source": {"repo": repo_id, "revision": sha, "filename": filename}})
-    if dest is not None:
-        save_pulled(path, patch, dest)
-    return patch
+                continue
+        try:
+            patch = load_patch(path)
+        except PatchFileError as e:
+            raise PatchFileError(f"{repo_id}/{name}: {str(e).split(': ', 1)[-1]}") from None
+        if by_concept and not any(_same_concept(c, wanted) for c in patch.concepts):
+            others.append(f"{name} ({', '.join(patch.concepts)})")
+            continue
+        sha = _revision_of(path) or revision
+        patch = ErasurePatch(patch.deltas, {**patch.metadata, "source": {"repo": repo_id, "revision": sha, "filename": name}})
+        if dest is not None:
+            save_pulled(patch, dest, overwrite)
+        return patch
+    if unreachable is not None and not others:
+        raise _hub_error(unreachable, repo_id, wanted)
+    where = "in the local cache (offline)" if local else "in the repo"
+    held = f"; {', '.join(others)} hold(s) other concepts" if others else ""
+    raise HirmError(f"{repo_id}: no patch for {wanted!r} {where} (tried {', '.join(_candidates(wanted))}{held}); "
+                    f"list them with 'hirm ls {repo_id}'")
 
 
-def save_pulled(cached_path: str, patch: ErasurePatch, dest: str) -> str:
-    """Save a pulled patch into folder ``dest`` atomically, named after its repo file, with ``source`` metadata."""
+def save_pulled(patch: ErasurePatch, dest: str, overwrite: bool = False) -> str:
+    """Save a pulled patch into folder ``dest`` atomically, named after its repo file (or its concepts), with
+    ``source`` metadata; its deltas keep the dtype they have in the file."""
     name = os.path.basename(patch.metadata["source"]["filename"])
     if name == "patch.safetensors":
-        name = os.path.basename(os.path.dirname(patch.metadata["source"]["filename"])) + ".safetensors"
-    out = os.path.join(dest, name)
-    # keep the stored dtype of the original file (save_patch writes atomically)
-    dtype = getattr(torch, patch.metadata.get("delta_dtype", "float16"), torch.float16)
+        name = concept_slug("-".join(patch.concepts)) + ".safetensors"
+    dtypes = {t.dtype for t in patch.deltas.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     meta = {k: v for k, v in patch.metadata.items() if k != "delta_dtype"}
-    save_patch(ErasurePatch(patch.deltas, meta), out, dtype=dtype)
-    return out
+    return save_patch(ErasurePatch(patch.deltas, meta), os.path.join(dest, name), dtype=dtype, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,31 +394,48 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 
 def list_patches(repo_id: str, revision: str | None = None, token: str | None = None, api=None,
-                 endpoint: str | None = None) -> list[dict[str, Any]]:
-    """Patches in a repo, from their safetensors headers only (no full download).
+                 endpoint: str | None = None, timeout: float | None = None, skipped: list | None = None) -> list[dict[str, Any]]:
+    """Patches in a repo, from their safetensors headers only (no full download), within ``timeout`` seconds in all.
 
-    Lists the repo's ``.safetensors`` files, then reads each header with a range request.
-    Rows: filename, concepts, method, family, size (bytes of tensor data), base_fingerprint,
-    base_signature, report. Files that are safetensors but not patches are skipped.
+    Lists the repo's ``.safetensors`` files, then reads each header with a range request. Rows:
+    filename, concepts, method, family, size (bytes of tensor data), base_fingerprint,
+    base_signature, report. Files that are not patches are left out; a file whose header cannot be
+    read or is damaged is left out too, and ``(filename, reason)`` is added to ``skipped`` if given.
     """
     if api is None:
         from huggingface_hub import HfApi
         api = HfApi(endpoint=endpoint)
+    deadline = Deadline(timeout)
     try:
-        files = [f for f in api.list_repo_files(repo_id, revision=revision, token=token) if f.endswith(".safetensors")]
+        files = deadline.run(lambda: [f for f in api.list_repo_files(repo_id, revision=revision, token=token)
+                                      if str(f).endswith(".safetensors")], repo_id)
     except Exception as e:
         raise _hub_error(e, repo_id, revision or "the file list") from None
     rows = []
     for filename in sorted(files):
         try:
-            fm = api.parse_safetensors_file_metadata(repo_id, filename, revision=revision, token=token)
+            fm = deadline.run(lambda: api.parse_safetensors_file_metadata(repo_id, filename, revision=revision, token=token), repo_id)
+        except HirmError as e:
+            if "did not answer within" in str(e):
+                raise
+            _skip(skipped, filename, str(e))
+            continue
         except Exception as e:
-            if type(e).__name__ == "SafetensorsParsingError":
+            if type(e).__name__ in ("SafetensorsParsingError", "NotASafetensorsRepoError"):
                 continue
-            raise _hub_error(e, repo_id, filename) from None
+            if isinstance(e, (OSError, ValueError)) and _status(e) is None and "RepositoryNotFound" not in type(e).__name__:
+                _skip(skipped, filename, short_error(e))
+                continue
+            error = _hub_error(e, repo_id, filename)
+            if _status(e) in (401, 403, 429) or (_status(e) or 0) >= 500:
+                raise error from None
+            _skip(skipped, filename, str(error))
+            continue
         try:
             meta = decode_metadata(fm.metadata or {}, f"{repo_id}/{filename}")
-        except PatchFileError:
+        except PatchFileError as e:
+            if "not an erasure patch" not in str(e):
+                _skip(skipped, filename, str(e).split(": ", 1)[-1])
             continue
         size = sum(_DTYPE_BYTES.get(t.dtype, 4) * math.prod(t.shape) for t in fm.tensors.values())
         rows.append({"filename": filename, "concepts": list(meta.get("concepts", [])), "method": meta.get("method"),
@@ -279,3 +443,8 @@ def list_patches(repo_id: str, revision: str | None = None, token: str | None = 
                      "base_fingerprint": meta.get("base_fingerprint"), "base_signature": meta.get("base_signature"),
                      "report": meta.get("report")})
     return rows
+
+
+def _skip(skipped: list | None, filename: str, reason: str) -> None:
+    if skipped is not None:
+        skipped.append((filename, reason))

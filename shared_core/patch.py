@@ -16,6 +16,7 @@ import math
 import os
 import re
 import threading
+import unicodedata
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -26,14 +27,15 @@ import torch
 from . import __version__
 from .encoders import canonical_parameters, encoder_architecture, model_signature, signature_id, signatures_match
 from .errors import HirmError, PatchFileError, PatchMismatchError
-from .files import atomic_write
 
 FORMAT_NAME = "hirm-erasure-patch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata under the "hirm." prefix, "format" = "pt" (the safetensors convention); 1 still read
+META_PREFIX = "hirm."
 _FAMILY_KEY_PREFIX = {"clip-g": "lora_te2_"}  # everything else (clip-l) uses lora_te_
 _JSON_FIELDS = ("concepts", "config", "encoder", "base_signature", "report", "format_version", "train_seconds",
                 "report_seconds", "source")
-_REQUIRED = ("format", "format_version", "method", "concepts", "encoder", "base_fingerprint", "base_signature")
+MAX_TENSORS = 4096  # far above any real patch (a whole CLIP-G is 580 tensors): a bigger header is refused unread
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class BaseMismatchWarning(UserWarning):
@@ -52,7 +54,7 @@ def file_key(canonical: str, family: str) -> str:
 
 
 _MODULES = (
-    r"text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12]|layer_norm[12])",
+    r"text_model_encoder_layers_(0|[1-9]\d{0,2})_(self_attn_(?:q|k|v|out)_proj|mlp_fc[12]|layer_norm[12])",
     r"text_model_(final_layer_norm)",
     r"text_model_embeddings_(token_embedding|position_embedding)",
 )
@@ -147,22 +149,48 @@ def make_metadata(*, method: str, concepts: list[str], config: Mapping[str, Any]
 
 
 def patch_to_safetensors(patch: ErasurePatch, dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and string metadata that make up the file."""
+    """The tensors and string metadata that make up the file (format 2: every field under ``hirm.``)."""
     family = patch.family
     tensors = {file_key(k, family): v.detach().to("cpu", dtype).contiguous() for k, v in sorted(patch.deltas.items())}
-    meta = {k: json.dumps(v) if k in _JSON_FIELDS or not isinstance(v, str) else v for k, v in patch.metadata.items()}
-    meta["delta_dtype"] = str(dtype).replace("torch.", "")
+    fields = {k: v for k, v in patch.metadata.items() if k not in ("format", "format_version", "delta_dtype")}
+    meta = {"format": "pt", META_PREFIX + "format": FORMAT_NAME, META_PREFIX + "format_version": str(FORMAT_VERSION),
+            META_PREFIX + "delta_dtype": str(dtype).replace("torch.", "")}
+    for k, v in fields.items():
+        meta[META_PREFIX + k] = json.dumps(v) if k in _JSON_FIELDS or not isinstance(v, str) else v
     return tensors, meta
 
 
-def save_patch(patch: ErasurePatch, path: str, dtype: torch.dtype = torch.float16) -> str:
-    """Write ``patch`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    from safetensors.torch import save_file
+def is_patch_file(path: str) -> bool:
+    """True for a readable safetensors file whose header says it is an erasure patch (what may be overwritten)."""
+    from safetensors import safe_open
 
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception:
+        return False
+    return raw.get(META_PREFIX + "format") == FORMAT_NAME or raw.get("format") == FORMAT_NAME
+
+
+def save_patch(patch: ErasurePatch, path: str, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> str:
+    """Write ``patch`` to ``path`` atomically (``files.atomic_write``).
+
+    An existing file is replaced only with ``overwrite`` and only if it is an erasure patch itself;
+    a patch that would not pass ``load_patch`` is refused before anything is written.
+    """
+    from .files import atomic_write, write_safetensors
+
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise HirmError(f"patches are stored as float16, bfloat16 or float32, not {dtype}")
     check_finite(patch.deltas, "the patch")
     tensors, meta = patch_to_safetensors(patch, dtype)
     check_finite(tensors, f"the patch stored as {dtype}")
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    if any(bool(d.any()) for d in patch.deltas.values()) and not any(bool(t.any()) for t in tensors.values()):
+        raise HirmError(f"every difference of the patch rounds to 0 in {str(dtype).replace('torch.', '')}; nothing was written: "
+                        "store it as fp32 (--dtype fp32) or train with a larger learning rate")
+    validate_patch(tensors, decode_metadata(meta, path), path)  # exactly what a reader will check
+    return atomic_write(path, lambda f: write_safetensors(f, tensors, meta), overwrite=overwrite, is_ours=is_patch_file,
+                        what="erasure patch")
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], what: str, consequence: str = "nothing was written",
@@ -172,50 +200,149 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str, consequence: st
             raise error(f"{what} holds NaN or Inf values ({k}); {consequence}")
 
 
-def read_metadata(path: str) -> dict[str, Any]:
-    """Validated, decoded metadata of a patch file, reading only its header."""
+def read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[int, ...]]]]:
+    """(validated metadata, {file key: (dtype, shape)}) of a patch file, reading only its header."""
     from safetensors import safe_open
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise PatchFileError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise PatchFileError(f"{path}: not a file; pass an erasure patch (.safetensors)")
     try:
         with safe_open(path, framework="pt") as f:
             raw = f.metadata() or {}
+            keys = list(f.keys())
+            if len(keys) > MAX_TENSORS:
+                raise PatchFileError(f"{path}: {len(keys)} tensors, far more than any erasure patch holds; the file is damaged or not a patch")
+            shapes = {}
+            for k in keys:
+                piece = f.get_slice(k)
+                shapes[k] = (str(piece.get_dtype()), tuple(int(n) for n in piece.get_shape()))
+    except PatchFileError:
+        raise
     except Exception:
         raise PatchFileError(f"{path}: not a valid safetensors file (another format, or truncated/damaged); pass an erasure patch (.safetensors)") from None
-    return decode_metadata(raw, path)
+    return decode_metadata(raw, path), shapes
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """Validated, decoded metadata of a patch file, reading only its header."""
+    return read_header(path)[0]
+
+
+def _damaged(where: str, what: str) -> PatchFileError:
+    return PatchFileError(f"{where}: damaged patch metadata ({what}); download or train it again")
 
 
 def decode_metadata(raw: Mapping[str, str], where: str = "patch") -> dict[str, Any]:
-    """Turn safetensors' str->str metadata into checked values."""
-    if raw.get("format") != FORMAT_NAME:
-        raise PatchFileError(f"{where}: a safetensors file, but not an erasure patch (no format={FORMAT_NAME} in its metadata); train one with 'hirm train'")
-    try:
-        version = int(raw.get("format_version", ""))
-    except ValueError:
-        raise PatchFileError(f"{where}: unreadable format_version {raw.get('format_version')!r}") from None
-    if version > FORMAT_VERSION:
-        raise PatchFileError(f"{where}: patch format {version} is newer than this tool reads ({FORMAT_VERSION}); upgrade hirm")
-    for k in _REQUIRED:
-        if k not in raw:
-            raise PatchFileError(f"{where}: damaged patch metadata (no {k!r})")
+    """Safetensors' str->str metadata of a patch (format 1 or 2) as checked, typed values; PatchFileError otherwise."""
+    if raw.get(META_PREFIX + "format") == FORMAT_NAME:
+        fields = {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX)}
+    elif raw.get("format") == FORMAT_NAME:  # format 1: the same fields without a prefix
+        fields = dict(raw)
+    else:
+        raise PatchFileError(f"{where}: a safetensors file, but not an erasure patch (no {META_PREFIX}format={FORMAT_NAME} "
+                             "in its metadata); train one with 'hirm train'")
     meta: dict[str, Any] = {}
-    for k, v in raw.items():
+    for k, v in fields.items():
+        if not isinstance(v, str):
+            raise _damaged(where, f"{k!r} is not text")
         if k in _JSON_FIELDS:
             try:
                 meta[k] = json.loads(v)
             except ValueError:
-                raise PatchFileError(f"{where}: damaged patch metadata ({k!r} is not valid JSON)") from None
+                raise _damaged(where, f"{k!r} is not valid JSON") from None
         else:
             meta[k] = v
+    version = meta.get("format_version")
+    if isinstance(version, str) and version.isdigit():
+        version = int(version)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _damaged(where, f"format_version {fields.get('format_version')!r}")
+    if version > FORMAT_VERSION:
+        raise PatchFileError(f"{where}: patch format {version} is newer than this tool reads ({FORMAT_VERSION}); upgrade hirm")
+    meta["format_version"] = version
+    meta["format"] = FORMAT_NAME
+    check_metadata(meta, where)
     return meta
 
 
+def _text(value, limit: int = 1000) -> bool:
+    """A display-safe string: no control characters (no fake lines, no terminal escapes), bounded."""
+    return isinstance(value, str) and len(value) <= limit and not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")
+                                                                      for c in value)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value, lo: int = 1, hi: int = 1_000_000) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def check_metadata(meta: Mapping[str, Any], where: str) -> None:
+    """The typed schema of a patch's metadata (docs/patch-format.md); PatchFileError naming the first bad field."""
+    for k in ("method", "concepts", "encoder", "base_fingerprint", "base_signature"):
+        if k not in meta:
+            raise _damaged(where, f"no {k!r}")
+    concepts = meta["concepts"]
+    if not isinstance(concepts, list) or not concepts or not all(_text(c) and c.strip() for c in concepts):
+        raise _damaged(where, "concepts must be a list of texts without control characters")
+    if not _text(meta["method"], 200) or not meta["method"]:
+        raise _damaged(where, "method")
+    for k in ("anchor", "base_fingerprint", "tool", "created", "trained_on", "delta_dtype"):
+        if k in meta and not _text(meta[k]):
+            raise _damaged(where, f"{k} must be a text without control characters")
+    enc = meta["encoder"]
+    if not isinstance(enc, dict) or not all(_count(enc.get(k), 1, 100_000) for k in ("hidden_size", "num_layers", "intermediate_size")):
+        raise _damaged(where, "encoder architecture incomplete or not whole numbers")
+    for k in ("vocab_size", "max_positions", "num_heads"):
+        if k in enc and not _count(enc[k], 1, 10_000_000):
+            raise _damaged(where, f"encoder {k} is not a whole number")
+    if "family" in enc and not _text(enc["family"], 64):
+        raise _damaged(where, "encoder family")
+    sig = meta["base_signature"]
+    if not isinstance(sig, list) or len(sig) > 100_000 or not all(_number(v) for v in sig):
+        raise _damaged(where, "base_signature must be a list of numbers")
+    for k in ("train_seconds", "report_seconds"):
+        if k in meta and meta[k] is not None and not _number(meta[k]):
+            raise _damaged(where, f"{k} must be a number")
+    config = meta.get("config", {})
+    if not isinstance(config, dict):
+        raise _damaged(where, "config must be a JSON object")
+    for k, ok in (("preset", _text), ("supervision", _text), ("lr", _number), ("steps", _count), ("seed", _number),
+                  ("anchor", _text), ("multi", _text)):
+        if config.get(k) is not None and not ok(config[k]):
+            raise _damaged(where, f"config {k}")
+    for k in ("trainable_layers",):
+        if config.get(k) is not None and not (isinstance(config[k], list) and all(_count(x, -1000, 1000) for x in config[k])):
+            raise _damaged(where, f"config {k} must be a list of layer numbers")
+    for k in ("neighbors", "templates", "concepts"):
+        if config.get(k) is not None and not (isinstance(config[k], list) and all(_text(x) for x in config[k])):
+            raise _damaged(where, f"config {k} must be a list of texts")
+    report = meta.get("report")
+    if report is not None:
+        if not isinstance(report, dict):
+            raise _damaged(where, "report must be a JSON object")
+        for k, v in report.items():
+            if k == "neighbors":
+                if not (isinstance(v, list) and all(_text(x) for x in v)):
+                    raise _damaged(where, "report neighbors must be a list of texts")
+            elif v is not None and not _number(v):
+                raise _damaged(where, f"report {k} must be a number")
+    source = meta.get("source")
+    if source is not None and not (isinstance(source, dict) and all(v is None or _text(v) for v in source.values())):
+        raise _damaged(where, "source must hold texts")
+
+
 def load_patch(path: str, device="cpu") -> ErasurePatch:
-    """Read and validate a patch file: format, names, shapes against its encoder, finite values."""
+    """Read and validate a patch file: the header first (metadata schema, names, float dtypes, shapes against
+    its encoder), then the tensors (finite values). What this accepts, ``inspect`` calls valid."""
     from safetensors.torch import load_file
 
-    meta = read_metadata(path)
+    meta, shapes = read_header(path)
+    check_tensor_table(shapes, meta, path)
     try:
         tensors = load_file(path, device=str(device))
     except Exception:
@@ -223,36 +350,52 @@ def load_patch(path: str, device="cpu") -> ErasurePatch:
     return validate_patch(tensors, meta, path)
 
 
-def validate_patch(tensors: Mapping[str, torch.Tensor], meta: dict[str, Any], where: str) -> ErasurePatch:
-    enc = meta["encoder"]
-    if not isinstance(enc, dict) or not {"hidden_size", "num_layers", "intermediate_size"} <= enc.keys():
-        raise PatchFileError(f"{where}: damaged patch metadata (encoder architecture incomplete)")
-    if not tensors:
+def check_tensor_table(shapes: Mapping[str, tuple[str, tuple[int, ...]]], meta: Mapping[str, Any], where: str) -> None:
+    """Names, dtypes and shapes of a patch's tensors (from its header) against its declared encoder."""
+    if not shapes:
         raise PatchFileError(f"{where}: the patch holds no tensors")
-    deltas = {}
-    for key, value in tensors.items():
+    if len(shapes) > MAX_TENSORS:
+        raise PatchFileError(f"{where}: {len(shapes)} tensors, far more than any erasure patch holds; the file is damaged")
+    enc = meta["encoder"]
+    for key, (dtype, shape) in shapes.items():
         name = canonical_name(key)
         if name is None:
-            raise PatchFileError(f"{where}: unexpected tensor {key!r} in a patch")
+            raise PatchFileError(f"{where}: unexpected tensor {key!r} in a patch; the file is damaged or not a patch")
+        if dtype not in _FLOAT_DTYPES:
+            raise PatchFileError(f"{where}: tensor {key} is {dtype}; patches hold float16/bfloat16/float32 differences: the file is damaged")
         expected = expected_shape(name, enc)
-        if expected is not None and tuple(value.shape) != expected:
-            raise PatchFileError(f"{where}: tensor {key} has shape {tuple(value.shape)}, expected {expected}; the file is damaged")
-        deltas[name] = value
+        if tuple(shape) != expected:
+            raise PatchFileError(f"{where}: tensor {key} has shape {tuple(shape)}, expected {expected}; the file is damaged")
+
+
+_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+
+
+def validate_patch(tensors: Mapping[str, torch.Tensor], meta: dict[str, Any], where: str) -> ErasurePatch:
+    """An ``ErasurePatch`` from a file's tensors and decoded metadata, or PatchFileError (the one validator)."""
+    check_metadata(meta, where)
+    check_tensor_table({k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors.items()}, meta, where)
+    deltas = {canonical_name(k): v for k, v in tensors.items()}
     check_finite(deltas, where, "the file is damaged: download or train it again", PatchFileError)
-    return ErasurePatch(deltas, meta)
+    return ErasurePatch(deltas, dict(meta))
 
 
 def expected_shape(name: str, enc: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The shape a canonical tensor must have in the encoder ``enc`` describes; None where it has no such tensor."""
     h, i = int(enc["hidden_size"]), int(enc["intermediate_size"])
+    if name.startswith("text_model.final_layer_norm."):
+        return (h,)
+    if name == "text_model.embeddings.token_embedding.weight":
+        return (int(enc["vocab_size"]), h) if "vocab_size" in enc else None
+    if name == "text_model.embeddings.position_embedding.weight":
+        return (int(enc["max_positions"]), h) if "max_positions" in enc else None
     m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
-    if not m:
+    if not m or int(m.group(1)) >= int(enc["num_layers"]):
         return None
-    if int(m.group(1)) >= int(enc["num_layers"]):
-        return (-1,)  # a layer the encoder does not have: never matches
     mod, kind = m.group(2), m.group(3)
-    out_in = {"mlp.fc1": (i, h), "mlp.fc2": (h, i)}.get(mod, (h, h))
     if mod.startswith("layer_norm"):
         return (h,)
+    out_in = {"mlp.fc1": (i, h), "mlp.fc2": (h, i)}.get(mod, (h, h))
     return out_in if kind == "weight" else (out_in[0],)
 
 

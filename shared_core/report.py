@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import threading
+from collections import OrderedDict
 from importlib import resources
 
 import torch
 
+from .errors import HirmError
 from .patch import ErasurePatch, patched
 from .textenc import encode, tokenize
+
+BATCH = 64  # prompts per encoder call: one or two batched passes for the whole report
+_MEMORY: OrderedDict = OrderedDict()  # (weights digest, prompt) -> (hidden, pooled) of the unpatched encoder
+_MEMORY_KEEP = 1024  # about 240 MB of CLIP-L encodings
+_LOCK = threading.Lock()
 
 TARGET_TEMPLATES = ("{}", "a painting by {}", "a photo of {}", "an image in the style of {}", "a picture of {}")
 DEFAULT_NEIGHBORS = {
@@ -24,6 +34,10 @@ def nontarget_prompts(concepts: list[str] = ()) -> list[str]:
     prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     words = {w for c in concepts for w in re.findall(r"[a-z]+", c.lower()) if len(w) > 2}
     return [p for p in prompts if not words & set(re.findall(r"[a-z]+", p.lower()))]
+
+
+def _fits(tokenizer, prompt: str) -> bool:
+    return len(tokenizer(prompt, truncation=False)["input_ids"]) <= 77
 
 
 def default_neighbors(preset: str, concepts: list[str]) -> list[str]:
@@ -42,15 +56,16 @@ def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, ne
     preset = (patch.metadata.get("config") or {}).get("preset", "object")
     if neighbors is None:
         neighbors = list((patch.metadata.get("config") or {}).get("neighbors") or default_neighbors(preset, concepts))
-    if target_prompts is None:
-        target_prompts = [t.format(c) for c in concepts for t in TARGET_TEMPLATES]
+    if target_prompts is None:  # templated variants that would not fit CLIP's 77 tokens are left out (the bare concept fits)
+        target_prompts = [t.replace("{}", c) for c in concepts for t in TARGET_TEMPLATES
+                          if t == "{}" or _fits(tokenizer, t.replace("{}", c))]
     others = nontarget_prompts(concepts)
     groups = {"target": target_prompts, "nontarget": others, "neighbor": list(neighbors)}
     prompts = [p for g in groups.values() for p in g]
     ids = tokenize(tokenizer, prompts)
-    before, pooled_before = encode(model, ids)
+    before, pooled_before = base_encodings(model, tokenizer, prompts, ids)
     with patched(model, patch, strength):
-        after, pooled_after = encode(model, ids)
+        after, pooled_after = encode(model, ids, batch_size=BATCH)
 
     def split(t):
         out, i = {}, 0
@@ -78,6 +93,70 @@ def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, ne
         "n_target_prompts": len(target_prompts), "n_nontarget_prompts": len(others), "neighbors": list(neighbors),
         "strength": strength,
     }
+
+
+def cache_folder() -> str | None:
+    """Where base encodings are kept between runs: $HIRM_CACHE, else ~/.cache/hirm; "off" (or "") keeps none."""
+    folder = os.environ.get("HIRM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hirm"))
+    return None if folder.strip().lower() in ("", "off", "0", "none") else os.path.join(folder, "encodings")
+
+
+def base_encodings(model, tokenizer, prompts: list[str], ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, pooled) of the unpatched ``model`` for ``prompts``, fp32 on CPU.
+
+    Encodings are cached per exact weights (a digest of every tensor) and prompt, in memory and
+    in ``cache_folder()``, so the shipped prompt sets are encoded once per base model; a damaged or
+    unwritable cache is ignored (they are then encoded again).
+    """
+    from .encoders import canonical_parameters
+    from .files import atomic_write, write_safetensors
+    from .hosting import weights_digest
+
+    ids = tokenize(tokenizer, prompts) if ids is None else ids
+    digest = weights_digest(canonical_parameters(model)) + ":" + str(ids.shape[1])
+    folder = cache_folder()
+    path = os.path.join(folder, digest.replace(":", "-") + ".safetensors") if folder else None
+    stored = _read_cache(path) if path else {}
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with _LOCK:
+        for i, p in enumerate(prompts):
+            key = hashlib.sha256(p.encode("utf-8")).hexdigest()[:32]
+            hit = _MEMORY.get((digest, p)) or ((stored[key + ".h"], stored[key + ".p"]) if key + ".h" in stored else None)
+            if hit is not None:
+                found[i] = hit
+    missing = [i for i in range(len(prompts)) if i not in found]
+    if missing:
+        hidden, pooled = encode(model, ids[missing], batch_size=BATCH)
+        for j, i in enumerate(missing):
+            found[i] = (hidden[j], pooled[j])
+    with _LOCK:
+        for i, p in enumerate(prompts):
+            _MEMORY[(digest, p)] = found[i]
+            _MEMORY.move_to_end((digest, p))
+        while len(_MEMORY) > _MEMORY_KEEP:
+            _MEMORY.popitem(last=False)
+    if path and missing:
+        entries = dict(stored)
+        for i, p in enumerate(prompts):
+            key = hashlib.sha256(p.encode("utf-8")).hexdigest()[:32]
+            entries[key + ".h"], entries[key + ".p"] = found[i][0].contiguous(), found[i][1].contiguous()
+        try:
+            atomic_write(path, lambda f: write_safetensors(f, entries, {"format": "pt", "hirm.format": "hirm-encoding-cache"}),
+                         overwrite=True, is_ours=lambda p: os.path.dirname(os.path.abspath(p)) == os.path.abspath(folder))
+        except HirmError:
+            pass  # a read-only home or a full disk: the cache is only an optimisation
+    return torch.stack([found[i][0] for i in range(len(prompts))]), torch.stack([found[i][1] for i in range(len(prompts))])
+
+
+def _read_cache(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    except Exception:  # damaged (e.g. a killed write of another tool): encode afresh, rewrite it
+        return {}
 
 
 REPORT_ROWS = (

@@ -4,7 +4,9 @@ Serves HEAD/GET ``/{repo}/resolve/{revision}/{filename}`` (with ``Range: bytes=a
 reads use) and the file list ``/api/models/{repo}/tree/{revision}`` from ``files`` =
 {(repo, revision-or-sha, filename): bytes}; ``revisions`` maps branch names to commit shas.
 Modes per filename via ``faults``: "truncate" (Content-Length larger than the body),
-"hangup" (closes the connection mid-body), 401 (private repo).
+"hangup" (closes the connection mid-body), "stall" (half the body, then silence), "drip" (one
+byte every ``drip_seconds``), a number (answer with that HTTP status); 401 for ``private`` repos.
+``hang=True``: accept every connection and never answer.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import urllib.parse
 
 
 class HubStub:
-    def __init__(self, files, revisions, faults=None, private=()):
+    def __init__(self, files, revisions, faults=None, private=(), hang=False, drip_seconds=4.0):
         self.files, self.revisions, self.faults, self.private = files, revisions, faults or {}, set(private)
+        self.hang, self.drip_seconds = hang, drip_seconds
         self.requests: list[str] = []
+        self.closing = threading.Event()
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -45,6 +49,7 @@ class HubStub:
         return self
 
     def __exit__(self, *exc):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
@@ -61,6 +66,10 @@ class HubStub:
 
     def _answer(self, h, body: bool):
         self.requests.append(f"{h.command} {h.path}")
+        if self.hang:
+            self.closing.wait(120)
+            h.close_connection = True
+            return
         parts = urllib.parse.unquote(h.path.split("?")[0]).lstrip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
             return self._tree(h, "/".join(parts[2:4]), parts[5])
@@ -78,6 +87,8 @@ class HubStub:
         if data is None:
             return self._error(h, 404, "EntryNotFound")
         fault = self.faults.get(filename)
+        if isinstance(fault, int):
+            return self._error(h, fault, "ServerError")
         rng = h.headers.get("Range")
         if rng:  # header reads: faults only hit whole-file downloads
             a, b = rng.split("=")[1].split("-")
@@ -88,10 +99,22 @@ class HubStub:
         h.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
         h.send_header("Content-Length", str(len(data) + (1000 if fault == "truncate" else 0)))
         h.send_header("Content-Type", "application/octet-stream")
-        if fault in ("truncate", "hangup"):
+        if fault in ("truncate", "hangup", "stall", "drip"):
             h.send_header("Connection", "close")
         h.end_headers()
         if not body:
+            return
+        if fault in ("stall", "drip"):
+            h.close_connection = True
+            step = len(data) // 2 if fault == "stall" else 1
+            for i in range(0, len(data), step):
+                try:
+                    h.wfile.write(data[i: i + step])
+                    h.wfile.flush()
+                except OSError:
+                    return
+                if self.closing.wait(self.drip_seconds if fault == "drip" else 120):
+                    return
             return
         if fault == "hangup":
             h.wfile.write(data[: len(data) // 2])

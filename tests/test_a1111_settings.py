@@ -82,7 +82,7 @@ def test_a_patch_file_rewritten_in_place_is_read_again(tmp_path):
     model = text_encoder()
     write_patch(tmp_path, "p.safetensors", model, concept="cat")
     assert library.load(str(tmp_path), "p.safetensors").concepts == ["cat"]
-    save_patch(make_patch(model, concept="dog"), str(tmp_path / "p.safetensors"))
+    save_patch(make_patch(model, concept="dog"), str(tmp_path / "p.safetensors"), overwrite=True)
     assert library.load(str(tmp_path), "p.safetensors").concepts == ["dog"]
 
 

@@ -1,6 +1,5 @@
 """Hub sharing: push (fake HfApi), pull from a hand-built cache and from a local stub server, ls."""
 
-import hashlib
 import os
 from types import SimpleNamespace
 
@@ -10,6 +9,7 @@ from shared_core import hub
 from shared_core.errors import HirmError, PatchFileError
 from shared_core.hirm import train_patch
 from shared_core.patch import load_patch, read_metadata, save_patch
+from hub_cache import build_cache
 from tiny import tiny_clip
 
 SHA = "a" * 40
@@ -25,25 +25,6 @@ def patch_files(tmp_path_factory):
         p = train_patch(model, tok, concepts=[concept], steps=2)
         paths.append(save_patch(p, str(d / f"{hub.concept_slug(concept)}.safetensors")))
     return paths
-
-
-def build_cache(cache_dir, repo_id, files_by_sha, refs):
-    """The real huggingface_hub cache layout: refs/<branch>, snapshots/<sha>/<file> -> blobs/<hash>."""
-    root = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
-    os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
-    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
-    for branch, sha in refs.items():
-        with open(os.path.join(root, "refs", branch), "w") as f:
-            f.write(sha)
-    for sha, files in files_by_sha.items():
-        for name, data in files.items():
-            blob = os.path.join(root, "blobs", hashlib.sha256(data).hexdigest())
-            with open(blob, "wb") as f:
-                f.write(data)
-            link = os.path.join(root, "snapshots", sha, name)
-            os.makedirs(os.path.dirname(link), exist_ok=True)
-            os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
-    return root
 
 
 def read(path):
@@ -136,8 +117,15 @@ def test_offline_pull_finds_file_by_concept_folder_or_name(cache, ask, expect):
 
 def test_offline_pull_honours_pinned_revision(cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    patch = hub.pull("org/erasers", "van gogh", revision=SHA_OLD, cache_dir=cache)
+    patch = hub.pull("org/erasers", "van-gogh.safetensors", revision=SHA_OLD, cache_dir=cache)
     assert patch.concepts == ["snoopy"] and patch.metadata["source"]["revision"] == SHA_OLD
+
+
+def test_a_concept_name_never_returns_a_file_holding_another_concept(cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # at SHA_OLD, van-gogh.safetensors holds the snoopy patch
+    with pytest.raises(HirmError, match=r"no patch for 'van gogh'.*van-gogh.safetensors \(snoopy\)") as e:
+        hub.pull("org/erasers", "van gogh", revision=SHA_OLD, cache_dir=cache)
+    assert "\n" not in str(e.value)
 
 
 def test_pull_with_dest_saves_validated_patch_recording_its_source(cache, tmp_path):
@@ -151,7 +139,7 @@ def test_pull_with_dest_saves_validated_patch_recording_its_source(cache, tmp_pa
 
 
 def test_offline_pull_of_missing_file_or_repo_is_one_line_error(cache, tmp_path):
-    with pytest.raises(HirmError, match="no patch 'dali'") as e:
+    with pytest.raises(HirmError, match="no patch for 'dali'") as e:
         hub.pull("org/erasers", "dali", cache_dir=cache, local_files_only=True)
     assert "\n" not in str(e.value)
     with pytest.raises(HirmError):

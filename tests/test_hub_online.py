@@ -1,6 +1,9 @@
 """Online pulls against a local stub of the Hub's file endpoints (127.0.0.1, no real network)."""
 
 import os
+import re
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,7 +72,7 @@ def test_online_pull_pins_a_revision(stub, tmp_path):
 
 
 @pytest.mark.parametrize("repo,ask,revision,words", [
-    ("org/erasers", "dali", None, "no patch 'dali'"),
+    ("org/erasers", "dali", None, "no patch for 'dali'"),
     ("org/nothing", "dali", None, "not found"),
     ("org/erasers", "Van Gogh", "e" * 40, "does not exist"),
     ("org/private", "Van Gogh", None, "log in"),
@@ -153,3 +156,77 @@ def test_cli_pull_and_ls_with_encoder_check(stub, tmp_path, monkeypatch, capsys)
         assert main(["ls", "org/erasers", "--encoder", str(enc)]) == 0
         line = next(l for l in capsys.readouterr().out.splitlines() if "van-gogh" in l)
         assert line.split()[-1] == verdict
+
+
+# ---------------------------------------------------------------------------------------------- a misbehaving Hub
+
+
+def test_a_hub_that_never_answers_is_given_up_at_the_deadline(online, blobs, tmp_path):
+    with HubStub({("org/erasers", SHA, "van-gogh.safetensors"): blobs["Van Gogh"]}, {}, hang=True) as s:
+        start = time.monotonic()
+        with pytest.raises(HirmError, match="did not answer within 3 s") as e:
+            hub.pull("org/erasers", "Van Gogh", cache_dir=str(tmp_path), endpoint=s.endpoint, timeout=3)  # 3 candidate files
+        assert time.monotonic() - start < 10 and "\n" not in str(e.value)
+        with pytest.raises(HirmError, match="did not answer within 2 s"):
+            hub.list_patches("org/erasers", endpoint=s.endpoint, timeout=2)
+        assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("fault", ["drip", "stall"])
+def test_a_hub_that_drips_or_stalls_mid_body_is_given_up_and_leaves_no_partial_blob(online, blobs, tmp_path, fault):
+    files = {("org/erasers", SHA, "van-gogh.safetensors"): blobs["Van Gogh"]}
+    with HubStub(files, {("org/erasers", "main"): SHA}, faults={"van-gogh.safetensors": fault}, drip_seconds=1.0) as s:
+        start = time.monotonic()
+        with pytest.raises(HirmError, match="did not answer|cannot be reached"):
+            hub.pull("org/erasers", "van-gogh.safetensors", cache_dir=str(tmp_path / "hf"), endpoint=s.endpoint, timeout=4,
+                     dest=str(tmp_path / "out"))
+        assert time.monotonic() - start < 15
+    blobs_dir = tmp_path / "hf" / "models--org--erasers" / "blobs"
+    assert not blobs_dir.exists() or not [p for p in blobs_dir.iterdir() if p.name.endswith(".incomplete")]
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_a_server_error_is_one_line_without_retry_chatter(online, blobs, tmp_path, capsys):
+    files = {("org/erasers", SHA, "van-gogh.safetensors"): blobs["Van Gogh"]}
+    with HubStub(files, {("org/erasers", "main"): SHA}, faults={"van-gogh.safetensors": 500}) as s:
+        with pytest.raises(HirmError, match="server error \\(500\\)") as e:  # after huggingface_hub's own retries (~23 s)
+            hub.pull("org/erasers", "Van Gogh", cache_dir=str(tmp_path), endpoint=s.endpoint, timeout=60)
+    assert "\n" not in str(e.value) and "cannot be reached" not in str(e.value)
+    captured = capsys.readouterr()
+    assert "Retry" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("status,words", [(503, "server error \\(503\\)"), (429, "rate-limiting"), (401, "access denied"),
+                                          (403, "access denied")])
+def test_each_http_failure_has_its_own_line(status, words):
+    from huggingface_hub import errors as he
+
+    inner = SimpleNamespace(response=SimpleNamespace(status_code=status))
+    try:
+        try:
+            raise RuntimeError("HTTP error")
+        except RuntimeError as cause:
+            cause.response = inner.response
+            raise he.LocalEntryNotFoundError("not in the cache") from cause
+    except he.LocalEntryNotFoundError as e:
+        message = str(hub._hub_error(e, "org/x", "a.safetensors"))
+    assert re.search(words, message) and "\n" not in message
+
+
+def test_a_bad_entry_in_a_repo_is_skipped_and_reported_not_fatal(stub):
+    skipped = []
+    rows = hub.list_patches("org/erasers", endpoint=stub.endpoint, skipped=skipped)
+    assert [r["filename"] for r in rows] == ["broken.safetensors", "gone.safetensors", "van-gogh.safetensors"]
+    from unittest import mock
+
+    real = hub.decode_metadata
+
+    def one_bad(raw, where):
+        if where.endswith("gone.safetensors"):
+            return real({**raw, "hirm.concepts": "5"}, where)
+        return real(raw, where)
+
+    with mock.patch.object(hub, "decode_metadata", one_bad):
+        rows = hub.list_patches("org/erasers", endpoint=stub.endpoint, skipped=skipped)
+    assert [r["filename"] for r in rows] == ["broken.safetensors", "van-gogh.safetensors"]
+    assert skipped and skipped[0][0] == "gone.safetensors" and "damaged" in skipped[0][1]

@@ -281,6 +281,8 @@ def test_cli_shares_operators_and_checks_everything_before_rendering(tmp_path, c
     terms = tmp_path / "terms.txt"
     terms.write_text("# nudity terms\nnaked\nnude\n\ntopless\n", encoding="utf-8")
     assert main(["nlce", model, "--concept-terms", str(terms), "--preset", "nudity", "--save-operators", ops,
+                 "--out", str(tmp_path / "c.png")] + common) == 2  # the operator file exists: --force replaces it
+    assert main(["nlce", model, "--concept-terms", str(terms), "--preset", "nudity", "--save-operators", ops, "--force",
                  "--out", str(tmp_path / "c.png")] + common) == 0
     assert ConceptSet.load(ops).terms == {"naked | nude | topless": ["naked", "nude", "topless"]}
     capsys.readouterr()

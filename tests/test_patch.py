@@ -87,7 +87,7 @@ def _rewrite(src, dst, meta_change=None, tensor_change=None):
 
 def test_newer_format_version_is_refused(tmp_path, trained):
     src = save_patch(trained[2], str(tmp_path / "p.safetensors"))
-    dst = _rewrite(src, str(tmp_path / "new.safetensors"), {"format_version": "99"})
+    dst = _rewrite(src, str(tmp_path / "new.safetensors"), {"hirm.format_version": "99"})
     with pytest.raises(PatchFileError, match="newer than this tool reads"):
         load_patch(dst)
 

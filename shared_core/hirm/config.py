@@ -58,7 +58,9 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
     """
     if isinstance(concepts, str):
         concepts = [concepts]
-    concepts = tuple(" ".join(str(c).split()) for c in concepts)
+    if not all(isinstance(c, str) for c in concepts):
+        raise HirmError("concepts must be texts, e.g. --concept 'Van Gogh'")
+    concepts = tuple(" ".join(c.split()) for c in concepts)
     # "nudity" is shorthand for the keyword prompt (SPEC: a multi-keyword concept is one prompt)
     concepts = tuple(NUDITY_KEYWORDS if c.lower() == "nudity" else c for c in concepts)
     if not concepts or any(not c for c in concepts):
@@ -74,8 +76,8 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
     p_lr, p_steps = PRESETS[preset]
     lr = p_lr if lr is None else float(lr)
     steps = p_steps[method] if steps is None else int(steps)
-    if not (math.isfinite(lr) and 0 < lr < 1):
-        raise HirmError(f"learning rate must be in (0, 1), got {lr}")
+    if not (math.isfinite(lr) and 1e-9 <= lr < 1):
+        raise HirmError(f"learning rate must be from 1e-9 to below 1 (the presets use 5e-5 and 1e-4), got {lr:g}")
     if not 1 <= steps <= 100000:
         raise HirmError(f"steps must be between 1 and 100000, got {steps}")
     settings.setdefault("target_scale", DEFAULT_SCALE[method])
@@ -95,7 +97,15 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
         raise HirmError(f"unknown multi-concept mode {cfg.multi!r}; choose joint or average")
     if not cfg.trainable_layers:
         raise HirmError("trainable_layers is empty; the default is [0]")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in cfg.trainable_layers):
+        raise HirmError(f"trainable layers must be whole numbers, got {list(cfg.trainable_layers)}")
+    if len(set(cfg.trainable_layers)) != len(cfg.trainable_layers):
+        raise HirmError(f"a trainable layer is given twice ({list(cfg.trainable_layers)}); give each layer once")
+    if not (isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed < 2**63):
+        raise HirmError(f"seed must be a whole number from 0 to 2^63-1, got {cfg.seed!r}")
     for t in cfg.templates:
-        if "{}" not in t:
-            raise HirmError(f"template {t!r} has no '{{}}' where the concept goes")
+        if not isinstance(t, str) or t.count("{}") != 1 or t.replace("{}", "").count("{") or t.replace("{}", "").count("}"):
+            raise HirmError(f"template {t!r} must hold exactly one '{{}}' where the concept goes, and no other braces")
+    if not (math.isfinite(cfg.target_scale) and cfg.target_scale > 0) or not math.isfinite(cfg.eta):
+        raise HirmError("target scale must be a positive number and eta a finite number")
     return cfg

@@ -100,7 +100,7 @@ def misdirection_targets(model, tokenizer, config: HirmConfig, prompt_ids: torch
 
 
 def _prompts(config: HirmConfig, concept: str) -> list[str]:
-    return [t.format(concept) for t in config.templates] if config.templates else [concept]
+    return [t.replace("{}", concept) for t in config.templates] if config.templates else [concept]
 
 
 def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | None = None,
@@ -145,6 +145,9 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
                     progress(step_offset + step + 1, total, float(loss.detach()))
         deltas = {n: (params[n].detach() - originals[n]).float().cpu() for n in names}
         check_finite(deltas, "training")
+        if not any(bool(d.any()) for d in deltas.values()):
+            raise TrainingError(f"training changed no weight at all (learning rate {config.lr:g} is too small to move fp32 "
+                                "weights); use a larger --lr (the presets use 5e-5 and 1e-4). Nothing was written")
         return deltas
     finally:
         with torch.no_grad():

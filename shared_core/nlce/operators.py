@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import HirmError, NlceError
-from ..files import atomic_write
+from ..files import atomic_write, write_safetensors
 from .config import NlceConfig, make_nlce_config
 
 FORMAT = "hirm-nlce-operators"
@@ -160,9 +160,9 @@ class ConceptSet:
 
     # -- files ---------------------------------------------------------------------------------
 
-    def save(self, path: str) -> str:
-        """Write bases, concepts, neighbours and settings as safetensors, atomically."""
-        from safetensors.torch import save_file
+    def save(self, path: str, overwrite: bool = False) -> str:
+        """Write bases, concepts, neighbours and settings as safetensors, atomically (an existing file only
+        with ``overwrite``, and only if it is an operator file itself)."""
 
         tensors = {}
         for i, (b, w) in enumerate(self.bases):
@@ -173,7 +173,8 @@ class ConceptSet:
         meta = {"format": FORMAT, "format_version": str(VERSION), "concepts": json.dumps(self.concepts),
                 "terms": json.dumps(self.terms), "neighbors": json.dumps(self.neighbors),
                 "config": json.dumps(self.config.to_dict()), "width": str(self.width)}
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return atomic_write(path, lambda f: write_safetensors(f, tensors, meta), overwrite=overwrite, is_ours=is_operator_file,
+                            what="NLCE operator file")
 
     @classmethod
     def load(cls, path: str) -> "ConceptSet":
@@ -206,6 +207,17 @@ class ConceptSet:
         if not concepts:
             raise NlceError(f"{path}: the NLCE operator file holds no concept")
         return cls(concepts, neighbors, bases, nbases, config, terms)
+
+
+def is_operator_file(path: str) -> bool:
+    """True for a safetensors file whose header says it holds NLCE operators."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:
+        return False
 
 
 def _neighbors_for(concepts: list[str], neighbors) -> dict[str, list[str]]:
