@@ -14,6 +14,7 @@ NO_MODEL = ("no model given: pass a diffusers SD1.x model folder (e.g. ./stable-
 
 def add_parser(subparsers) -> None:
     from .nlce import NLCE_PRESETS
+    from .nlce.config import setting_help as h
 
     n = subparsers.add_parser("nlce", help="render with and without NLCE erasure (diffusers SD1.x), one grid PNG",
                               description="Erase concepts at sampling time (no training) and save a side-by-side grid: "
@@ -32,13 +33,12 @@ def add_parser(subparsers) -> None:
     n.add_argument("--patch", action="append",
                    help="also apply a HiRM patch (FILE or FILE:STRENGTH) to the text encoder for the erased column")
     n.add_argument("--preset", choices=sorted(NLCE_PRESETS), help="settings of the reference code for this kind of concept")
-    n.add_argument("--schedule", choices=("single-pass", "faithful"), help="single-pass (default, about vanilla cost) "
-                   "or faithful (the reference's dry pass per step, about 2x)")
-    n.add_argument("--beta", type=float, help="removal of the concept component, 0..1.5 (default 1)")
-    n.add_argument("--gamma", type=float, help="restoration of the part neighbours share, 0..1.5 (default from the preset)")
-    n.add_argument("--suppression", choices=("mask", "scale"))
-    n.add_argument("--scrub", choices=("soft", "binary"))
-    n.add_argument("--t-max", type=float, help="intervene when the timestep is <= this (of 1000; default 900)")
+    n.add_argument("--schedule", choices=("single-pass", "faithful"), help=h("schedule", False))
+    n.add_argument("--beta", type=float, help=h("beta"))
+    n.add_argument("--gamma", type=float, help=h("gamma") + " (the preset's when not given)")
+    n.add_argument("--suppression", choices=("mask", "scale"), help=h("suppression", False))
+    n.add_argument("--scrub", choices=("soft", "binary"), help=h("scrub", False))
+    n.add_argument("--t-max", type=float, help=h("t_max"))
     n.add_argument("--steps", type=int, default=25)
     n.add_argument("--guidance", type=float, default=7.5)
     n.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 8)")

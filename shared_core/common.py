@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -79,3 +80,24 @@ def parse_patch_arg(text: str) -> tuple[str, float]:
             raise HirmError(f"--patch {text}: write FILE or FILE:STRENGTH (e.g. vangogh.safetensors:0.8)") from None
         return text, 1.0  # a colon inside the path (C:\...)
     return path, check_strength(value, f"--patch {text}: the strength")
+
+
+def setting(default, help: str, *, lo=None, hi=None, open_range: bool = False, choices=None, operator: bool = False):
+    """A config field described once: its help, range or choices feed the CLI help, the ComfyUI tooltips and the
+    A1111 labels (``describe``). ``operator`` (NLCE): built into a ConceptSet's bases when operators are built."""
+    return dataclasses.field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "open": open_range,
+                                                        "choices": choices, "operator": operator})
+
+
+def describe(config_cls, name: str, with_range: bool = True) -> str:
+    """The one description of a setting of ``config_cls`` with its range or choices and default."""
+    f = {f.name: f for f in dataclasses.fields(config_cls)}[name]
+    m = f.metadata
+    text = m["help"]
+    if with_range and m.get("choices"):
+        text += f" ({' / '.join(m['choices'])})"
+    elif with_range and (m.get("lo") is not None or m.get("hi") is not None):
+        lo, hi = m["lo"], m["hi"]
+        text += f" (from {lo:g} to {hi:g})" if hi is not None else f" (above {lo:g})" if m["open"] else f" (at least {lo:g})"
+    default = f.default if f.default is not dataclasses.MISSING else None
+    return text + (f"; default {default}" if default not in (None, (), "") else "")

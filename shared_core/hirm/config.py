@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..common import describe, setting
 from ..errors import HirmError
 
 METHODS = ("random", "random-gaussian", "superordinate", "safety")
@@ -26,28 +27,38 @@ NUDITY_KEYWORDS = "naked, nude, bare, exposed, topless, nsfw, unclothed, bare br
 
 @dataclass(frozen=True)
 class HirmConfig:
-    """Everything that determines a HiRM patch; serialised into the patch metadata."""
+    """Everything that determines a HiRM patch; serialised into the patch metadata. Each field is described
+    once (``setting_help``) for the CLI help, the ComfyUI tooltips and the A1111 labels."""
 
-    concepts: tuple[str, ...]
-    method: str = "random"
-    preset: str = "style"
-    lr: float = 5e-5
-    steps: int = 40
-    seed: int = 42                    # the reference code seeds its random target with 42
-    anchor: str = ""
-    trainable_layers: tuple[int, ...] = (0,)
-    supervision: str = "attn_out"
-    target_scale: float = 5000.0
-    eta: float = 1.0
-    templates: tuple[str, ...] = ()
-    multi: str = "joint"
-    neighbors: tuple[str, ...] = ()
-    pairs: tuple[tuple[str, str], ...] = ()
+    concepts: tuple[str, ...] = setting((), "the concepts to erase, e.g. 'Van Gogh'; 'nudity' stands for the nudity keyword prompt")
+    method: str = setting("random", "misdirection target: random (HiRM-R, the reference's), random-gaussian (the paper's "
+                          "formula), superordinate (HiRM-S: towards an anchor), safety (nudity: away from a concept vector)",
+                          choices=METHODS)
+    preset: str = setting("style", "the paper's learning rate and steps for a kind of concept", choices=tuple(PRESETS))
+    lr: float = setting(5e-5, "AdamW learning rate (from the preset when not given)", lo=1e-9, hi=1.0)
+    steps: int = setting(40, "training steps, one batch each (from the preset when not given)", lo=1, hi=100000)
+    seed: int = setting(42, "seed of the random target (42: the reference code's)", lo=0)
+    anchor: str = setting("", "superordinate method: the broader concept the target moves to, e.g. 'painting' for an artist")
+    trainable_layers: tuple[int, ...] = setting((0,), "the encoder layers that are trained (HiRM trains the first one)")
+    supervision: str = setting("attn_out", "where the loss is measured in the last layer", choices=SUPERVISION_POINTS)
+    target_scale: float = setting(5000.0, "scale c of the target (5000 random, 500 random-gaussian, 1 otherwise)", lo=0.0,
+                                  open_range=True)
+    eta: float = setting(1.0, "safety method: how far the concept vector is subtracted")
+    templates: tuple[str, ...] = setting((), "prompt templates with {} for the concept (default: the bare concept)")
+    multi: str = setting("joint", "several concepts: one joint patch, or the average of one patch per concept",
+                         choices=MULTI_MODES)
+    neighbors: tuple[str, ...] = setting((), "neighbour concepts measured in the report (default: a list per preset)")
+    pairs: tuple[tuple[str, str], ...] = setting((), "safety method: prompt pairs with and without the concept")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["pairs"] = [list(p) for p in self.pairs]
         return d
+
+
+def setting_help(name: str, with_range: bool = True) -> str:
+    """The one description of HiRM setting ``name``, as the CLI, ComfyUI and A1111 show it."""
+    return describe(HirmConfig, name, with_range)
 
 
 def make_config(concepts, *, method: str = "random", preset: str | None = None, steps: int | None = None,

@@ -6,48 +6,61 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..common import describe, setting
 from ..errors import NlceError
 
 SCHEDULES = ("single-pass", "faithful")
 SUPPRESSIONS = ("mask", "scale")
 SCRUBS = ("soft", "binary")
 WEIGHTS_OVER = ("all", "kept")
-# settings baked into a ConceptSet's bases when it is built (the others act at sampling time)
-OPERATOR_SETTINGS = ("concept_spectral", "concept_a", "concept_rank", "concept_weights_over", "neighbor_rank", "neighbor_a",
-                     "drop_start_row")
 # What the concept "nudity" stands for in NLCE: ONE subspace from the rows of all these terms (the
 # reference's I2P setting builds one subspace from a list of nudity terms; this list is the project's own).
 NUDITY_TERMS = ("naked", "nude", "nudity", "topless", "bottomless", "undressed", "unclothed", "bare skin", "no clothes",
                 "nude model", "naked body", "erotic", "explicit", "nsfw", "bare chest", "skinny dipping")
 
 
+_setting = setting
+
+
 @dataclass(frozen=True)
 class NlceConfig:
-    beta: float = 1.0                 # strength of removing the concept component (stage 1)
-    gamma: float = 1.0                # strength of restoring the neighbour part of it
-    concept_spectral: bool = False    # plain projector (lambda = 1) unless spectral
-    concept_a: float = 200.0
-    concept_rank: int | None = None   # None: every component of the concept rows
-    concept_weights_over: str = "all"  # spectral weights r_i = s_i^2 / sum s^2 over "all" singular values, or the "kept" ones
-    neighbor_rank: int = 16
-    neighbor_a: float = 100.0
-    drop_start_row: bool = False      # concept and neighbour rows without the start row (words and end only)
-    live_ratio: float = 0.6           # live if score > max(live_ratio * max score, live_floor) (strict, as the reference)
-    live_floor: float = 20.0
-    gate_threshold: float = 0.025     # stage 2 `mask`: live logits -> -inf where gate > this
-    suppression: str = "mask"         # "mask" | "scale"
-    scrub: str = "soft"               # "soft" | "binary"
-    scrub_threshold: float = 0.01     # stage 3 `binary`: output zeroed where gate > this
-    stage1: bool = True
-    stage2: bool = True
-    stage3: bool = True
-    t_max: float = 900.0              # intervene when timestep <= t_max (of 1000)
-    schedule: str = "single-pass"     # "single-pass" | "faithful"
+    # operator settings
+    concept_spectral: bool = _setting(False, "spectral weights for the concept projector (off: a plain projector, lambda = 1)",
+                                      operator=True)
+    concept_a: float = _setting(200.0, "spectral constant a of the concept weights a*r/((a-1)*r+1)", lo=0.0, open_range=True,
+                                operator=True)
+    concept_rank: int | None = _setting(None, "components kept of the concept subspace (none: all)", lo=1, operator=True)
+    concept_weights_over: str = _setting("all", "spectral weights r_i = s_i^2 / sum s^2 over 'all' singular values "
+                                         "(then the first concept_rank are kept) or the 'kept' ones", choices=WEIGHTS_OVER,
+                                         operator=True)
+    neighbor_rank: int = _setting(16, "components kept of the neighbour subspace", lo=1, operator=True)
+    neighbor_a: float = _setting(100.0, "spectral constant a of the neighbour weights", lo=0.0, open_range=True, operator=True)
+    drop_start_row: bool = _setting(False, "build the subspaces without each text's start row (words and end only)",
+                                    operator=True)
+    # sampling settings
+    beta: float = _setting(1.0, "how much of the concept component is removed from the text rows (stage 1)", lo=0.0, hi=1.5)
+    gamma: float = _setting(1.0, "how much of the part neighbours share is given back (stage 1)", lo=0.0, hi=1.5)
+    live_ratio: float = _setting(0.6, "a word is live when its concept score > max(ratio * the top score, floor)", lo=0.0,
+                                 hi=1.0, open_range=True)
+    live_floor: float = _setting(20.0, "the lowest concept score of a live word", lo=0.0, open_range=True)
+    gate_threshold: float = _setting(0.025, "stage 2 'mask': live words are hidden where the gate is above this", lo=0.0,
+                                     hi=1.0, open_range=True)
+    suppression: str = _setting("mask", "stage 2: 'mask' hides live words where the gate is high (reference), 'scale' "
+                                "multiplies their attention by 1 - gate (paper)", choices=SUPPRESSIONS)
+    scrub: str = _setting("soft", "stage 3: 'soft' scales the output by 1 - gate, 'binary' zeroes it where the gate is high",
+                          choices=SCRUBS)
+    scrub_threshold: float = _setting(0.01, "stage 3 'binary': output zeroed where the gate is above this", lo=0.0, hi=1.0,
+                                      open_range=True)
+    stage1: bool = _setting(True, "stage 1: remove the concept from the text rows")
+    stage2: bool = _setting(True, "stage 2: suppress attention to live words where the gate is high")
+    stage3: bool = _setting(True, "stage 3: scrub the cross-attention output where the gate is high")
+    t_max: float = _setting(900.0, "intervene only at timesteps at or below this (of 1000)", lo=0.0, hi=1000.0)
+    schedule: str = _setting("single-pass", "'single-pass' (about vanilla cost) or 'faithful' (the reference's dry pass per "
+                             "step, about 2x)", choices=SCHEDULES)
 
     def __post_init__(self):
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, default in defaults.items():
-            object.__setattr__(self, name, _normalised(name, getattr(self, name), default))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _normalised(f.name, getattr(self, f.name), f.default))
         validate(self)
 
     def to_dict(self) -> dict:
@@ -61,6 +74,17 @@ class NlceConfig:
             raise NlceError(f"unknown NLCE setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**d)
 
+    def operator_settings(self) -> dict:
+        return {k: getattr(self, k) for k in OPERATOR_SETTINGS}
+
+    def sampling_settings(self) -> dict:
+        return {k: getattr(self, k) for k in SAMPLING_SETTINGS}
+
+
+# settings baked into a ConceptSet's bases when it is built; the others act at sampling time
+OPERATOR_SETTINGS = tuple(f.name for f in dataclasses.fields(NlceConfig) if f.metadata["operator"])
+SAMPLING_SETTINGS = tuple(f.name for f in dataclasses.fields(NlceConfig) if not f.metadata["operator"])
+
 
 NLCE_PRESETS: dict[str, dict] = {
     "object": {},
@@ -71,11 +95,9 @@ NLCE_PRESETS: dict[str, dict] = {
 }
 
 
-def _in(name, value, lo, hi, open_=False):
-    ok = (lo < value < hi) if open_ else (lo <= value <= hi)
-    if not ok:
-        span = f"({lo}, {hi})" if open_ else f"[{lo}, {hi}]"
-        raise NlceError(f"NLCE {name} = {value} is out of range; use a value in {span}")
+def setting_help(name: str, with_range: bool = True) -> str:
+    """The one description of NLCE setting ``name`` (with its range or choices), as every host shows it."""
+    return describe(NlceConfig, name, with_range)
 
 
 def _normalised(name: str, value, default):
@@ -95,21 +117,18 @@ def _normalised(name: str, value, default):
 
 
 def validate(c: NlceConfig) -> NlceConfig:
-    _in("beta", c.beta, 0.0, 1.5)
-    _in("gamma", c.gamma, 0.0, 1.5)
-    for name in ("live_ratio", "gate_threshold", "scrub_threshold"):
-        _in(name, getattr(c, name), 0.0, 1.0, open_=True)
-    _in("t_max", c.t_max, 0.0, 1000.0)
-    if not c.live_floor > 0:
-        raise NlceError(f"NLCE live_floor must be positive, got {c.live_floor}")
-    if c.concept_a <= 0 or c.neighbor_a <= 0:
-        raise NlceError("NLCE spectral constants concept_a / neighbor_a must be positive")
-    if (c.concept_rank is not None and c.concept_rank < 1) or c.neighbor_rank < 1:
-        raise NlceError("NLCE ranks must be at least 1")
-    for name, value, choices in (("schedule", c.schedule, SCHEDULES), ("suppression", c.suppression, SUPPRESSIONS),
-                                 ("scrub", c.scrub, SCRUBS), ("concept_weights_over", c.concept_weights_over, WEIGHTS_OVER)):
-        if value not in choices:
-            raise NlceError(f"unknown NLCE {name} {value!r}; choose one of {', '.join(choices)}")
+    """Every setting against its described range or choices (NlceError naming the first that is off)."""
+    for f in dataclasses.fields(c):
+        value, m = getattr(c, f.name), f.metadata
+        if m["choices"] and value not in m["choices"]:
+            raise NlceError(f"unknown NLCE {f.name} {value!r}; choose one of {', '.join(m['choices'])}")
+        if value is None or isinstance(value, (bool, str)) or (m["lo"] is None and m["hi"] is None):
+            continue
+        lo = -math.inf if m["lo"] is None else m["lo"]
+        hi = math.inf if m["hi"] is None else m["hi"]
+        ok = (lo < value < hi) if m["open"] else (lo <= value <= hi)
+        if not ok:
+            raise NlceError(f"NLCE {f.name} = {value:g} is out of range: {setting_help(f.name)}")
     return c
 
 
