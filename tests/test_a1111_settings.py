@@ -30,7 +30,7 @@ def test_widget_values_become_settings_and_a_closed_accordion_is_off():
 
 @pytest.mark.parametrize("args, message", [
     (script_args(nlce=True, concepts=""), "no concept is given"),
-    (script_args(nlce=True, concepts="cat", beta=2.0), "beta = 2.0 is out of range"),
+    (script_args(nlce=True, concepts="cat", beta=2.0), "beta = 2 is out of range"),
     (script_args(nlce=True, concepts="cat", preset="dogs"), "unknown NLCE preset"),
     (script_args(patches=[("a.safetensors", "x")]), "must be a number"),
     (script_args()[:5], "expects 14 arguments"),
