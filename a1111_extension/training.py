@@ -78,7 +78,8 @@ def run_in_background(work: Callable[[Callable], tuple[str, str]], poll: float =
 
     def target():
         try:
-            result["value"] = work(lambda step, total, loss: updates.put(f"step {step}/{total}, loss {loss:.4g}"))
+            result["value"] = work(lambda step, total, loss: updates.put(
+                f"step {step}/{total}, loss {loss:.4g}" if loss is not None else f"measuring the text-level report ({step}/{total})"))
         except HirmError as e:
             result["error"] = str(e)
         except Exception as e:  # a bug or a host failure: the user gets one line, the console the details

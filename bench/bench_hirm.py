@@ -3,6 +3,9 @@
 The floor is measured in the same run: ``steps`` x one forward + backward of the bare
 transformers CLIPTextModel with only layer 0 trainable (loss on the final output), no
 optimiser. Each part runs in a fresh subprocess so that its peak memory (max RSS) is its own.
+The whole ``hirm train`` command (imports, loading a CLIP-L file, training, the text-level
+report, writing) is timed twice: with an empty encoding cache (the first run on a model) and
+with the cache the first run left (every later run on the same model).
 
     python bench/bench_hirm.py            # table
     python bench/bench_hirm.py --json     # machine-readable
@@ -89,6 +92,31 @@ def part_train(steps: int) -> dict:
             "report_seconds": report_seconds, "fp16_report_change": fp16_change}
 
 
+def part_command(steps: int) -> dict:
+    """The whole ``hirm train`` command on a CLIP-L file, cold and warm encoding cache (fresh processes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from shared_core.encoders import canonical_parameters
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip_l.safetensors")
+        save_file({k: v.detach().half().contiguous() for k, v in canonical_parameters(clip_l()).items()}, path)
+        env = {**os.environ, "HIRM_CACHE": os.path.join(tmp, "cache"), "PYTHONPATH": os.path.dirname(HERE)}
+        for run in ("cold", "warm"):
+            target = os.path.join(tmp, f"{run}.safetensors")
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "shared_core.cli", "train", path, "--concept", "Van Gogh", "--preset",
+                                   "style", "--steps", str(steps), "--quiet", "--json", "--out", target],
+                                  env=env, check=True, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            reported = json.loads(done.stdout)
+            out[run] = {"seconds": seconds, "train_seconds": reported["train_seconds"]}
+        out["peak_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return out
+
+
 def run_part(name: str, steps: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--part", name, "--steps", str(steps)],
                          check=True, capture_output=True, text=True)
@@ -99,19 +127,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40, help="style preset, random method: 40")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--part", choices=("floor", "train"), help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=("floor", "train", "command"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.part:
         import torch
 
-        print(json.dumps((part_floor if args.part == "floor" else part_train)(args.steps) | {"threads": torch.get_num_threads()}))
+        part = {"floor": part_floor, "train": part_train, "command": part_command}[args.part]
+        print(json.dumps(part(args.steps) | {"threads": torch.get_num_threads()}))
         return
-    floor, train = run_part("floor", args.steps), run_part("train", args.steps)
+    floor, train, command = run_part("floor", args.steps), run_part("train", args.steps), run_part("command", args.steps)
     result = {"steps": args.steps, "floor_seconds": round(floor["seconds"], 2), "train_seconds": round(train["seconds"], 2),
               "ratio": round(train["seconds"] / floor["seconds"], 3), "train_peak_mb": round(train["peak_mb"]),
               "floor_peak_mb": round(floor["peak_mb"]), "patch_mb_fp16": round(train["patch_bytes_fp16"] / 1e6, 2),
               "patch_mb_fp32": round(train["patch_bytes_fp32"] / 1e6, 2), "report_seconds": round(train["report_seconds"], 2),
               "fp16_vs_fp32_report_max_abs_change": train["fp16_report_change"],
+              "command_cold_seconds": round(command["cold"]["seconds"], 2),
+              "command_warm_seconds": round(command["warm"]["seconds"], 2),
+              "command_cold_ratio": round(command["cold"]["seconds"] / floor["seconds"], 3),
+              "command_warm_ratio": round(command["warm"]["seconds"] / floor["seconds"], 3),
+              "command_train_seconds": command["warm"]["train_seconds"],
+              "command_peak_mb": round(command["peak_mb"]),
               "threads": train["threads"]}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -36,7 +36,11 @@ class _Progress:
 
             self.bar = tqdm(total=total, desc="training", unit="step", file=sys.stderr, leave=False)
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.4g}")
+        if loss is None:
+            self.bar.set_description("measuring the report", refresh=False)
+            self.bar.set_postfix_str("")
+        else:
+            self.bar.set_postfix(loss=f"{loss:.4g}")
 
     def close(self):
         if self.bar is not None:

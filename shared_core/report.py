@@ -28,6 +28,12 @@ DEFAULT_NEIGHBORS = {
 }
 
 
+def report_prompt_count(tokenizer, concepts: list[str], neighbors: list[str] | None, preset: str) -> int:
+    """How many prompts ``text_report`` measures for these concepts (for progress totals)."""
+    targets = [t for c in concepts for t in TARGET_TEMPLATES if t == "{}" or _fits(tokenizer, t.replace("{}", c))]
+    return len(targets) + len(nontarget_prompts(concepts)) + len(neighbors or default_neighbors(preset, concepts))
+
+
 def nontarget_prompts(concepts: list[str] = ()) -> list[str]:
     """The shipped non-target prompts, minus any that mention a word of the concepts."""
     text = resources.files(__package__).joinpath("data/nontarget_prompts.txt").read_text(encoding="utf-8")
@@ -45,9 +51,17 @@ def default_neighbors(preset: str, concepts: list[str]) -> list[str]:
     return [n for n in DEFAULT_NEIGHBORS.get(preset, DEFAULT_NEIGHBORS["object"]) if n.lower() not in lowered]
 
 
+def report_batches(n_prompts: int) -> int:
+    """How many encoder batches a report of ``n_prompts`` prompts takes at most (base and patched passes)."""
+    return 2 * -(-n_prompts // BATCH)
+
+
 def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, neighbors: list[str] | None = None,
-                concepts: list[str] | None = None, target_prompts: list[str] | None = None) -> dict:
+                concepts: list[str] | None = None, target_prompts: list[str] | None = None, progress=None) -> dict:
     """Measure a patch on an encoder (left unchanged): displacement, non-target and neighbour drift.
+
+    ``progress(done, total)`` (optional) follows the encoder batches (``report_batches``); cached
+    base encodings are counted as done at once.
 
     Cosines and relative changes are of the final encoder output (77 x width, after the final
     layer norm), the tensor the UNet cross-attends to; the pooled cosine is what Flux uses.
@@ -63,9 +77,18 @@ def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, ne
     groups = {"target": target_prompts, "nontarget": others, "neighbor": list(neighbors)}
     prompts = [p for g in groups.values() for p in g]
     ids = tokenize(tokenizer, prompts)
-    before, pooled_before = base_encodings(model, tokenizer, prompts, ids)
+    total, count = report_batches(len(prompts)), [0]
+
+    def done():
+        count[0] += 1
+        if progress is not None:
+            progress(min(count[0], total), total)
+
+    before, pooled_before = base_encodings(model, tokenizer, prompts, ids, done)
+    count[0] = total // 2 - 1
+    done()
     with patched(model, patch, strength):
-        after, pooled_after = encode(model, ids, batch_size=BATCH)
+        after, pooled_after = encode(model, ids, batch_size=BATCH, done=done)
 
     def split(t):
         out, i = {}, 0
@@ -101,7 +124,8 @@ def cache_folder() -> str | None:
     return None if folder.strip().lower() in ("", "off", "0", "none") else os.path.join(folder, "encodings")
 
 
-def base_encodings(model, tokenizer, prompts: list[str], ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def base_encodings(model, tokenizer, prompts: list[str], ids: torch.Tensor | None = None,
+                   done=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden, pooled) of the unpatched ``model`` for ``prompts``, fp32 on CPU.
 
     Encodings are cached per exact weights (a digest of every tensor) and prompt, in memory and
@@ -126,7 +150,7 @@ def base_encodings(model, tokenizer, prompts: list[str], ids: torch.Tensor | Non
                 found[i] = hit
     missing = [i for i in range(len(prompts)) if i not in found]
     if missing:
-        hidden, pooled = encode(model, ids[missing], batch_size=BATCH)
+        hidden, pooled = encode(model, ids[missing], batch_size=BATCH, done=done)
         for j, i in enumerate(missing):
             found[i] = (hidden[j], pooled[j])
     with _LOCK:

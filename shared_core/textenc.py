@@ -29,12 +29,16 @@ def real_token_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(model, input_ids: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final hidden states after the final layer norm, pooled end-token rows), fp32 on CPU."""
+def encode(model, input_ids: torch.Tensor, batch_size: int = 16, done=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final hidden states after the final layer norm, pooled end-token rows), fp32 on CPU.
+
+    ``done()`` (optional) is called after each batch (progress for hosts)."""
     device = next(model.parameters()).device
     hidden, pooled = [], []
     for i in range(0, input_ids.shape[0], batch_size):
         out = model(input_ids=input_ids[i : i + batch_size].to(device))
         hidden.append(out.last_hidden_state.float().cpu())
         pooled.append(out.pooler_output.float().cpu())
+        if done is not None:
+            done()
     return torch.cat(hidden), torch.cat(pooled)

@@ -96,9 +96,11 @@ def test_a_cancel_from_the_host_stops_training_and_caches_nothing():
     weights = patcher.encoder_weights(comfy_sd(seed=3))
     with pytest.raises(Interrupted):
         train_on_weights(weights, cat_config(), should_cancel=cancel)
-    steps = []
-    train_on_weights(weights, cat_config(), progress=lambda step, total, loss: steps.append((step, total)))
-    assert steps[-1] == (3, 3)  # trained afresh, not a cached partial result
+    calls = []
+    train_on_weights(weights, cat_config(), progress=lambda step, total, loss: calls.append((step, total, loss)))
+    training = [c for c in calls if c[2] is not None]
+    assert [c[0] for c in training] == [1, 2, 3]  # trained afresh, not a cached partial result
+    assert calls[-1][0] == calls[-1][1] and calls[-1][2] is None  # then the report's batches, to the end of the bar
 
 
 def test_a_clip_without_clip_l_is_refused_in_one_line():

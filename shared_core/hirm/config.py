@@ -70,12 +70,12 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
     if isinstance(concepts, str):
         concepts = [concepts]
     if not all(isinstance(c, str) for c in concepts):
-        raise HirmError("concepts must be texts, e.g. --concept 'Van Gogh'")
+        raise HirmError("concepts must be texts, e.g. 'Van Gogh'")
     concepts = tuple(" ".join(c.split()) for c in concepts)
     # "nudity" is shorthand for the keyword prompt (SPEC: a multi-keyword concept is one prompt)
     concepts = tuple(NUDITY_KEYWORDS if c.lower() == "nudity" else c for c in concepts)
     if not concepts or any(not c for c in concepts):
-        raise HirmError("empty concept: give the concept to erase, e.g. --concept 'Van Gogh'")
+        raise HirmError("empty concept: give the concept to erase, e.g. 'Van Gogh'")
     if method not in METHODS:
         raise HirmError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset = preset or ("nudity" if method == "safety" else "style")
@@ -83,7 +83,8 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
         raise HirmError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     anchor = (anchor or "").strip()
     if method == "superordinate" and not anchor:
-        raise HirmError("the superordinate method needs an anchor prompt, e.g. --anchor painting (for an artist) or --anchor building (for 'church')")
+        raise HirmError("the superordinate method needs an anchor: the broader concept to move to, e.g. 'painting' for an "
+                        "artist or 'building' for 'church'")
     p_lr, p_steps = PRESETS[preset]
     lr = p_lr if lr is None else float(lr)
     steps = p_steps[method] if steps is None else int(steps)

@@ -18,7 +18,7 @@ from ..patch import ErasurePatch, check_finite, make_metadata
 from ..textenc import tokenize
 from .config import HirmConfig, make_config
 
-ProgressFn = Callable[[int, int, float], None]
+ProgressFn = Callable[[int, int, "float | None"], None]  # (step, total, loss); loss None while the report is measured
 # Modules of a CLIP layer that HiRM trains (weights and biases); layer norms stay frozen.
 TRAINED_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
@@ -162,7 +162,8 @@ def train_patch(model, tokenizer, config: HirmConfig | None = None, *, progress:
     """Train a HiRM erasure patch on a transformers ``CLIPTextModel`` (left unchanged).
 
     Either pass a ``HirmConfig`` or the settings of ``make_config`` (``concepts``, ``method``,
-    ``preset``, ...). ``progress(step, total, loss)`` is called after every step;
+    ``preset``, ...). ``progress(step, total, loss)`` is called after every step, and then with
+    ``loss=None`` while the text-level report is measured (its encoder batches count in ``total``);
     ``should_cancel()`` is polled before every step (return True, or raise, to stop).
     The text-level report is measured with the deltas rounded to ``report_dtype`` (the dtype
     the file will store), so it describes the file, not the fp32 training result.
@@ -173,12 +174,18 @@ def train_patch(model, tokenizer, config: HirmConfig | None = None, *, progress:
         raise HirmError(f"pass either a config or settings, not both ({', '.join(settings)})")
     signature = model_signature(model)
     start = time.perf_counter()
+    steps = config.steps * (len(config.concepts) if config.multi == "average" else 1)
+    extra = 0
+    if report:
+        from ..report import report_batches, report_prompt_count
+
+        extra = report_batches(report_prompt_count(tokenizer, list(config.concepts), list(config.neighbors), config.preset))
     if config.multi == "average" and len(config.concepts) > 1:
-        per = [train_deltas(model, tokenizer, config, progress, should_cancel, (c,), i * config.steps,
-                            config.steps * len(config.concepts)) for i, c in enumerate(config.concepts)]
+        per = [train_deltas(model, tokenizer, config, progress, should_cancel, (c,), i * config.steps, steps + extra)
+               for i, c in enumerate(config.concepts)]
         deltas = {n: sum(d[n] for d in per) / len(per) for n in per[0]}
     else:
-        deltas = train_deltas(model, tokenizer, config, progress, should_cancel)
+        deltas = train_deltas(model, tokenizer, config, progress, should_cancel, total_steps=steps + extra)
     seconds = time.perf_counter() - start
     patch = ErasurePatch(deltas, make_metadata(method=config.method, concepts=list(config.concepts),
                                               config=config.to_dict(), model=model, base_signature=signature,
@@ -187,7 +194,9 @@ def train_patch(model, tokenizer, config: HirmConfig | None = None, *, progress:
         from ..report import text_report
 
         rounded = ErasurePatch({n: d.to(report_dtype) for n, d in deltas.items()}, patch.metadata)
-        patch.metadata["report"] = text_report(model, tokenizer, rounded, neighbors=list(config.neighbors) or None)
+        measured = None if progress is None else (lambda done, total: progress(steps + done, steps + extra, None))
+        patch.metadata["report"] = text_report(model, tokenizer, rounded, neighbors=list(config.neighbors) or None,
+                                               progress=measured)
         patch.metadata["report_seconds"] = round(time.perf_counter() - start - seconds, 3)
     return patch
 
