@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
+
+from . import core
 
 FOLDER = "erasure_patches"
 log = logging.getLogger("hirm")
 
 
 def register_folder() -> None:
-    """``models/erasure_patches`` for .safetensors files, first (where Save writes), then any
-    ``erasure_patches`` folders extra_model_paths.yaml named (read before custom nodes load)."""
+    """``models/erasure_patches`` for .safetensors files, first (where Save writes), then any ``erasure_patches``
+    folders extra_model_paths.yaml named (read before custom nodes load); each is also a ``loras`` folder, so the
+    stock LoRA loaders list saved patches with no manual step."""
     folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
     paths, exts = folder_paths.folder_names_and_paths[FOLDER]
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".safetensors"})
+    for path in paths:
+        if path not in folder_paths.get_folder_paths("loras"):
+            folder_paths.add_model_folder_path("loras", path)
 
 
 def patch_files() -> list[str]:
@@ -31,6 +38,24 @@ def patch_path(name: str) -> str:
 
 def save_folder() -> str:
     return folder_paths.get_folder_paths(FOLDER)[0]
+
+
+def free_patch_path(folder: str, filename: str, overwrite: bool) -> str:
+    """``folder/<filename>.safetensors``; a taken name gets the first free counter (``_00001``), like the stock
+    savers, unless ``overwrite`` (then only an erasure patch is replaced, which ``save_patch`` checks)."""
+    name = (filename or "").strip().replace("\\", "/").strip("/")
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    parts = [p for p in name.split("/") if p]
+    if not parts or any(p in (".", "..") or not re.fullmatch(r"[^\x00-\x1f<>:\"|?*]+", p) for p in parts):
+        raise core.HirmError(f"give the patch a plain file name (letters, digits, '-', '_', '/' for a subfolder), not {filename!r}")
+    base = os.path.join(folder, *parts)
+    path = base + ".safetensors"
+    counter = 0
+    while os.path.lexists(path) and not overwrite:
+        counter += 1
+        path = f"{base}_{counter:05d}.safetensors"
+    return path
 
 
 def clip_state_dict(clip) -> dict:
@@ -48,9 +73,18 @@ def compute_device():
 
 
 def progress_callback():
-    """``progress(step, total, loss)`` for the core, drawn as the node's ComfyUI progress bar."""
+    """``progress(step, total, loss)`` for the core, drawn as the node's ComfyUI progress bar (training, then the
+    report) and said once in the console when the report starts."""
     bar = comfy.utils.ProgressBar(1)
-    return lambda step, total, loss: bar.update_absolute(step, total)
+    state = {"measuring": False}
+
+    def progress(step, total, loss):
+        if loss is None and not state["measuring"]:
+            state["measuring"] = True
+            log.info("[hirm] training done; measuring the text-level report")
+        bar.update_absolute(step, total)
+
+    return progress
 
 
 def check_interrupted() -> bool:

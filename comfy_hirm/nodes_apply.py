@@ -1,4 +1,4 @@
-"""Apply Encoder Patch: CLIP + ERASURE_PATCH -> patched CLIP clone (the input is never changed)."""
+"""Apply Erasure Patch: CLIP + ERASURE_PATCH -> a patched CLIP clone (the input is never changed)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,21 @@ from .types import CATEGORY, ErasurePatch
 class ApplyEncoderPatch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        lo, hi = core.patches.STRENGTH_RANGE
         return io.Schema(
-            node_id="HirmApplyEncoderPatch", display_name="Apply Encoder Patch", category=CATEGORY,
-            description="Add an erasure patch to the CLIP's clip_l (SD1.x, SDXL, Flux) or clip_g (SDXL), like a LoRA.",
-            inputs=[io.Clip.Input("clip"), ErasurePatch.Input("patch"),
-                    io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05)],
-            outputs=[io.Clip.Output()],
+            node_id="HirmApplyEncoderPatch", display_name="Apply Erasure Patch (HiRM)", category=CATEGORY,
+            description="Add an erasure patch to the CLIP's clip_l (SD1.x, SDXL, Flux) or clip_g (SDXL), like a LoRA on "
+                        "the text encoder. The input CLIP is not changed.",
+            inputs=[io.Clip.Input("clip", tooltip="the CLIP to patch (a clone is patched)"),
+                    ErasurePatch.Input("patch", tooltip="from Train, Load or Load from Hub"),
+                    io.Float.Input("strength", default=1.0, min=lo, max=hi, step=0.05,
+                                   tooltip="1: the patch as trained; 0: no change; negative values undo an erasure")],
+            outputs=[io.Clip.Output(tooltip="the CLIP with the patch; connect it to CLIP Text Encode")],
         )
 
     @classmethod
     def execute(cls, clip, patch, strength) -> io.NodeOutput:
+        strength = core.patches.check_strength(strength)
         patches, warning = core.patcher.clip_patches(host.clip_state_dict(clip), patch)
         if warning:
             host.log.warning("[hirm] %s", warning)

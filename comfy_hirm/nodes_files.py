@@ -1,44 +1,54 @@
-"""Save / Load Erasure Patch (models/erasure_patches) and Load Erasure Patch from Hub."""
+"""Save / Load Erasure Patch (models/erasure_patches, also listed by the stock LoRA loaders) and Load from Hub."""
 
 from __future__ import annotations
 
 import os
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from . import core, host
 from .types import CATEGORY, ErasurePatch
+
+
+def _report_text(patch) -> str:
+    return patch.describe() + "\n" + core.report.format_report(patch.report)
 
 
 class SaveErasurePatch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="HirmSaveErasurePatch", display_name="Save Erasure Patch", category=CATEGORY, is_output_node=True,
-            description="Write the patch into models/erasure_patches (atomically; an existing file is replaced only when complete).",
-            inputs=[ErasurePatch.Input("patch"), io.String.Input("filename", default="erasure-patch")],
-            outputs=[io.String.Output(display_name="path")],
+            node_id="HirmSaveErasurePatch", display_name="Save Erasure Patch (HiRM)", category=CATEGORY, is_output_node=True,
+            description="Write the patch into models/erasure_patches (atomically). The stock LoRA loaders list that folder "
+                        "too: a saved patch can also be applied with Load LoRA (strength_clip).",
+            inputs=[ErasurePatch.Input("patch", tooltip="the patch to save"),
+                    io.String.Input("filename", default="erasure-patch",
+                                    tooltip="file name in models/erasure_patches (a subfolder like 'styles/van-gogh' works)"),
+                    io.Boolean.Input("overwrite", default=False, label_on="replace a patch of that name",
+                                     label_off="add a number (_00001) if the name is taken",
+                                     tooltip="only another erasure patch is ever replaced; any other file is left alone")],
+            outputs=[io.String.Output(display_name="path", tooltip="where the patch was written")],
         )
 
     @classmethod
-    def execute(cls, patch, filename) -> io.NodeOutput:
-        name = os.path.basename(filename.strip())
-        if not name or name in (".", ".."):
-            raise core.HirmError("give the patch a file name")
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
-        path = core.patches.save_patch(patch, os.path.join(host.save_folder(), name))
-        return io.NodeOutput(path, ui={"text": [f"saved {path}"]})
+    def execute(cls, patch, filename, overwrite) -> io.NodeOutput:
+        folder = host.save_folder()
+        path = host.free_patch_path(folder, filename, overwrite)
+        core.patches.save_patch(patch, path, overwrite=overwrite)
+        shown = os.path.relpath(path, os.path.dirname(folder))
+        host.log.info("[hirm] saved %s", path)
+        return io.NodeOutput(path, ui=ui.PreviewText(f"saved {shown}"))
 
 
 class LoadErasurePatch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="HirmLoadErasurePatch", display_name="Load Erasure Patch", category=CATEGORY,
+            node_id="HirmLoadErasurePatch", display_name="Load Erasure Patch (HiRM)", category=CATEGORY,
             description="Load a patch from models/erasure_patches (validated).",
-            inputs=[io.Combo.Input("patch_name", options=host.patch_files())],
-            outputs=[ErasurePatch.Output(display_name="ERASURE_PATCH"), io.String.Output(display_name="report")],
+            inputs=[io.Combo.Input("patch_name", options=host.patch_files(), tooltip="a patch in models/erasure_patches")],
+            outputs=[ErasurePatch.Output(display_name="ERASURE_PATCH", tooltip="connect it to Apply Erasure Patch"),
+                     io.String.Output(display_name="report", tooltip="what the patch erases and its text-level report")],
         )
 
     @classmethod
@@ -51,25 +61,34 @@ class LoadErasurePatch(io.ComfyNode):
     @classmethod
     def execute(cls, patch_name) -> io.NodeOutput:
         patch = core.patches.load_patch(host.patch_path(patch_name))
-        return io.NodeOutput(patch, patch.describe() + "\n" + core.report.format_report(patch.report))
+        text = _report_text(patch)
+        return io.NodeOutput(patch, text, ui=ui.PreviewText(text))
 
 
 class LoadErasurePatchFromHub(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="HirmLoadErasurePatchFromHub", display_name="Load Erasure Patch from Hub", category=CATEGORY,
-            description="Download a patch from a Hugging Face repo through the Hub cache (works offline from the cache).",
-            inputs=[io.String.Input("repo_id", default="user/erasure-patches"),
+            node_id="HirmLoadErasurePatchFromHub", display_name="Load Erasure Patch from Hub (HiRM)", category=CATEGORY,
+            description="Download a patch from a Hugging Face repo through the Hub cache (validated; works offline from the "
+                        "cache). A concept name only ever returns a file whose own header names that concept.",
+            inputs=[io.String.Input("repo_id", default="user/erasure-patches", tooltip="the Hub repo, e.g. someone/erasure-patches"),
                     io.String.Input("concept_or_filename", default="van-gogh.safetensors",
-                                    tooltip="a file in the repo, a concept folder, or a concept name"),
-                    io.String.Input("revision", default="", tooltip="branch, tag or commit; empty: main"),
-                    io.Boolean.Input("save_to_patch_folder", default=False)],
-            outputs=[ErasurePatch.Output(display_name="ERASURE_PATCH"), io.String.Output(display_name="report")],
+                                    tooltip="a file in the repo, or a concept name"),
+                    io.String.Input("revision", default="", tooltip="branch, tag or commit to pin; empty: main"),
+                    io.Boolean.Input("save_to_patch_folder", default=False, label_on="also save into models/erasure_patches",
+                                     label_off="keep it in the Hub cache only",
+                                     tooltip="saving makes it appear in Load Erasure Patch and the stock LoRA loaders"),
+                    io.Float.Input("timeout", default=core.hub.DEFAULT_TIMEOUT, min=1.0, max=3600.0, step=1.0,
+                                   tooltip="seconds to wait for the Hub in all")],
+            outputs=[ErasurePatch.Output(display_name="ERASURE_PATCH", tooltip="connect it to Apply Erasure Patch"),
+                     io.String.Output(display_name="report", tooltip="what the patch erases and its text-level report")],
         )
 
     @classmethod
-    def execute(cls, repo_id, concept_or_filename, revision, save_to_patch_folder) -> io.NodeOutput:
+    def execute(cls, repo_id, concept_or_filename, revision, save_to_patch_folder, timeout) -> io.NodeOutput:
         patch = core.hub.pull(repo_id.strip(), concept_or_filename.strip(), revision=revision.strip() or None,
-                              dest=host.save_folder() if save_to_patch_folder else None)
-        return io.NodeOutput(patch, patch.describe() + "\n" + core.report.format_report(patch.report))
+                              dest=host.save_folder() if save_to_patch_folder else None, timeout=timeout)
+        source = patch.metadata["source"]
+        text = f"{source['repo']}/{source['filename']} @ {str(source['revision'])[:12]}\n" + _report_text(patch)
+        return io.NodeOutput(patch, text, ui=ui.PreviewText(text))

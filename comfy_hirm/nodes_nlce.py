@@ -1,40 +1,55 @@
-"""NLCE Gate: MODEL + CLIP -> MODEL erasing concepts in cross-attention at sampling time (no training)."""
+"""NLCE Erasure Gate: MODEL + CLIP -> MODEL erasing concepts in cross-attention at sampling time (no training)."""
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from . import core, host
 from .types import CATEGORY
+
+h = core.nlce.config.setting_help
 
 
 class NlceGate(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="HirmNlceGate", display_name="NLCE Gate", category=CATEGORY,
-            description="Training-free erasure inside the UNet's cross-attention (SD1.x). The input MODEL is not changed.",
+            node_id="HirmNlceGate", display_name="NLCE Erasure Gate", category=CATEGORY,
+            description="Training-free erasure (NLCE) inside the UNet's cross-attention of SD1.x models, while sampling. "
+                        "The input MODEL is not changed. Apply it after other nodes that patch attention.",
             inputs=[
-                io.Model.Input("model"), io.Clip.Input("clip"),
-                io.String.Input("concepts", multiline=True, default="Van Gogh", tooltip="one per line (or comma-separated)"),
+                io.Model.Input("model", tooltip="an SD1.x MODEL (other nodes' attention patches are kept)"),
+                io.Clip.Input("clip", tooltip="the CLIP the prompts go through: the concepts are encoded with it"),
+                io.String.Input("concepts", multiline=True, default="Van Gogh",
+                                tooltip="concepts to erase, one per line; 'a | b | c' is one concept made of several terms; "
+                                        "'nudity' stands for the shipped nudity term list"),
                 io.String.Input("neighbors", multiline=True, default="auto",
-                                tooltip="concepts to keep intact, one per line; 'auto' mines them offline; empty: none"),
-                io.Combo.Input("preset", options=list(core.nlce.NLCE_PRESETS), default="object"),
-                io.Float.Input("beta", default=1.0, min=0.0, max=1.5, step=0.05),
-                io.Float.Input("gamma", default=-1.0, min=-1.0, max=1.5, step=0.05, tooltip="-1: from the preset"),
-                io.Combo.Input("suppression", options=["mask", "scale"], default="mask"),
-                io.Combo.Input("schedule", options=["single-pass", "faithful"], default="single-pass",
-                               tooltip="single-pass: about vanilla cost; faithful: the reference schedule, 2x cost"),
+                                tooltip="concepts to keep intact, one per line; 'auto' mines them offline from the CLIP "
+                                        "vocabulary (never another erased concept); empty: none"),
+                io.Combo.Input("preset", options=list(core.nlce.NLCE_PRESETS), default="object",
+                               tooltip="the reference code's settings for this kind of concept (object, artist, celebrity, "
+                                       "nudity)"),
+                io.Float.Input("beta", default=1.0, min=0.0, max=1.5, step=0.05, tooltip=h("beta")),
+                io.Boolean.Input("gamma_source", default=True, label_on="from the preset", label_off="custom",
+                                 tooltip="gamma as the preset sets it (1.0; celebrity 0.9; nudity 0.5), or the value below"),
+                io.Float.Input("gamma", default=1.0, min=0.0, max=1.5, step=0.05,
+                               tooltip=h("gamma") + " (used when the gamma source is custom)"),
+                io.Combo.Input("suppression", options=list(core.nlce.config.SUPPRESSIONS), default="mask",
+                               tooltip=h("suppression")),
+                io.Combo.Input("schedule", options=list(core.nlce.config.SCHEDULES), default="single-pass",
+                               tooltip=h("schedule")),
             ],
-            outputs=[io.Model.Output(), io.String.Output(display_name="neighbors")],
+            outputs=[io.Model.Output(tooltip="the MODEL with NLCE; connect it to the sampler"),
+                     io.String.Output(display_name="neighbors", tooltip="the neighbours used per concept")],
         )
 
     @classmethod
-    def execute(cls, model, clip, concepts, neighbors, preset, beta, gamma, suppression, schedule) -> io.NodeOutput:
-        config = core.nlce.make_nlce_config(preset, beta=beta, gamma=None if gamma < 0 else gamma, suppression=suppression,
+    def execute(cls, model, clip, concepts, neighbors, preset, beta, gamma_source, gamma, suppression, schedule) -> io.NodeOutput:
+        config = core.nlce.make_nlce_config(preset, beta=beta, gamma=None if gamma_source else gamma, suppression=suppression,
                                             schedule=schedule)
         weights = core.patcher.encoder_weights(host.clip_state_dict(clip))
         concept_set = core.hosting.concept_set_for(weights, core.common.split_list(concepts, "concept"), neighbors, config,
                                                    device=host.compute_device())
         patched, _ = core.patcher.install_nlce(model, concept_set, config, model.get_model_object("model_sampling").timestep)
-        return io.NodeOutput(patched, "\n".join(f"{c}: {', '.join(ns) or '(none)'}" for c, ns in concept_set.neighbors.items()))
+        text = "\n".join(f"{c}: {', '.join(ns) or '(no neighbours)'}" for c, ns in concept_set.neighbors.items())
+        return io.NodeOutput(patched, text, ui=ui.PreviewText(text))

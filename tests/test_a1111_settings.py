@@ -1,6 +1,8 @@
 """The accordion's values, the infotext round trip, the patch folder and install.py."""
 
+import os
 import runpy
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -98,3 +100,9 @@ def test_install_py_installs_only_missing_packages_with_the_webuis_pip_and_never
     calls.clear()
     runpy.run_path(INSTALL, run_name="__main__")
     assert calls and not any("torch" in c for c in calls)
+
+
+def test_install_py_does_nothing_and_succeeds_where_comfyui_manager_runs_it():
+    # ComfyUI Manager runs the root install.py with ComfyUI's Python after requirements.txt: no `launch` module there
+    result = subprocess.run([sys.executable, "-I", INSTALL], capture_output=True, text=True, timeout=60, cwd=os.path.dirname(INSTALL))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

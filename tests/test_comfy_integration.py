@@ -110,12 +110,12 @@ def test_train_apply_encode_changes_only_the_clone(pack, clip):
     patches_before = dict(clip.patcher.patches)
     with torch.inference_mode():
         plain = encode(pack, clip, "a photo of a cat")[0][0]
-        patch, report = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)
+        patch, report = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", False, 2, 5e-5, 0)
         patched = run(pack, "HirmApplyEncoderPatch", clip, patch, 1.0)[0]
         erased = encode(pack, patched, "a photo of a cat")[0][0]
         plain_again = encode(pack, clip, "a photo of a cat")[0][0]
         # ComfyUI left the shared weights patched in place for the clone: training again must still see the base
-        again = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)[0]
+        again = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", False, 2, 5e-5, 0)[0]
     assert "target displacement" in report
     assert dict(clip.patcher.patches) == patches_before and patched.patcher.patches
     assert not torch.allclose(plain, erased, atol=1e-3)
@@ -130,7 +130,7 @@ def test_a_cancel_stops_training_with_no_output_and_the_clip_unchanged(pack, cli
     mm.interrupt_current_processing(True)
     try:
         with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-            run(pack, "HirmTrainErasurePatch", clip, "dog", "random", "", "object", 3, 0.0, 0)
+            run(pack, "HirmTrainErasurePatch", clip, "dog", "random", "", "object", False, 3, 5e-5, 0)
     finally:
         mm.interrupt_current_processing(False)
     assert dict(clip.patcher.patches) == patches_before
@@ -141,32 +141,85 @@ def test_bad_inputs_get_one_line_errors(pack, clip):
     HirmError, PatchFileError, PatchMismatchError = errors.HirmError, errors.PatchFileError, errors.PatchMismatchError
 
     with pytest.raises(HirmError, match="no concept"):
-        run(pack, "HirmTrainErasurePatch", clip, " \n", "random", "", "style", 2, 0.0, 0)
+        run(pack, "HirmTrainErasurePatch", clip, " \n", "random", "", "style", False, 2, 5e-5, 0)
     (pack["own"] / "not-a-patch.safetensors").parent.mkdir(parents=True, exist_ok=True)
     (pack["own"] / "not-a-patch.safetensors").write_bytes(b"hello, not a safetensors file")
     with pytest.raises(PatchFileError) as e:
         run(pack, "HirmLoadErasurePatch", "not-a-patch.safetensors")
     assert "\n" not in str(e.value)
     with torch.inference_mode():
-        patch = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)[0]
+        patch = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", False, 2, 5e-5, 0)[0]
     clip_g_patch = type(patch)(patch.deltas, {**patch.metadata, "encoder": {**patch.encoder, "family": "clip-g"}})
     with pytest.raises(PatchMismatchError, match="for clip-g but this CLIP has clip_l"):
         run(pack, "HirmApplyEncoderPatch", clip, clip_g_patch, 1.0)
     with pytest.raises(HirmError) as e:
-        run(pack, "HirmLoadErasurePatchFromHub", "nobody/no-such-patches", "cat", "", False)  # offline, not cached
+        run(pack, "HirmLoadErasurePatchFromHub", "nobody/no-such-patches", "cat", "", False, 5.0)  # offline, not cached
     assert "\n" not in str(e.value)
 
 
 def test_save_load_and_extra_model_paths(pack, clip):
     with torch.inference_mode():
-        patch = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)[0]
-    saved = run(pack, "HirmSaveErasurePatch", patch, "cat-test")[0]
+        patch = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", False, 2, 5e-5, 0)[0]
+    saved = run(pack, "HirmSaveErasurePatch", patch, "cat-test", False)[0]
     assert saved == str(pack["own"] / "cat-test.safetensors")  # models/erasure_patches comes first
     shutil.copy(saved, pack["shared"] / "shared-cat.safetensors")  # a folder named in extra_model_paths.yaml
     options = node(pack, "HirmLoadErasurePatch").GET_SCHEMA().inputs[0].options
     assert {"cat-test.safetensors", "shared-cat.safetensors"} <= set(options)
     loaded, text = run(pack, "HirmLoadErasurePatch", "shared-cat.safetensors")
     assert set(loaded.deltas) == set(patch.deltas) and "cat" in text
+
+
+def train(pack, clip, concept="cat"):
+    with torch.inference_mode():
+        return run(pack, "HirmTrainErasurePatch", clip, concept, "random", "", "style", False, 2, 5e-5, 0)[0]
+
+
+def test_save_adds_a_counter_overwrites_only_when_asked_and_never_a_file_of_someone_else(pack, clip):
+    patch, other = train(pack, clip), train(pack, clip, "dog")
+    first = run(pack, "HirmSaveErasurePatch", patch, "styles/counted", False)[0]
+    second = node(pack, "HirmSaveErasurePatch").execute(other, "styles/counted", False)
+    assert first == str(pack["own"] / "styles" / "counted.safetensors")
+    assert second.result[0] == str(pack["own"] / "styles" / "counted_00001.safetensors")
+    assert second.ui.as_dict() == {"text": ("saved erasure_patches/styles/counted_00001.safetensors",)}
+    replaced = run(pack, "HirmSaveErasurePatch", other, "styles/counted", True)[0]
+    assert replaced == first and "dog" in run(pack, "HirmLoadErasurePatch", "styles/counted.safetensors")[1]
+    (pack["own"] / "notes.safetensors").write_bytes(b"my own notes")
+    with pytest.raises(pack["errors"].HirmError) as e:
+        run(pack, "HirmSaveErasurePatch", patch, "notes", True)
+    assert "\n" not in str(e.value) and (pack["own"] / "notes.safetensors").read_bytes() == b"my own notes"
+    for bad in ("", "../outside", "a/../../b"):
+        with pytest.raises(pack["errors"].HirmError, match="plain file name"):
+            run(pack, "HirmSaveErasurePatch", patch, bad, False)
+    assert not list(pack["own"].parent.glob("*.safetensors")) and not list(pack["own"].rglob(".tmp-hirm-*"))
+
+
+def test_the_stock_lora_loader_lists_a_saved_patch_and_gives_the_apply_nodes_conditioning(pack, clip, model):
+    import folder_paths
+
+    patch = train(pack, clip, "a red apple")
+    run(pack, "HirmSaveErasurePatch", patch, "lora-apple", True)
+    assert "lora-apple.safetensors" in folder_paths.get_filename_list("loras")
+    assert "lora-apple.safetensors" in pack["nodes"].LoraLoader.INPUT_TYPES()["required"]["lora_name"][0]
+    with torch.inference_mode():
+        _, by_lora = pack["nodes"].LoraLoader().load_lora(model, clip, "lora-apple.safetensors", 0.0, 0.7)
+        saved = run(pack, "HirmLoadErasurePatch", "lora-apple.safetensors")[0]  # the file's precision, as the loader reads it
+        by_node = run(pack, "HirmApplyEncoderPatch", clip, saved, 0.7)[0]
+        a, b = (encode(pack, c, "a red apple on a table")[0][0] for c in (by_lora, by_node))
+    assert torch.equal(a, b) and not torch.equal(a, encode(pack, clip, "a red apple on a table")[0][0])
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), 1e39, 5.0])
+def test_the_apply_node_refuses_a_strength_out_of_range(pack, clip, strength):
+    patch = train(pack, clip)
+    with pytest.raises(pack["errors"].HirmError, match="strength"):
+        run(pack, "HirmApplyEncoderPatch", clip, patch, strength)
+
+
+def test_train_shows_its_report_on_the_node(pack, clip):
+    with torch.inference_mode():
+        out = node(pack, "HirmTrainErasurePatch").execute(clip, "cat", "random", "", "style", False, 2, 5e-5, 0)
+    (text,) = out.ui.as_dict()["text"]
+    assert text == out.result[1] and "target displacement" in text and "cat" in text
 
 
 def test_a_clip_l_patch_goes_to_the_clip_l_of_an_sdxl_clip(pack, clip):
@@ -176,7 +229,7 @@ def test_a_clip_l_patch_goes_to_the_clip_l_of_an_sdxl_clip(pack, clip):
     sdxl = comfy.sd.load_text_encoder_state_dicts([random_clip_sd(768, 12, 3072), random_clip_sd(1280, 32, 5120, "gelu", 1)],
                                                   clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
     with torch.inference_mode():
-        patch = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", 2, 0.0, 0)[0]
+        patch = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", False, 2, 5e-5, 0)[0]
         patched = run(pack, "HirmApplyEncoderPatch", sdxl, patch, 0.8)[0]
     assert set(patched.patcher.patches) == {"clip_l.transformer." + n for n in patch.deltas}
     assert all(p[0] == 0.8 for ps in patched.patcher.patches.values() for p in ps)
@@ -200,7 +253,7 @@ def test_nlce_gate_samples_and_leaves_the_input_model_unchanged(pack, clip, mode
     with torch.inference_mode():
         # random weights: only the concept's own rows score as live tokens, so the prompt is the concept itself
         vanilla = sample_at_t500(pack, model, clip, "cat")
-        gated, used = run(pack, "HirmNlceGate", model, clip, "cat", "dog\ntiger", "object", 1.0, -1.0, "mask", schedule)
+        gated, used = run(pack, "HirmNlceGate", model, clip, "cat", "dog\ntiger", "object", 1.0, True, 1.0, "mask", schedule)
         erased = sample_at_t500(pack, gated, clip, "cat")
         vanilla_again = sample_at_t500(pack, model, clip, "cat")
     assert torch.isfinite(erased).all() and used == "cat: dog, tiger"
@@ -214,6 +267,29 @@ def test_nlce_gate_samples_and_leaves_the_input_model_unchanged(pack, clip, mode
     assert passes[-1]["gate"]["shape"] == [4, 4]  # read at input block 8: 1/32 of the 128 px image
 
 
+def test_nlce_gate_keeps_another_packs_attention_replace_and_says_so(pack, clip, model, caplog):
+    import comfy.ldm.modules.attention as attention
+
+    calls = []
+
+    def foreign(q, k, v, extra_options):  # what an IP-Adapter-like pack registers: plain attention, counted
+        calls.append(extra_options["block"])
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    other = model.clone()
+    other.set_model_attn2_replace(foreign, "input", 7, 0)
+    with torch.inference_mode():
+        plain = sample_at_t500(pack, other, clip, "cat")
+        calls.clear()
+        with caplog.at_level(logging.WARNING):
+            gated = run(pack, "HirmNlceGate", other, clip, "cat", "dog", "object", 1.0, True, 1.0, "mask", "single-pass")[0]
+        erased = sample_at_t500(pack, gated, clip, "cat")
+    assert calls and set(calls) == {("input", 7)}  # the other pack's attention still runs, at its block only
+    assert (erased - plain).norm() > 0.01 * plain.norm()
+    assert "another node's attention already replaces cross-attention at 1 of 16 blocks" in caplog.text
+    assert other.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 7, 0)] is foreign
+
+
 def test_nlce_gate_refuses_a_model_without_cross_attention(pack, clip):
     import comfy.model_patcher
     import comfy.supported_models
@@ -224,7 +300,7 @@ def test_nlce_gate_refuses_a_model_without_cross_attention(pack, clip):
         "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True})
     flux = comfy.model_patcher.ModelPatcher(tiny_flux.get_model({}), load_device="cpu", offload_device="cpu")
     with pytest.raises(pack["errors"].NlceError, match="no UNet cross-attention"):
-        run(pack, "HirmNlceGate", flux, clip, "cat", "auto", "object", 1.0, -1.0, "mask", "single-pass")
+        run(pack, "HirmNlceGate", flux, clip, "cat", "auto", "object", 1.0, True, 1.0, "mask", "single-pass")
 
 
 def test_example_workflows_validate_in_comfyui(pack, tmp_path):

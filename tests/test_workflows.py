@@ -21,12 +21,36 @@ def test_links_join_matching_sockets_and_every_step_is_explained(path):
     nodes = {n["id"]: n for n in graph["nodes"]}
     for lid, src, out, dst, slot, typ in graph["links"]:
         assert nodes[src]["outputs"][out]["type"] == typ and lid in nodes[src]["outputs"][out]["links"]
-        assert nodes[dst]["inputs"][slot]["type"] == typ and nodes[dst]["inputs"][slot]["link"] == lid
+        assert nodes[dst]["inputs"][slot]["type"] in (typ, "*") and nodes[dst]["inputs"][slot]["link"] == lid
     for n in nodes.values():  # every socket input is connected
         assert all(i["link"] is not None for i in n["inputs"]), n["type"]
     notes = [n for n in nodes.values() if n["type"] == "Note"]
     assert notes and len(notes[0]["widgets_values"][0]) > 100
     assert any(n["type"].startswith("Hirm") for n in nodes.values())
+    for n in nodes.values():  # the report / neighbours / path outputs are shown, not left dangling
+        if n["type"].startswith("Hirm"):
+            assert all(o["links"] for o in n["outputs"] if o["type"] == "STRING"), n["type"]
+
+
+@pytest.mark.parametrize("name", ["hirm_train_apply_sd15.json", "hirm_patch_plus_nlce_sd15.json"])
+def test_the_sd15_examples_save_the_original_beside_the_erased_image(name):
+    graph = json.load(open(os.path.join(ROOT, "example_workflows", name)))
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    links = {lid: (src, dst) for lid, src, _, dst, _, _ in graph["links"]}
+
+    def upstream(nid):
+        seen, todo = set(), [nid]
+        while todo:
+            n = todo.pop()
+            seen.add(n)
+            todo += [links[i["link"]][0] for i in nodes[n]["inputs"] if i["link"] is not None]
+        return {nodes[n]["type"] for n in seen}
+
+    stitch = next(n for n in nodes.values() if n["type"] == "ImageStitch")
+    original, erased = (links[i["link"]][0] for i in stitch["inputs"])
+    assert not any(t.startswith("Hirm") for t in upstream(original))
+    assert {"HirmApplyEncoderPatch"} <= upstream(erased)
+    assert any(links[lid][1] == stitch["id"] for lid in links) and "SaveImage" in {nodes[links[l][1]]["type"] for l in stitch["outputs"][0]["links"]}
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
