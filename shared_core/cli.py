@@ -261,6 +261,25 @@ def _apply_to_folder(source: str, patches, out: str, component: str) -> None:
     atomic_folder(out, write, "text-encoder folder")
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from .export import export_diffusers_lora, summarize
+    from .patch import load_patch
+
+    patch = load_patch(args.file)
+    out = args.out or os.path.splitext(args.file)[0] + "-diffusers-lora.safetensors"
+    if os.path.realpath(out) == os.path.realpath(args.file):
+        raise HirmError(f"--out {out} is the patch being exported; choose another path")
+    errors = export_diffusers_lora(patch, out, rank=args.rank, dtype=torch.float16 if args.dtype == "fp16" else torch.float32,
+                                   overwrite=args.force, text_encoder=args.text_encoder)
+    print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB): {patch.describe()} as a diffusers LoRA, "
+          f"rank {args.rank or 'full'}; {summarize(errors)}")
+    print(f"  load it with: pipe.load_lora_weights({out!r}, adapter_name='erasure'); "
+          "pipe.set_adapters(['erasure'], [1.0])")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The whole chain on a tiny random encoder, to check an install."""
     import torch
@@ -342,6 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="replace --out if it is a checkpoint this tool wrote (never any other file)")
     a.add_argument("--component", default="clip_l", choices=("clip_l", "clip_g"))
     a.set_defaults(func=cmd_apply)
+
+    e = sub.add_parser("export", help="write a patch as a diffusers LoRA (pipe.load_lora_weights)",
+                       description="Write a patch as a LoRA in diffusers' format, for load_lora_weights / set_adapters / "
+                                   "fuse_lora. Full rank by default (exact); --rank R gives a smaller file and prints its error.")
+    e.add_argument("file", help="the erasure patch (.safetensors)")
+    e.add_argument("--format", default="diffusers", choices=("diffusers",), help="the LoRA format (diffusers' PEFT keys)")
+    e.add_argument("--rank", type=int, help="LoRA rank (default: full, exact)")
+    e.add_argument("--dtype", choices=("fp16", "fp32"), default="fp32", help="storage dtype of the factors (default fp32)")
+    e.add_argument("--text-encoder", choices=("text_encoder", "text_encoder_2"),
+                   help="the pipeline's encoder to target (default: text_encoder_2 for a CLIP-G patch, else text_encoder)")
+    e.add_argument("--out", help="file to write (default: <patch>-diffusers-lora.safetensors)")
+    e.add_argument("--force", action="store_true", help="replace --out if it is a LoRA this command wrote (never any other file)")
+    e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="run the whole chain on a tiny random model (checks the install; output is meaningless)")
     d.add_argument("--steps", type=int, default=5)
