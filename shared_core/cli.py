@@ -76,6 +76,8 @@ def cmd_train(args) -> int:
     finally:
         progress.close()
     patch.metadata["trained_on"] = os.path.basename(str(args.source).rstrip("/"))
+    if not os.path.exists(args.source):  # a Hub id: the card's base_model
+        patch.metadata["base_model"] = str(args.source)
     save_patch(patch, out, dtype=torch.float32 if args.dtype == "fp32" else torch.float16, overwrite=args.force)
     if args.json:
         print(json.dumps({"out": out, "concepts": list(config.concepts), "method": config.method,
@@ -281,33 +283,109 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The whole chain on a tiny random encoder, to check an install."""
+    """The whole chain on a tiny random model, to check an install: HiRM train, save, load, apply, remove,
+    then (with diffusers) one image without and with the patch and NLCE, side by side."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from .hirm import train_patch
     from .patch import apply_patch, load_patch, save_patch
     from .report import format_report
     from .tokenizer import clip_tokenizer
 
-    print("hirm demo: a TINY RANDOM text encoder, so the numbers below are MEANINGLESS; it only checks that the install works.")
+    print("hirm demo: a TINY RANDOM model, so every number and picture below is MEANINGLESS; it only checks that the install "
+          "works. For a real erasure: hirm train /path/to/model.safetensors --concept \"Van Gogh\"")
+    if args.image:
+        check_target(args.image, args.force, _is_demo_image, "demo image")  # before any work
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
-    model = CLIPTextModel(config).eval().requires_grad_(False)
+    pipe = _demo_pipeline() if args.image else None
+    model = pipe.text_encoder if pipe is not None else _demo_encoder()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     progress = _Progress(True)
     patch = train_patch(model, clip_tokenizer(), concepts=["Van Gogh"], preset="style", steps=args.steps, progress=progress)
     progress.close()
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_patch(patch, os.path.join(tmp, "demo.safetensors"))
-        loaded = load_patch(path)
-        handle = apply_patch(model, loaded, 1.0)
-        handle.remove()
+        loaded = load_patch(save_patch(patch, os.path.join(tmp, "demo.safetensors")))
+    apply_patch(model, loaded, 1.0).remove()
     exact = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     print(format_report(patch.report))
     print(f"train -> save -> load -> apply -> remove: OK (weights restored bit for bit: {exact})")
+    if pipe is not None:
+        _demo_image(pipe, loaded, args.image, args.force)
     return 0 if exact else 1
+
+
+def _demo_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+def _demo_pipeline():
+    """A tiny SD1-shaped pipeline (random weights, 64-wide text, 32 px images) or None without diffusers."""
+    try:
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    except ImportError:
+        print("(diffusers is not installed: no demo image; pip install 'hirm-erasure[diffusers]' for it)")
+        return None
+    from .tokenizer import clip_tokenizer
+
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, cross_attention_dim=64,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=8,
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=_demo_encoder(), tokenizer=clip_tokenizer(), unet=unet.eval(),
+                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _demo_image(pipe, patch, out: str, force: bool) -> None:
+    import torch
+    from PIL import Image, ImageDraw
+
+    from .nlce.diffusers import apply_nlce
+    from .patch import patched
+
+    prompt = "a starry night over a village, by Van Gogh"
+
+    def render():
+        g = torch.Generator().manual_seed(0)
+        return pipe(prompt, num_inference_steps=4, height=32, width=32, generator=g, output_type="pil").images[0]
+
+    plain = render()
+    with patched(pipe.text_encoder, [(patch, 1.0)]):
+        handle = apply_nlce(pipe, concepts=["Van Gogh"], neighbors=["Monet"])
+        try:
+            erased = render()
+        finally:
+            handle.remove()
+    cell = 128
+    sheet = Image.new("RGB", (2 * cell + 8, cell + 34), "white")
+    for i, (image, label) in enumerate(((plain, "without"), (erased, "patch + NLCE"))):
+        sheet.paste(image.resize((cell, cell), Image.NEAREST), (i * (cell + 8), 0))
+        ImageDraw.Draw(sheet).text((i * (cell + 8) + 2, cell + 2), label, fill="black")
+    ImageDraw.Draw(sheet).text((2, cell + 18), "random weights: MEANINGLESS", fill="red")
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("hirm-demo", "random weights; meaningless")
+    atomic_write(out, lambda f: sheet.save(f, format="PNG", pnginfo=info), overwrite=force, is_ours=_is_demo_image,
+                 what="demo image")
+    print(f"wrote {out}: one prompt without and with the patch and NLCE (random weights: the picture is meaningless)")
+
+
+def _is_demo_image(path: str) -> bool:
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.format == "PNG" and "hirm-demo" in im.info
+    except Exception:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="run the whole chain on a tiny random model (checks the install; output is meaningless)")
-    d.add_argument("--steps", type=int, default=5)
+    d.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
+    d.add_argument("--image", default="hirm-demo.png", help="before/after picture to write (default hirm-demo.png; '' for none)")
+    d.add_argument("--force", action="store_true", help="replace --image if an earlier demo wrote it")
     d.set_defaults(func=cmd_demo)
 
     cli_nlce.add_parser(sub)

@@ -1,16 +1,21 @@
 """Share erasure patches on the Hugging Face Hub: push, pull, list.
 
 Repository layout (see docs/hub.md): one file per concept at the repo root,
-``<concept-slug>.safetensors``, plus a generated ``README.md`` model card. ``pull`` also
+``<concept-slug>.safetensors``, its diffusers-LoRA form ``<concept-slug>-diffusers-lora.safetensors``
+and a generated ``README.md`` model card. ``pull`` also
 accepts a folder layout ``<concept-slug>/patch.safetensors`` and any explicit filename.
 """
 
 from __future__ import annotations
 
+import html
+import io
+import json
 import logging
 import math
 import os
 import re
+import shlex
 import threading
 import time
 from typing import Any, Iterable
@@ -21,7 +26,7 @@ from .common import short_error, slug
 from .errors import HirmError, PatchFileError
 from .patch import ErasurePatch, decode_metadata, load_patch, save_patch
 
-TAGS = ("hirm", "concept-erasure", "safety-patch", "stable-diffusion", "text-encoder", "safetensors")
+TAGS = ("hirm", "concept-erasure", "safety-patch", "lora", "text-to-image", "stable-diffusion", "text-encoder")
 _SERVES = {
     "clip-l": "SD 1.x (text encoder), SDXL (`clip_l`), SD3 and Flux (`clip_l`; Flux uses only its pooled vector)",
     "clip-g": "SDXL (`clip_g`, the OpenCLIP bigG encoder), SD3 (`clip_g`)",
@@ -62,7 +67,15 @@ def push(patch_files: Iterable[str], repo_id: str, *, private: bool = False, tok
     from huggingface_hub import CommitOperationAdd
 
     card = model_card(repo_id, [(name, patch) for _, name, patch in patches], license=license)
+    from .export import to_diffusers_lora
+    from .files import write_safetensors
+
     ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=p) for p, name, _ in patches]
+    for _, name, patch in patches:  # the diffusers form beside each patch (fp16 full-rank factors: exact up to fp16)
+        tensors, meta, _ = to_diffusers_lora(patch, dtype=torch.float16)
+        buffer = io.BytesIO()
+        write_safetensors(buffer, tensors, meta)
+        ops.append(CommitOperationAdd(path_in_repo=export_name(name), path_or_fileobj=buffer.getvalue()))
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
     message = commit_message or "Add erasure patches: " + ", ".join(c for _, _, pt in patches for c in pt.concepts)
     try:
@@ -80,26 +93,43 @@ def _num(v) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
 
 
+def _cell(text) -> str:
+    """Text from a patch header, safe inside a Markdown table cell (no HTML, no column breaks, no newlines)."""
+    return html.escape(" ".join(str(text).split())).replace("|", "\\|").replace("`", "&#96;")
+
+
+def export_name(name: str) -> str:
+    """The diffusers-LoRA companion of a patch file in a pushed repo."""
+    return name[: -len(".safetensors")] + "-diffusers-lora.safetensors"
+
+
 def model_card(repo_id: str, named_patches: list[tuple[str, ErasurePatch]], license: str = "openrail++") -> str:
-    """README.md for a repo of patches: front matter with tags, what each patch erases, how to use it."""
+    """README.md for a repo of patches (huggingface_hub's ModelCard): front matter the Hub reads (license,
+    library_name, tags, base_model where a patch names a Hub model), what each patch erases, how to use it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     from .report import REPORT_ROWS
 
-    lines = ["---", f"license: {license}", "library_name: hirm", "tags:"]
-    lines += [f"- {t}" for t in TAGS]
-    lines += ["---", "", f"# Erasure patches: {repo_id}", "",
-              "Text-encoder weight patches (HiRM) that erase concepts from Stable Diffusion / Flux prompts. "
-              "Each file is a small safetensors patch of weight differences, loadable as a LoRA-style diff.", "",
-              "| file | concepts | method | encoder | base fingerprint | serves |", "|---|---|---|---|---|---|"]
+    bases = sorted({b for _, p in named_patches if isinstance(b := p.metadata.get("base_model"), str) and "/" in b})
+    data = ModelCardData(license=license, library_name="diffusers", tags=list(TAGS),
+                         base_model=bases or None, base_model_relation="adapter" if bases else None)
+    lines = [f"# Erasure patches: {_cell(repo_id)}", "",
+             "Text-encoder weight patches (HiRM) that erase concepts from Stable Diffusion / Flux prompts. Each "
+             "`<concept>.safetensors` is a patch of weight differences (the stock LoRA loaders of ComfyUI and of A1111 "
+             "on SD 1.x read it too); each `<concept>-diffusers-lora.safetensors` is the same patch as a diffusers LoRA "
+             "(exact full-rank factors).", "",
+             "| file | concepts | method | encoder | base fingerprint | serves |", "|---|---|---|---|---|---|"]
     for name, p in named_patches:
-        lines.append(f"| `{name}` | {', '.join(p.concepts)} | {p.method} | {p.family} | "
-                     f"`{p.metadata.get('base_fingerprint', '?')}` | {_SERVES.get(p.family, f'a custom {p.family} encoder (no stock model family)')} |")
+        lines.append(f"| `{_cell(name)}` | {_cell(', '.join(p.concepts))} | {_cell(p.method)} | {_cell(p.family)} | "
+                     f"`{_cell(p.metadata.get('base_fingerprint', '?'))}` | "
+                     f"{_SERVES.get(p.family, f'a custom {_cell(p.family)} encoder (no stock model family)')} |")
     lines += ["", "Flux reads only the pooled vector of CLIP-L, so a CLIP-L patch acts on Flux through that vector alone; "
               "the T5 encoder is untouched."]
     lines += ["", "## Text-level report", "",
               "Measured on the base encoder when the patch was made (cosine/drift of text embeddings)."]
     for name, p in named_patches:
         rep = p.report
-        lines += ["", f"### `{name}`", ""]
+        lines += ["", f"### `{_cell(name)}`", ""]
         if not rep:
             lines.append("No report was stored with this patch.")
             continue
@@ -109,19 +139,19 @@ def model_card(repo_id: str, named_patches: list[tuple[str, ErasurePatch]], lice
             lines.append(f"| {title} | {_num(rep.get(mean_key))} | {_num(worst)} | {meaning} |")
     first = named_patches[0][0] if named_patches else "patch.safetensors"
     concept = named_patches[0][1].concepts[0] if named_patches and named_patches[0][1].concepts else first
+    quoted = shlex.quote(concept)  # a command people paste into a shell
     lines += ["", "## Use", "",
-              "CLI:", "", "```", f"hirm pull {repo_id} \"{concept}\" --out patches/", f"hirm ls {repo_id}", "```", "",
-              "Python / diffusers:", "", "```python",
-              "from shared_core.hub import pull", "from shared_core.patch import apply_patch",
-              f"patch = pull(\"{repo_id}\", \"{concept}\")",
-              "handle = apply_patch(pipe.text_encoder, patch, strength=1.0)  # handle.remove() restores it",
+              "diffusers (text encoder LoRA; `pip install peft`):", "", "```python",
+              f"pipe.load_lora_weights({json.dumps(repo_id)}, weight_name={json.dumps(export_name(first))}, adapter_name=\"erasure\")",
+              "pipe.set_adapters([\"erasure\"], [1.0])  # strength; pipe.unload_lora_weights() removes it", "```", "",
+              "CLI (`pip install hirm-erasure`):", "", "```", f"hirm pull {repo_id} {quoted} --out patches/", f"hirm ls {repo_id}",
               "```", "",
-              f"ComfyUI: the \"Load Erasure Patch from Hub\" node (repo `{repo_id}`, file `{first}`), "
-              "or download the file into `models/loras` and use the stock LoRA loader.", "",
-              "A1111 / Forge: pick the patch from the Hub dropdown of the extension, or put the file into the "
-              "extension's patch folder.", "",
-              "## Licence", "", f"{license}. The patches only remove; use them with the base model's own licence."]
-    return "\n".join(lines) + "\n"
+              f"ComfyUI: the \"Load Erasure Patch from Hub (HiRM)\" node (repo `{_cell(repo_id)}`, file `{_cell(first)}`), "
+              "or put the file into `models/erasure_patches` or `models/loras` and use the stock Load LoRA node "
+              "(`strength_clip`).", "",
+              "A1111 / Forge: put the file into `models/erasure_patches` and pick it in the extension's Erasure accordion.", "",
+              "## Licence", "", f"{_cell(license)}. The patches only remove; use them with the base model's own licence."]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
 # ----------------------------------------------------------------------------------------------

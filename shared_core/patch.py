@@ -291,7 +291,7 @@ def check_metadata(meta: Mapping[str, Any], where: str) -> None:
         raise _damaged(where, "concepts must be a list of texts without control characters")
     if not _text(meta["method"], 200) or not meta["method"]:
         raise _damaged(where, "method")
-    for k in ("anchor", "base_fingerprint", "tool", "created", "trained_on", "delta_dtype"):
+    for k in ("anchor", "base_fingerprint", "tool", "created", "trained_on", "base_model", "delta_dtype"):
         if k in meta and not _text(meta[k]):
             raise _damaged(where, f"{k} must be a text without control characters")
     enc = meta["encoder"]

@@ -105,8 +105,19 @@ def test_apply_to_folder_writes_a_loadable_encoder(sd1_checkpoint, patch_file, t
     assert torch.allclose(diff, load_patch(patch_file).deltas[w].float(), atol=1e-6)
 
 
-def test_python_m_and_demo_run():
-    out = subprocess.run([sys.executable, "-m", "shared_core", "demo", "--steps", "2"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+def test_python_m_and_demo_run_and_draw_a_labelled_before_after_image(tmp_path):
+    from PIL import Image
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    demo = [sys.executable, "-m", "shared_core", "demo", "--steps", "2"]
+    out = subprocess.run(demo, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
-    assert "MEANINGLESS" in out.stdout and "bit for bit: True" in out.stdout
+    assert "MEANINGLESS" in out.stdout and "bit for bit: True" in out.stdout and "wrote hirm-demo.png" in out.stdout
+    with Image.open(tmp_path / "hirm-demo.png") as im:
+        assert im.size == (264, 162) and "meaningless" in im.info["hirm-demo"]
+    again = subprocess.run(demo, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert again.returncode == 2 and "already exists" in again.stderr and "training" not in again.stderr
+    (tmp_path / "photo.png").write_bytes((tmp_path / "hirm-demo.png").read_bytes()[:50])
+    refused = subprocess.run(demo + ["--image", "photo.png", "--force"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and "never replaced" in refused.stderr

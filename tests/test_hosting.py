@@ -289,12 +289,12 @@ def test_another_nodes_attention_replace_is_called_through_not_overwritten(sessi
 def test_nlce_refuses_to_run_when_a_later_node_replaced_its_wrapper_or_its_attention(session_parts):
     _, cs = session_parts
     state = nlce_state(cs, torch.nn.Linear(32, 8, bias=False))
-    with pytest.raises(NlceError, match="apply NLCE Gate last"):
+    with pytest.raises(NlceError, match="apply NLCE Erasure Gate last"):
         state.context_patch(torch.randn(2, 4, 8), torch.randn(2, 77, 32), None, {"cond_or_uncond": [0]})
 
     def attention_replaced(x, sigma, **c):  # the context patch runs, NLCE's attention never does
         state.context_patch(None, torch.randn(4, 77, 32), None, EXTRA)
         return torch.zeros(1)
 
-    with pytest.raises(NlceError, match="apply NLCE Gate last"):
+    with pytest.raises(NlceError, match="apply NLCE Erasure Gate last"):
         state.unet_wrapper(attention_replaced, {"input": None, "timestep": torch.tensor([5.0]), "c": {}})

@@ -4,6 +4,7 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from shared_core import hub
 from shared_core.errors import HirmError, PatchFileError
@@ -58,13 +59,43 @@ def test_push_uploads_all_patches_and_card_in_one_commit(patch_files):
     assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]
     assert api.calls[0][2] == {"private": True, "exist_ok": True, "token": "t"}
     ops = api.calls[1][2]
-    assert sorted(op.path_in_repo for op in ops) == ["README.md", "snoopy.safetensors", "van-gogh.safetensors"]
+    assert sorted(op.path_in_repo for op in ops) == ["README.md", "snoopy-diffusers-lora.safetensors", "snoopy.safetensors",
+                                                     "van-gogh-diffusers-lora.safetensors", "van-gogh.safetensors"]
     assert result["files"] == ["van-gogh.safetensors", "snoopy.safetensors"]
     card = next(op.path_or_fileobj for op in ops if op.path_in_repo == "README.md").decode()
     for needle in ("- hirm", "- concept-erasure", "- safety-patch", "- stable-diffusion", "Van Gogh", "snoopy",
                    "Flux", "pooled", "target displacement", "non-target drift", "hirm pull me/erasers",
                    "ComfyUI", "A1111", "license:", read_metadata(patch_files[0])["base_fingerprint"]):
         assert needle in card, needle
+
+
+def test_the_card_is_a_hub_model_card_with_true_front_matter_and_escaped_text(patch_files):
+    from huggingface_hub import ModelCard
+
+    p = load_patch(patch_files[0])
+    p = type(p)(p.deltas, {**p.metadata, "concepts": ["<script>x</script> | a"], "base_model": "someone/sd15-finetune"})
+    card = ModelCard(hub.model_card("me/erasers", [("x.safetensors", p)]))
+    assert card.data.library_name == "diffusers" and card.data.license == "openrail++"
+    assert card.data.base_model == ["someone/sd15-finetune"] and card.data.base_model_relation == "adapter"
+    assert {"lora", "text-to-image", "concept-erasure"} <= set(card.data.tags)
+    prose = "".join(card.text.split("```")[::2])  # outside code blocks (where text is shown, not rendered)
+    assert "<script>" not in prose and "hirm pull me/erasers '<script>x</script> | a'" in card.text and "&lt;script&gt;x&lt;/script&gt; \\| a" in prose
+    assert 'weight_name="x-diffusers-lora.safetensors"' in card.text
+    plain = ModelCard(hub.model_card("me/erasers", [("y.safetensors", load_patch(patch_files[0]))]))
+    assert plain.data.base_model is None  # a patch trained on a local file names no Hub model
+
+
+def test_a_pushed_diffusers_companion_loads_as_the_patch(patch_files):
+    from safetensors.torch import load as load_bytes
+
+    from shared_core.export import to_diffusers_lora
+
+    api = FakeApi()
+    hub.push(patch_files[:1], "me/erasers", api=api)
+    op = next(op for op in api.calls[1][2] if op.path_in_repo.endswith("-diffusers-lora.safetensors"))
+    pushed = load_bytes(op.path_or_fileobj)
+    expected = to_diffusers_lora(load_patch(patch_files[0]), dtype=torch.float16)[0]
+    assert pushed.keys() == expected.keys() and all(torch.equal(pushed[k], expected[k]) for k in expected)
 
 
 def test_card_names_the_model_families_a_clip_l_patch_serves(patch_files):

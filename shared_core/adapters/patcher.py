@@ -108,7 +108,7 @@ class PatcherNlce:
 
     def context_patch(self, n, context, value, extra):
         if not self._in_pass:  # begin_pass never ran: the gate and caches would carry stale state
-            raise NlceError("NLCE's UNet wrapper was replaced by a node applied after NLCE Gate; apply NLCE Gate last")
+            raise NlceError("NLCE's UNet wrapper was replaced by a node applied after NLCE Erasure Gate; apply NLCE Erasure Gate last")
         self._incoming = context
         self._prepared = self.session.prepare(context, self.cond_rows(extra, context.shape[0]), None)
         return n, self._prepared.context, self._prepared.context
@@ -116,7 +116,7 @@ class PatcherNlce:
     def attention(self, q, k, v, extra):
         prepared = self._prepared
         if prepared is None or prepared.context.shape[0] != q.shape[0]:
-            raise NlceError("NLCE's attention ran without its context patch (another node replaced it); apply NLCE Gate last")
+            raise NlceError("NLCE's attention ran without its context patch (another node replaced it); apply NLCE Erasure Gate last")
         self._attention_calls += 1
         if extra.get("activations_shape"):
             shape = tuple(extra["activations_shape"][-2:])
@@ -139,8 +139,8 @@ class PatcherNlce:
         try:
             out = run_unet_pass(self.session, t, lambda: call(apply_model, args))
             if self._prepared is not None and self._attention_calls == 0:
-                raise NlceError("NLCE's attention was replaced by a node applied after NLCE Gate, so only part of the erasure "
-                                "ran; apply NLCE Gate last")
+                raise NlceError("NLCE's attention was replaced by a node applied after NLCE Erasure Gate, so only part of the erasure "
+                                "ran; apply NLCE Erasure Gate last")
             return out
         finally:
             self._in_pass = False
