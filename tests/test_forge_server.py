@@ -24,19 +24,13 @@ fails with the one-line message); and the plain job again, whose image must be b
 to the first (the model was restored exactly).
 """
 
-import base64
 import json
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+import webui_server as ws
 
 FORGE = os.environ.get("FORGE_PATH")
 FORGE_PYTHON = os.environ.get("FORGE_PYTHON")
@@ -46,11 +40,7 @@ if not (FORGE and FORGE_PYTHON and CHECKPOINT):
                 "HIRM_SD15_CHECKPOINT (an SD1.5 checkpoint file) to run the extension in a headless Forge server",
                 allow_module_level=True)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATCH = "cat.safetensors"
-# what a user's checkout holds besides Forge's code: never copied (and the checkout is never written)
-NOT_COPIED = {".git", "venv", "models", "outputs", "extensions", "log", "tmp", "cache", "config_states", "config.json",
-              "ui-config.json", "cache.json", "params.txt", "styles.csv"}
 # builtin extensions whose installers pip-install unpinned packages and GitHub release wheels
 DISABLED = ["forge_legacy_preprocessors", "sd_forge_controlnet"]
 REPOSITORIES = ("huggingface_guess", "stable-diffusion-webui-assets", "BLIP")
@@ -61,54 +51,13 @@ def erasure_args(patch="None", strength=1.0, nlce=False, concepts="", neighbors=
     return [True, patch, strength, "None", 1.0, "None", 1.0, nlce, concepts, neighbors, "object", 1.0, 1.0, schedule]
 
 
-# ------------------------------------------------------------------------------- the server
-
-def _get(url: str, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
 def _txt2img(url: str, erasure=None, seed=1234) -> tuple[int, dict]:
     body = {"prompt": "a cat on a sofa", "negative_prompt": "", "steps": 2, "width": 64, "height": 64,
             "sampler_name": "Euler", "scheduler": "Automatic", "cfg_scale": 7, "seed": seed, "batch_size": 1, "n_iter": 1,
             "override_settings": {"sd_model_checkpoint": os.path.basename(CHECKPOINT)}}
     if erasure is not None:
         body["alwayson_scripts"] = {"Erasure": {"args": erasure}}
-    req = urllib.request.Request(url + "/sdapi/v1/txt2img", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        text = e.read().decode()
-        try:
-            return e.code, json.loads(text)
-        except ValueError:
-            return e.code, {"message": text}
-
-
-def _copy_forge(dest) -> None:
-    """Forge's code (and its prepared repositories/) without what belongs to the user; the shipped small models."""
-    shutil.copytree(FORGE, dest, symlinks=True, ignore=lambda folder, names: [
-        n for n in names if os.path.samefile(folder, FORGE) and n in NOT_COPIED])
-    models = os.path.join(FORGE, "models")
-    for folder, _, files in os.walk(models):
-        for f in files:  # VAE-approx/model.pt and the placeholders; no user checkpoints
-            src = os.path.join(folder, f)
-            if not os.path.islink(src) and os.path.getsize(src) < 10_000_000:
-                target = os.path.join(dest, "models", os.path.relpath(src, models))
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                shutil.copy2(src, target)
-
-
-def _train_patch(path: str) -> None:
-    """A HiRM patch for "cat" trained (2 steps) on the checkpoint's CLIP-L, with the project's own API."""
-    from shared_core.encoders import load_text_encoder
-    from shared_core.hirm import train_patch
-    from shared_core.patch import save_patch
-
-    enc = load_text_encoder(CHECKPOINT)
-    patch = train_patch(enc.model, enc.tokenizer, concepts=["cat"], steps=2, report=False)
-    save_patch(patch, path)
+    return ws.post(url + "/sdapi/v1/txt2img", body)
 
 
 @pytest.fixture(scope="module")
@@ -119,57 +68,13 @@ def server(tmp_path_factory):
                     "(its launcher clones them), or clone them at the commits modules/launch_utils.py pins")
     assert os.path.isfile(CHECKPOINT), f"HIRM_SD15_CHECKPOINT={CHECKPOINT} is not a file"
     base = tmp_path_factory.mktemp("forge-server")
-    webui = base / "webui"
-    _copy_forge(webui)
-    for folder in ("Stable-diffusion", "erasure_patches"):
-        (webui / "models" / folder).mkdir(parents=True, exist_ok=True)
-    os.symlink(os.path.abspath(CHECKPOINT), webui / "models" / "Stable-diffusion" / os.path.basename(CHECKPOINT))
-    (webui / "extensions").mkdir()
-    subprocess.run(["git", "clone", "-q", ROOT, str(webui / "extensions" / "hirm-erasure")], check=True)
-    (webui / "config.json").write_text(json.dumps({"disabled_extensions": DISABLED}))
-    started = time.time()
-    _train_patch(str(webui / "models" / "erasure_patches" / PATCH))
-    print(f"\npatch trained in {time.time() - started:.0f} s")
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = base / "forge.log"
-    log = open(log_path, "w")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(base / "hf-home"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    env.pop("COMMANDLINE_ARGS", None)  # Forge appends it to sys.argv
-    proc = subprocess.Popen([FORGE_PYTHON, "launch.py", "--always-cpu", "--api", "--server-name", "127.0.0.1",
-                             "--port", str(port), "--skip-python-version-check", "--skip-torch-cuda-test",
-                             "--skip-version-check", "--log-startup"],
-                            cwd=webui, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    started = time.time()
-    try:
-        while True:
-            try:
-                _get(url + "/sdapi/v1/sd-models")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                assert proc.poll() is None, f"Forge exited ({proc.returncode}):\n" + log_path.read_text()[-5000:]
-                assert time.time() - started < 600, "Forge did not start in 10 minutes:\n" + log_path.read_text()[-3000:]
-                time.sleep(2)
-        while "Startup time:" not in log_path.read_text() and time.time() - started < 600:
-            time.sleep(1)  # the API answers just before the launcher prints its summary
-        print(f"Forge started in {time.time() - started:.0f} s")
+    webui = ws.prepare(FORGE, base, CHECKPOINT, {"disabled_extensions": DISABLED})
+    ws.train_patch(CHECKPOINT, str(webui / "models" / "erasure_patches" / PATCH))
+    args = ["--always-cpu", "--api", "--server-name", "127.0.0.1", "--skip-python-version-check", "--skip-torch-cuda-test",
+            "--skip-version-check", "--log-startup"]
+    with ws.running(FORGE_PYTHON, webui, args, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(base / "hf-home")}, "Forge",
+                    ws.free_port()) as (url, log_path):
         yield {"url": url, "log": log_path, "startup": log_path.read_text(), "webui": webui}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(30)
-        log.close()
-        print(f"\nForge log: {log_path}")
 
 
 def test_forge_installs_and_loads_the_extension_without_errors(server):
@@ -183,12 +88,12 @@ def test_forge_installs_and_loads_the_extension_without_errors(server):
     assert not [line for line in text.splitlines() if pack.search(line) and re.search(r"Traceback|Error|Warning", line, re.I)]
     tracebacks = [t.split("\n\n")[0].split("\n---")[0] for t in text.split("Traceback (most recent call last):")[1:]]
     assert not [t for t in tracebacks if pack.search(t)], "\n".join(t for t in tracebacks if pack.search(t))[-3000:]
-    scripts = _get(server["url"] + "/sdapi/v1/scripts")
+    scripts = ws.get(server["url"] + "/sdapi/v1/scripts")
     assert "erasure" in scripts["txt2img"] and "erasure" in scripts["img2img"], scripts
-    info = [s for s in _get(server["url"] + "/sdapi/v1/script-info") if s["name"] == "erasure"]
+    info = [s for s in ws.get(server["url"] + "/sdapi/v1/script-info") if s["name"] == "erasure"]
     assert sorted(s["is_img2img"] for s in info) == [False, True] and all(s["is_alwayson"] for s in info), info
     assert all(len(s["args"]) == 14 for s in info), info  # UI_ARGS
-    config = _get(server["url"] + "/config")
+    config = ws.get(server["url"] + "/config")
     tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
     assert "Erasure" in tabs, tabs  # the training tab was built
 
@@ -206,7 +111,7 @@ def test_jobs_through_the_api(server):
     # a: plain
     status, plain = run("a plain")
     assert status == 200, plain
-    plain_image = base64.b64decode(plain["images"][0])
+    plain_image = ws.image_bytes(plain)
     assert json.loads(plain["info"])["seed"] == 1234
 
     # b: the patch at strength 1
@@ -215,7 +120,7 @@ def test_jobs_through_the_api(server):
     info = json.loads(out["info"])
     assert info["extra_generation_params"].get("Erasure patches") == f"{PATCH}:1", info["extra_generation_params"]
     assert f'Erasure patches: "{PATCH}:1"' in info["infotexts"][0], info["infotexts"][0]  # quoted: it holds a colon
-    assert base64.b64decode(out["images"][0]) != plain_image
+    assert ws.image_bytes(out) != plain_image
 
     # c: NLCE
     status, out = run("c nlce", erasure_args(nlce=True, concepts="cat", neighbors="dog"))
@@ -223,7 +128,7 @@ def test_jobs_through_the_api(server):
     params = json.loads(out["info"])["extra_generation_params"]
     assert params.get("Erasure NLCE") == "cat" and params.get("Erasure NLCE neighbors") == "dog", params
     assert params.get("Erasure NLCE schedule") == "single-pass", params
-    assert base64.b64decode(out["images"][0]) != plain_image
+    assert ws.image_bytes(out) != plain_image
 
     # d: a patch that is not there: the job fails with one line naming it, nothing is generated
     status, out = run("d missing patch", erasure_args("missing.safetensors", 1.0))
@@ -234,4 +139,4 @@ def test_jobs_through_the_api(server):
     # e: plain again: the model was restored exactly
     status, again = run("e plain again")
     assert status == 200, again
-    assert base64.b64decode(again["images"][0]) == plain_image
+    assert ws.image_bytes(again) == plain_image

@@ -1,0 +1,105 @@
+"""The extension inside a real AUTOMATIC1111 webui (v1.10.1), headless on CPU, through its HTTP API.
+
+Opt-in (a few minutes, and a 2 GB SD1.5 checkpoint): set A1111_PATH to an A1111 checkout whose
+``repositories/`` holds the five repositories its launch_utils.py pins, at those commits (see
+docs/a1111.md), A1111_PYTHON to a Python with its requirements (torch/torchvision,
+requirements_versions.txt, setuptools 69.5.1 and ``clip-anytorch``), and HIRM_SD15_CHECKPOINT to a
+single-file SD1.5 checkpoint (random weights are fine), and run with the repository's own Python:
+    A1111_PATH=/path/to/stable-diffusion-webui A1111_PYTHON=/path/to/a1111-venv/bin/python \\
+    HIRM_SD15_CHECKPOINT=/path/to/v1-5-pruned-emaonly.safetensors python -m pytest tests/test_a1111_server.py -s
+The webui is copied (tests/webui_server.py), the extension installed with ``git clone`` of this
+repository's HEAD into ``extensions/`` (A1111 runs its install.py at start), an offline Hugging Face
+cache with CLIP-L's config and tokenizer is laid out for the model load, and the server is
+started with ``launch.py --api --use-cpu all --no-half --precision full`` on a free local port.
+Random weights make A1111's default emphasis ("Original") divide by a mean near 0, so the jobs
+set ``emphasis: No norm``.
+"""
+
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+import webui_server as ws
+
+A1111 = os.environ.get("A1111_PATH")
+PYTHON = os.environ.get("A1111_PYTHON")
+CHECKPOINT = os.environ.get("HIRM_SD15_CHECKPOINT")
+if not (A1111 and PYTHON and CHECKPOINT):
+    pytest.skip("set A1111_PATH (an A1111 checkout), A1111_PYTHON (a Python with its requirements) and "
+                "HIRM_SD15_CHECKPOINT (an SD1.5 checkpoint file) to run the extension in a headless A1111 server",
+                allow_module_level=True)
+
+PATCH, OTHER = "cat.safetensors", "styles/dog.safetensors"
+REPOSITORIES = ("stable-diffusion-stability-ai", "generative-models", "k-diffusion", "BLIP", "stable-diffusion-webui-assets")
+SETTINGS = {"emphasis": "No norm", "sd_model_checkpoint": os.path.basename(CHECKPOINT)}
+
+
+def erasure_args(patch="None", strength=1.0, nlce=False, concepts="", neighbors="", schedule="single-pass", patch2="None",
+                 strength2=1.0, patch3="None", strength3=1.0):
+    """The accordion's values in the order of a1111_extension/settings.py UI_ARGS."""
+    return [True, patch, strength, patch2, strength2, patch3, strength3, nlce, concepts, neighbors, "object", 1.0, 1.0, schedule]
+
+
+def job(url, kind="txt2img", erasure=None, prompt="a cat on a sofa", extra=None):
+    body = {"prompt": prompt, "negative_prompt": "", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
+            "cfg_scale": 7, "seed": 1234, "batch_size": 1, "n_iter": 1, "override_settings": dict(SETTINGS), **(extra or {})}
+    if erasure is not None:
+        body["alwayson_scripts"] = {"Erasure": {"args": erasure}}
+    started = time.time()
+    status, out = ws.post(f"{url}/sdapi/v1/{kind}", body)
+    print(f"{kind} {json.dumps(erasure)[:90] if erasure is not None else 'plain'}: HTTP {status} in {time.time() - started:.1f} s")
+    return status, out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    missing = [r for r in REPOSITORIES if not os.path.isdir(os.path.join(A1111, "repositories", r))]
+    if missing:
+        pytest.skip(f"{A1111}/repositories lacks {', '.join(missing)}: see docs/a1111.md for preparing an A1111 checkout")
+    assert os.path.isfile(CHECKPOINT), f"HIRM_SD15_CHECKPOINT={CHECKPOINT} is not a file"
+    base = tmp_path_factory.mktemp("a1111-server")
+    webui = ws.prepare(A1111, base, CHECKPOINT)
+    patches = webui / "models" / "erasure_patches"
+    ws.train_patch(CHECKPOINT, str(patches / PATCH))
+    (patches / "styles").mkdir()
+    ws.train_patch(CHECKPOINT, str(patches / OTHER), concept="dog")
+    ws.clip_l_hf_cache(base / "hf-home")
+    args = ["--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--precision", "full", "--api", "--skip-version-check",
+            "--skip-python-version-check", "--log-startup"]
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(base / "hf-home"), "TRANSFORMERS_OFFLINE": "1"}
+    with ws.running(PYTHON, webui, args, env, "A1111", ws.free_port()) as (url, log_path):
+        yield {"url": url, "log": log_path, "startup": log_path.read_text(), "webui": webui}
+
+
+def test_a1111_installs_and_loads_the_extension_without_errors(server):
+    text = server["startup"]
+    assert "Startup time:" in text, text[-3000:]
+    pack = re.compile(r"hirm|a1111_extension|shared_core|comfy_hirm", re.IGNORECASE)
+    tracebacks = [t.split("\n\n")[0] for t in text.split("Traceback (most recent call last):")[1:]]
+    assert not [t for t in tracebacks if pack.search(t)], "\n".join(t for t in tracebacks if pack.search(t))[-3000:]
+    assert not [ln for ln in text.splitlines() if pack.search(ln) and re.search(r"error|warning", ln, re.IGNORECASE)]
+    scripts = ws.get(server["url"] + "/sdapi/v1/scripts")
+    assert "erasure" in scripts["txt2img"] and "erasure" in scripts["img2img"], scripts
+
+
+def test_txt2img_plain_patch_nlce_both_then_plain_again_is_byte_identical(server):
+    url = server["url"]
+    status, plain = job(url)
+    assert status == 200, plain
+    first = ws.image_bytes(plain)
+    seen = {first}
+    for name, args in (("patch", erasure_args(PATCH, 1.0)), ("half patch", erasure_args(PATCH, 0.5)),
+                       ("three slots", erasure_args(PATCH, 1.0, patch2=OTHER, strength2=0.7)),
+                       ("nlce", erasure_args(nlce=True, concepts="cat", neighbors="dog")),
+                       ("nlce faithful", erasure_args(nlce=True, concepts="cat", neighbors="dog", schedule="faithful")),
+                       ("both", erasure_args(PATCH, 1.0, nlce=True, concepts="cat", neighbors="dog"))):
+        status, out = job(url, erasure=args)
+        assert status == 200, (name, out)
+        image = ws.image_bytes(out)
+        assert image not in seen, name  # every defence changes the picture, each differently
+        seen.add(image)
+        status, again = job(url)
+        assert status == 200 and ws.image_bytes(again) == first, f"the model was not restored after {name}"
