@@ -18,12 +18,12 @@ CLIP-L of Flux and SD3) and ``text_encoder_2.`` for CLIP-G (SDXL's second encode
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
 from .errors import HirmError
-from .patch import META_PREFIX, ErasurePatch
+from .patch import META_PREFIX, ErasurePatch, check_finite
 
 EXPORT_FORMAT = "hirm-diffusers-lora"
 PREFIX = {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}
@@ -76,12 +76,7 @@ def to_diffusers_lora(patch: ErasurePatch, rank: int | None = None, dtype: torch
         db = patch.deltas.get(layer + ".bias")
         tensors[key + ".lora_B.bias"] = (db.detach().to("cpu", torch.float32) if db is not None
                                          else torch.zeros(out_features)).to(dtype).contiguous()
-    for name in patch.deltas:
-        if name.rsplit(".", 1)[0] not in layers:
-            raise HirmError(f"{name} cannot be carried by a LoRA")
-    for k, t in tensors.items():
-        if not torch.isfinite(t).all():
-            raise HirmError(f"{k} is not finite in {str(dtype).replace('torch.', '')}; export with --dtype fp32")
+    check_finite(tensors, f"the LoRA in {str(dtype).replace('torch.', '')}", "nothing was written: export with --dtype fp32")
     meta = {"format": "pt", META_PREFIX + "format": EXPORT_FORMAT,
             META_PREFIX + "source": json.dumps({"concepts": patch.concepts, "method": patch.method, "family": patch.family,
                                                 "text_encoder": prefix,
