@@ -361,22 +361,17 @@ def _looks_like_repo_id(s: str) -> bool:
 
 
 def _download(repo_id: str, local_files_only: bool | None) -> str:
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.utils import HfHubHTTPError
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise EncoderSourceError("huggingface_hub is not installed; pass a local model folder or file")
+    from huggingface_hub import snapshot_download
+
+    from .hub import hub_error
+
     patterns = ["model_index.json", "text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tokenizer_2/*",
                 "config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
                 "model.safetensors"]
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=bool(local_files_only))
-    except HfHubHTTPError as e:
-        raise EncoderSourceError(f"{repo_id}: the Hugging Face Hub refused the download ({short_error(e)}); check the repo id, or log in for a private repo") from None
-    except Exception as e:
-        raise EncoderSourceError(
-            f"{repo_id}: not a local path, and the Hugging Face Hub cannot be reached or has no cached copy ({type(e).__name__}); "
-            "pass a local model folder or checkpoint file, or connect once to download it") from None
+    except Exception as e:  # one line per kind of failure (not found, access, offline, ...), as for patches on the Hub
+        raise EncoderSourceError(str(hub_error(e, repo_id, "its text encoder"))) from None
 
 
 def _load_folder(folder: str, component: str, device, dtype, source: str | None = None) -> LoadedEncoder:

@@ -262,7 +262,7 @@ def _status(e: BaseException | None) -> int | None:
     return None
 
 
-def _hub_error(e: BaseException, repo_id: str, what: str) -> HirmError:
+def hub_error(e: BaseException, repo_id: str, what: str) -> HirmError:
     """One line for each kind of failure: not found (repo / revision / file), access, server error, timeout, offline."""
     from huggingface_hub import errors as he
 
@@ -365,7 +365,7 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
         try:
             path = fetch(local)
         except (he.RepositoryNotFoundError, he.RevisionNotFoundError, he.GatedRepoError) as e:
-            raise _hub_error(e, repo_id, revision or wanted) from None
+            raise hub_error(e, repo_id, revision or wanted) from None
         except he.LocalEntryNotFoundError as e:
             if not local:
                 unreachable = e
@@ -377,7 +377,7 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
         except HirmError:
             raise
         except he.HfHubHTTPError as e:
-            raise _hub_error(e, repo_id, wanted) from None
+            raise hub_error(e, repo_id, wanted) from None
         except Exception as e:  # connection dropped, truncated transfer...: the cache may still have it
             try:
                 path = fetch(True)
@@ -397,7 +397,7 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
             save_pulled(patch, dest, overwrite)
         return patch
     if unreachable is not None and not others:
-        raise _hub_error(unreachable, repo_id, wanted)
+        raise hub_error(unreachable, repo_id, wanted)
     where = "in the local cache (offline)" if local else "in the repo"
     held = f"; {', '.join(others)} hold(s) other concepts" if others else ""
     raise HirmError(f"{repo_id}: no patch for {wanted!r} {where} (tried {', '.join(_candidates(wanted))}{held}); "
@@ -440,7 +440,7 @@ def list_patches(repo_id: str, revision: str | None = None, token: str | None = 
         files = deadline.run(lambda: [f for f in api.list_repo_files(repo_id, revision=revision, token=token)
                                       if str(f).endswith(".safetensors")], repo_id)
     except Exception as e:
-        raise _hub_error(e, repo_id, revision or "the file list") from None
+        raise hub_error(e, repo_id, revision or "the file list") from None
     rows = []
     for filename in sorted(files):
         try:
@@ -456,7 +456,7 @@ def list_patches(repo_id: str, revision: str | None = None, token: str | None = 
             if isinstance(e, (OSError, ValueError)) and _status(e) is None and "RepositoryNotFound" not in type(e).__name__:
                 _skip(skipped, filename, short_error(e))
                 continue
-            error = _hub_error(e, repo_id, filename)
+            error = hub_error(e, repo_id, filename)
             if _status(e) in (401, 403, 429) or (_status(e) or 0) >= 500:
                 raise error from None
             _skip(skipped, filename, str(error))

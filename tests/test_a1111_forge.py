@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from test_a1111_support import (no_job_left,  # noqa: F401 (an autouse fixture)
-                                ForgeSd1, HijackedClip, Processing, ScriptHooks, call_hook, make_patch, run_forge_job, same,
+                                ForgeSd1, HijackedClip, Processing, forge_text_encoder, ScriptHooks, call_hook, make_patch, run_forge_job, same,
                                 script_args, snapshot, write_patch)
 
 from a1111_extension import jobs
@@ -31,7 +31,7 @@ def modules(model):
 
 
 def clip_transformer(model):
-    return model.forge_objects_original.clip.cond_stage_model["clip_l"].transformer.text_model
+    return forge_text_encoder(model.forge_objects_original.clip)
 
 
 def test_a_patch_reaches_the_conditioning_through_a_clip_clone_and_the_encoder_is_restored_after(model, env, tmp_path):
@@ -115,7 +115,7 @@ def test_sd2_in_forge_is_refused(env, tmp_path):
 
 
 def make_patch_model():
-    return ForgeSd1().forge_objects.clip.cond_stage_model["clip_l"].transformer.text_model
+    return forge_text_encoder(ForgeSd1().forge_objects.clip)
 
 
 def test_a_patch_for_another_encoder_is_refused_in_forge(model, env, tmp_path):

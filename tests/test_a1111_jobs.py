@@ -13,7 +13,7 @@ from a1111_extension import jobs
 from a1111_extension.nlce_runtime import A1111Nlce, Patched, prompt_rows_mask, uncond_tensors
 from a1111_extension.webui_model import TextEncoderPatches
 from shared_core import nlce
-from shared_core.encoders import canonical_parameters
+from shared_core.encoders import canonical_parameters, encoder_layers
 from shared_core.errors import HirmError
 from shared_core.hosting import concept_set_for
 from shared_core.patch import apply_patch, load_patch
@@ -201,7 +201,7 @@ def test_a_lora_switched_during_the_job_keeps_the_erasure_and_the_next_job_gets_
     lora.add("detail", te, seed=2)
     name = write_patch(tmp_path, "cat.safetensors", te)
     base = current_weights(model)
-    layer0 = te.encoder.layers[0] if hasattr(te, "encoder") else te.text_model.encoder.layers[0]
+    layer0 = encoder_layers(te)[0]
 
     lora.wanted = ("style",)  # a previous job with <lora:style:1>: merged, with backups
     run_job(ScriptHooks(env), Processing(model), script_args(enabled=False))
@@ -245,7 +245,7 @@ def test_a_lora_first_used_during_the_job_leaves_no_trace_of_the_patch(model, en
     lora.add("style", te)
     name = write_patch(tmp_path, "cat.safetensors", te)
     base = current_weights(model)
-    layer0 = te.encoder.layers[0] if hasattr(te, "encoder") else te.text_model.encoder.layers[0]
+    layer0 = encoder_layers(te)[0]
     before = snapshot(layer0)
     lora.wanted = ("style",)  # Lora backs the patched weights up during the job
     run_job(ScriptHooks(env), Processing(model), script_args(patches=[(name, 1.0)]))
@@ -264,7 +264,8 @@ def test_patches_refuse_an_fp8_text_encoder(model):
     if not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("no fp8 in this torch")
     patch = make_patch(te)
-    te.encoder.layers[1].mlp.fc1.weight.data = te.encoder.layers[1].mlp.fc1.weight.data.to(torch.float8_e4m3fn)
+    fc1 = encoder_layers(te)[1].mlp.fc1
+    fc1.weight.data = fc1.weight.data.to(torch.float8_e4m3fn)
     with pytest.raises(HirmError, match="fp8"):
         TextEncoderPatches(te, [(patch, 1.0)])
 

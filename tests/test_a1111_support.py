@@ -499,7 +499,14 @@ class TransformersV4Layout(torch.nn.Module):
 class IntegratedCLIP(torch.nn.Module):
     def __init__(self, transformer):
         super().__init__()
-        self.transformer = TransformersV4Layout(transformer)
+        # transformers 5.x builds CLIPTextModel flat; 4.x (which Forge pins) already has ``text_model``
+        self.transformer = transformer if hasattr(transformer, "text_model") else TransformersV4Layout(transformer)
+
+
+def forge_text_encoder(clip, key="clip_l"):
+    """The transformers CLIPTextModel inside a stand-in Forge CLIP (under either transformers layout)."""
+    transformer = clip.cond_stage_model[key].transformer
+    return transformer.text_model if isinstance(transformer, TransformersV4Layout) else transformer
 
 
 class Clip:
@@ -558,7 +565,7 @@ class ForgeSd1(torch.nn.Module):
     def get_learned_conditioning(self, texts):
         clip = self.forge_objects.clip
         clip.patcher.refresh_loras()  # memory_management.load_model_gpu(clip.patcher)
-        hijack = HijackedClip(clip.cond_stage_model["clip_l"].transformer)
+        hijack = HijackedClip(forge_text_encoder(clip))
         return hijack(texts)
 
 

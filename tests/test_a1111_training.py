@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_a1111_support import ForgeSd1, LoraStandIn, Sd1Model, same, snapshot, text_model
+from test_a1111_support import ForgeSd1, LoraStandIn, Sd1Model, forge_text_encoder, same, snapshot, text_model
 
 from a1111_extension import training
 from shared_core.encoders import canonical_parameters, model_signature, signatures_match
@@ -44,7 +44,7 @@ def test_training_uses_the_checkpoints_weights_not_a_lora_the_webui_merged_into_
 def test_forge_training_reads_the_encoder_behind_its_patcher_without_lora(tmp_path):
     model = ForgeSd1(seed=4)
     clip = model.forge_objects_original.clip
-    te = clip.cond_stage_model["clip_l"].transformer.text_model
+    te = forge_text_encoder(clip)
     base = model_signature(te)
     lora = clip.clone()
     key = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"

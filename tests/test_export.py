@@ -1,9 +1,13 @@
 """A patch the diffusers way: ``hirm export`` writes a LoRA that ``load_lora_weights`` / ``set_adapters`` /
 ``fuse_lora`` / ``unload_lora_weights`` apply to SD1.x and SDXL pipelines exactly as ``patched()`` does."""
 
+from pathlib import Path
+
+import diffusers
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from packaging.version import Version
 from safetensors import safe_open
 from tiny import random_clip, snapshot, same_weights, tiny_config
 from tiny_pipeline import tiny_pipeline, tiny_unet, tiny_vae
@@ -17,6 +21,16 @@ from shared_core.tokenizer import clip_tokenizer
 
 pytest.importorskip("peft")
 PROMPT = "a painting of a cat in the style of Van Gogh"
+
+
+def load_lora_file(pipe, path, **kwargs):
+    """``pipe.load_lora_weights(file)`` as the README shows it; offline (as tests run), diffusers before 0.40 asks
+    for the folder and ``weight_name`` instead (its weight-name guess refuses offline mode, even for a file)."""
+    path = Path(path)
+    if Version(diffusers.__version__) >= Version("0.40"):
+        pipe.load_lora_weights(str(path), **kwargs)
+    else:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
 
 
 def encode(encoder, tokenizer, text=PROMPT):
@@ -47,7 +61,7 @@ def test_the_full_rank_export_is_exact_and_loads_unloads_and_fuses_in_a_sd1_pipe
     stored = load_patch(str(tmp_path / "vg.safetensors"))
     want, want_half = (expected(pipe.text_encoder, pipe.tokenizer, stored, s) for s in (1.0, 0.5))
 
-    pipe.load_lora_weights(str(out), adapter_name="erasure")
+    load_lora_file(pipe, out, adapter_name="erasure")
     got = encode(pipe.text_encoder, pipe.tokenizer)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     pipe.set_adapters(["erasure"], [0.5])
@@ -69,7 +83,7 @@ def test_an_fp16_patch_exported_matches_patched_within_fp16_rounding(sd1, tmp_pa
     stored = load_patch(str(tmp_path / "half.safetensors"))
     assert main(["export", str(tmp_path / "half.safetensors"), "--dtype", "fp16", "--out", str(tmp_path / "l.safetensors")]) == 0
     want = expected(pipe.text_encoder, pipe.tokenizer, stored)
-    pipe.load_lora_weights(str(tmp_path / "l.safetensors"), adapter_name="erasure16")
+    load_lora_file(pipe, tmp_path / "l.safetensors", adapter_name="erasure16")
     try:
         torch.testing.assert_close(encode(pipe.text_encoder, pipe.tokenizer), want, atol=1e-5, rtol=1e-5)
     finally:
@@ -131,8 +145,8 @@ def test_sdxl_takes_a_clip_l_and_a_clip_g_patch_on_its_two_encoders_and_gives_th
         export_diffusers_lora(patch, str(tmp_path / f"{name}.safetensors"))
     with safe_open(str(tmp_path / "g.safetensors"), "pt") as f:
         assert all(k.startswith("text_encoder_2.") for k in f.keys())
-    pipe.load_lora_weights(str(tmp_path / "l.safetensors"), adapter_name="l")
-    pipe.load_lora_weights(str(tmp_path / "g.safetensors"), adapter_name="g")
+    load_lora_file(pipe, tmp_path / "l.safetensors", adapter_name="l")
+    load_lora_file(pipe, tmp_path / "g.safetensors", adapter_name="g")
     torch.testing.assert_close(encode(pipe.text_encoder, tok), want_l, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(encode(pipe.text_encoder_2, tok), want_g, atol=1e-5, rtol=1e-5)
     pipe.unload_lora_weights()

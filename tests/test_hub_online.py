@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from huggingface_hub import constants
+from huggingface_hub import constants, file_download
 from safetensors.torch import save as safetensors_bytes
 
 from hub_server import HubStub
@@ -140,7 +140,9 @@ def test_cli_pull_and_ls_with_encoder_check(stub, tmp_path, monkeypatch, capsys)
     from shared_core.patch import load_patch
 
     monkeypatch.setattr(constants, "ENDPOINT", stub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", stub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    template = stub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)  # huggingface_hub < 0.26 copies it
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     out = tmp_path / "patches"
@@ -209,7 +211,7 @@ def test_each_http_failure_has_its_own_line(status, words):
             cause.response = inner.response
             raise he.LocalEntryNotFoundError("not in the cache") from cause
     except he.LocalEntryNotFoundError as e:
-        message = str(hub._hub_error(e, "org/x", "a.safetensors"))
+        message = str(hub.hub_error(e, "org/x", "a.safetensors"))
     assert re.search(words, message) and "\n" not in message
 
 
