@@ -286,7 +286,7 @@ def test_nlce_gate_keeps_another_packs_attention_replace_and_says_so(pack, clip,
         erased = sample_at_t500(pack, gated, clip, "cat")
     assert calls and set(calls) == {("input", 7)}  # the other pack's attention still runs, at its block only
     assert (erased - plain).norm() > 0.01 * plain.norm()
-    assert "another node's attention already replaces cross-attention at 1 of 16 blocks" in caplog.text
+    assert "another node's or extension's attention already replaces cross-attention at 1 of 16 blocks" in caplog.text
     assert other.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 7, 0)] is foreign
 
 

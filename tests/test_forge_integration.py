@@ -100,8 +100,9 @@ from test_a1111_support import (no_job_left,  # noqa: F401, E402 (an autouse fix
 from tiny import random_clip, tiny_config  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, modeling_utils  # noqa: E402
 
-from a1111_extension import jobs, nlce_runtime  # noqa: E402
-from comfy_hirm.core import cross_attention_blocks  # noqa: E402
+from a1111_extension import jobs  # noqa: E402
+from shared_core import hosting  # noqa: E402
+from shared_core.adapters.patcher import cross_attention_blocks  # noqa: E402
 from shared_core.encoders import canonical_parameters  # noqa: E402
 from shared_core.errors import HirmError  # noqa: E402
 from shared_core.patch import BaseMismatchWarning, apply_patch, load_patch, save_patch  # noqa: E402
@@ -195,7 +196,7 @@ def engine(source):
 @pytest.fixture(autouse=True)
 def fresh_concept_sets(monkeypatch):
     """The extension caches NLCE concept sets per process: each test builds its own."""
-    monkeypatch.setattr(nlce_runtime, "_CONCEPT_SETS", type(nlce_runtime._CONCEPT_SETS)())
+    monkeypatch.setattr(hosting, "_OPERATORS", type(hosting._OPERATORS)())
 
 
 @pytest.fixture()
@@ -413,6 +414,33 @@ def test_nlce_samples_through_forges_sampling_function_on_a_unet_clone_and_leave
     assert unet.model_options == options and engine.forge_objects_after_applying_lora.unet is unet
     assert engine.forge_objects_original.unet is unet and engine.forge_objects.unet is unet  # the job put its clone back
     assert same(snapshot(unet.model), before)  # the UNet's weights and attributes
+
+
+def test_nlce_calls_through_another_extensions_attention_replace_and_leaves_it_in_place(engine, env, caplog):
+    from backend.attention import attention_function  # Forge's attention, what an IP-Adapter-like replace calls
+
+    calls = []
+
+    def foreign(q, k, v, extra_options):
+        calls.append(extra_options["block"])
+        return attention_function(q, k, v, extra_options["n_heads"])
+
+    # an extension earlier in the script order (e.g. an IP-Adapter) put its attn2 replace on the UNet for this job
+    other = engine.forge_objects_original.unet.clone()
+    other.set_model_attn2_replace(foreign, "input", 7, 0)
+    engine.forge_objects_after_applying_lora.unet = other
+    with_foreign = run_forge_job(engine, env, script_args(enabled=False))
+    assert set(calls) == {("input", 7)}
+    calls.clear()
+    with caplog.at_level("WARNING", logger="hirm"):
+        p = run_forge_job(engine, env, script_args(nlce=True, concepts="cat", neighbors="dog"))
+
+    assert not call_hook.reported and p.extra_generation_params.get("Erasure NLCE") == "cat"
+    assert calls and set(calls) == {("input", 7)}  # the other extension's attention still ran, at its block only
+    assert "another node's or extension's attention already replaces cross-attention at 1 of 16 blocks" in caplog.text
+    assert not torch.allclose(p.samples[0], with_foreign.samples[0], atol=1e-4)
+    assert engine.forge_objects_after_applying_lora.unet is other  # put back as it was, its replace untouched
+    assert other.model_options["transformer_options"]["patches_replace"]["attn2"] == {("input", 7, 0): foreign}
 
 
 def test_nlce_starts_after_an_earlier_generation(engine, env):

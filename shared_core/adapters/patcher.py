@@ -166,7 +166,7 @@ def install_nlce(patcher, concept_set, config, sigma_to_timestep: Callable):
     state.previous_wrapper = clone.model_options.get("model_function_wrapper")
     state.foreign = {key: fn for key in blocks if (fn := _foreign_replace(clone.model_options, key)) is not None}
     if state.foreign:
-        log.warning("[hirm] NLCE: another node's attention already replaces cross-attention at %d of %d blocks (e.g. an "
+        log.warning("[hirm] NLCE: another node's or extension's attention already replaces cross-attention at %d of %d blocks (e.g. an "
                     "IP-Adapter); NLCE calls through to it there, with stages 1 and 3 (stage 2 needs NLCE's own attention)",
                     len(state.foreign), len(blocks))
     clone.set_model_attn2_patch(state.context_patch)
