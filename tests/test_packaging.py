@@ -33,6 +33,15 @@ def test_comfyui_manager_installs_what_the_nodes_import_and_never_torch():
     core = requirement_names(PROJECT["project"]["dependencies"])
     assert manager == {"transformers", "safetensors", "huggingface-hub"} and manager <= core
     assert "diffusers" not in core and "diffusers" in requirement_names(PROJECT["project"]["optional-dependencies"]["diffusers"])
+    lines = [ln.strip() for ln in open(os.path.join(ROOT, "requirements.txt")) if ln.strip() and not ln.startswith("#")]
+    assert set(lines) <= set(PROJECT["project"]["dependencies"])  # the same (tested) lower bounds as pyproject's
+
+
+def test_every_dependency_has_the_plain_lower_bound_the_minimum_versions_job_pins():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, ".ci", "min_constraints.py"), "test", "diffusers"],
+                         capture_output=True, text=True)
+    pins = dict(line.split("==") for line in out.stdout.split())
+    assert out.returncode == 0 and pins["transformers"] == "4.43" and pins["diffusers"] == "0.32.2" and pins["torch"] == "2.1"
 
 
 def test_the_host_side_of_the_core_imports_without_diffusers_pillow_or_numpy_packages_of_its_own():

@@ -59,6 +59,21 @@ def live_token_mask(scores: torch.Tensor, candidates: torch.Tensor, ratio: float
     return candidates & (s > torch.clamp(ratio * top, min=floor))
 
 
+def _masked_attention(qh, kh, vh, blocked, scale):
+    """SDPA with ``blocked`` (B, N, S) logits masked out. Rows with nothing blocked (the unconditional half, a
+    prompt without the concept) go through the plain kernel, so their output is bit for bit the host's: a
+    masked kernel gives other last bits (torch < 2.13 on CPU, and CUDA's flash vs. memory-efficient kernels)."""
+    rows = blocked.flatten(1).any(1)
+    if not bool(rows.any()):
+        return F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+    if bool(rows.all()):
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=~blocked[:, None], scale=scale)
+    out = qh.new_empty(*qh.shape[:-1], vh.shape[-1])
+    out[~rows] = F.scaled_dot_product_attention(qh[~rows], kh[~rows], vh[~rows], scale=scale)
+    out[rows] = F.scaled_dot_product_attention(qh[rows], kh[rows], vh[rows], attn_mask=~blocked[rows][:, None], scale=scale)
+    return out
+
+
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(batch, n, heads*dh) -> (batch, heads, n, dh)."""
     return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
@@ -248,7 +263,7 @@ class NlceSession:
         if blocked is None and factor is None:
             out = F.scaled_dot_product_attention(qh, kh, vh, scale=sdpa_scale)
         elif logits is None:
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=~blocked[:, None], scale=sdpa_scale)
+            out = _masked_attention(qh, kh, vh, blocked, sdpa_scale)
         else:
             if blocked is not None:
                 logits = logits.masked_fill(blocked[:, None], float("-inf"))
