@@ -24,14 +24,21 @@ def list_patch_files(folder: str) -> list[str]:
     return sorted(found, key=str.lower)
 
 
+def shown(folder: str) -> str:
+    """The patch folder as messages name it (they reach API clients): relative to the webui's models folder,
+    never the server's absolute path."""
+    parent, name = os.path.split(os.path.normpath(folder))
+    return f"models/{name}" if os.path.basename(parent) == "models" else name
+
+
 def patch_path(folder: str, name: str) -> str:
     """Absolute path of patch ``name`` inside ``folder``; a name that leaves the folder is refused."""
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, *name.split("/")))
     if os.path.commonpath([root, path]) != root:
-        raise PatchFileError(f"erasure patch {name!r} is outside {folder}; pick a file from the list")
+        raise PatchFileError(f"erasure patch {name!r} is outside {shown(folder)}; pick a file from the list")
     if not os.path.isfile(path):
-        raise PatchFileError(f"erasure patch {name!r} is not in {folder}; put it there and press the refresh button")
+        raise PatchFileError(f"erasure patch {name!r} is not in {shown(folder)}; put it there and press the refresh button")
     return path
 
 

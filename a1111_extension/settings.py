@@ -1,11 +1,15 @@
 """What the Erasure accordion asks for, as one frozen value: from the widgets, to and from the infotext.
 
 A1111 hands an AlwaysVisible script the values of its ``ui()`` components positionally; the
-order is ``UI_ARGS`` (also what API callers pass in ``alwayson_scripts["Erasure"]["args"]``).
+order is ``UI_ARGS``. API callers pass in ``alwayson_scripts["Erasure"]["args"]`` either that list
+(shorter lists and ``null`` entries take the defaults, ``UI_DEFAULTS``) or one object with names
+from ``UI_ARGS`` (``[{"patch_1": "cat.safetensors", "strength_1": 0.8}]``; "enabled" then defaults
+to true).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared_core import nlce
@@ -17,6 +21,10 @@ NO_PATCH = "None"
 SCHEDULES = ("single-pass", "faithful")
 UI_ARGS = ("enabled", *[f"{k}_{i}" for i in range(1, MAX_PATCHES + 1) for k in ("patch", "strength")],
            "nlce", "concepts", "neighbors", "preset", "beta", "gamma", "schedule")
+UI_DEFAULTS = {"enabled": False, **{k: v for i in range(1, MAX_PATCHES + 1) for k, v in ((f"patch_{i}", NO_PATCH),
+                                                                                   (f"strength_{i}", 1.0))},
+               "nlce": False, "concepts": "", "neighbors": "auto", "preset": "object", "beta": 1.0, "gamma": None,
+               "schedule": SCHEDULES[0]}  # gamma None: the preset's
 
 # infotext keys (A1111 quotes values that hold commas or colons)
 PATCHES_KEY = "Erasure patches"
@@ -54,10 +62,8 @@ class ErasureSettings:
 
     @classmethod
     def from_args(cls, args) -> "ErasureSettings":
-        """From the accordion's values (order ``UI_ARGS``); a disabled accordion gives inactive settings."""
-        values = dict(zip(UI_ARGS, args))
-        if len(args) != len(UI_ARGS):
-            raise HirmError(f"the Erasure script expects {len(UI_ARGS)} arguments ({', '.join(UI_ARGS)}), got {len(args)}")
+        """From the accordion's values (see the module doc for the API forms); a disabled accordion gives inactive settings."""
+        values = widget_values(args)
         if not values["enabled"]:
             return cls()
         patches = []
@@ -121,6 +127,21 @@ class ErasureSettings:
         return cls.build(patches=patches, nlce=True, concepts=params[NLCE_KEY], neighbors=get("neighbors", ""),
                          preset=get("preset", "object"), beta=get("beta", 1.0), gamma=get("gamma", None),
                          schedule=get("schedule", "single-pass"))
+
+
+def widget_values(args) -> dict:
+    """``UI_ARGS`` name -> value from the script's arguments: the positional list (shorter, or with None where
+    Forge fills in a widget without a default, both take ``UI_DEFAULTS``) or one mapping of names."""
+    args = list(args)
+    if args and isinstance(args[0], Mapping):  # the webui fills the rest of the list with the widgets' values: ignored
+        unknown = sorted(set(args[0]) - set(UI_ARGS))
+        if unknown:
+            raise HirmError(f"the Erasure script has no argument {', '.join(map(repr, unknown))}; its names are "
+                            f"{', '.join(UI_ARGS)}")
+        return {**UI_DEFAULTS, "enabled": True, **{k: v for k, v in args[0].items() if v is not None}}
+    if len(args) > len(UI_ARGS):
+        raise HirmError(f"the Erasure script takes at most {len(UI_ARGS)} arguments ({', '.join(UI_ARGS)}), got {len(args)}")
+    return {**UI_DEFAULTS, **{k: v for k, v in zip(UI_ARGS, args) if v is not None}}
 
 
 def parse_patch_list(text: str) -> list[tuple[str, float]]:

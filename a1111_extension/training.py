@@ -21,6 +21,7 @@ from shared_core.hosting import train_on_weights
 from shared_core.patch import save_patch
 from shared_core.report import format_report
 
+from . import library
 from .webui_model import check_model, clean_weights, clip_l, forge_clip_state, is_forge
 
 log = logging.getLogger("hirm-erasure")
@@ -36,7 +37,7 @@ def output_path(folder: str, name: str, overwrite: bool) -> str:
         raise HirmError(f"output name {name!r} is not a plain file name; use letters, digits, spaces, '.', '-', '_'")
     path = os.path.join(folder, name + ".safetensors")
     if os.path.exists(path) and not overwrite:
-        raise HirmError(f"{name}.safetensors already exists in {folder}; choose another name or tick 'overwrite'")
+        raise HirmError(f"{name}.safetensors already exists in {library.shown(folder)}; choose another name or tick 'overwrite'")
     return path
 
 

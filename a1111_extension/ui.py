@@ -14,7 +14,8 @@ from shared_core import hirm, nlce
 from shared_core.errors import HirmError
 
 from . import host, library, training
-from .settings import MAX_PATCHES, NLCE_KEY, NLCE_KEYS, NO_PATCH, PATCHES_KEY, SCHEDULES, UI_ARGS, paste_values
+from .settings import (MAX_PATCHES, NLCE_KEY, NLCE_KEYS, NO_PATCH, PATCHES_KEY, SCHEDULES, UI_ARGS, UI_DEFAULTS,
+                       paste_values)
 
 _cancel = threading.Event()
 
@@ -39,26 +40,29 @@ def _pasted(name: str):
 def accordion(elem_id) -> tuple[list, list, list[str]]:
     """(components in ``UI_ARGS`` order, infotext_fields, paste_field_names) for ``Script.ui``."""
     choices = _patch_choices()
-    with host.input_accordion(False, "Erasure", elem_id("enabled")) as enabled:
+    D = UI_DEFAULTS
+    with host.input_accordion(D["enabled"], "Erasure", elem_id("enabled")) as enabled:
         slots = []
         for i in range(1, MAX_PATCHES + 1):
             with gr.Row():
-                slots.append(gr.Dropdown(label=f"erasure patch {i} (models/erasure_patches)", choices=choices, value=NO_PATCH,
+                slots.append(gr.Dropdown(label=f"erasure patch {i} (models/erasure_patches)", choices=choices, value=D[f"patch_{i}"],
                                          allow_custom_value=True, elem_id=elem_id(f"patch_{i}")))
-                slots.append(gr.Slider(label="strength", minimum=0.0, maximum=2.0, step=0.05, value=1.0,
+                slots.append(gr.Slider(label=f"patch {i} strength", minimum=0.0, maximum=2.0, step=0.05, value=D[f"strength_{i}"],
                                        elem_id=elem_id(f"strength_{i}")))
         refresh = gr.Button(value="Refresh patch list", elem_id=elem_id("refresh"))
         use_nlce = gr.Checkbox(label="NLCE: erase concepts in the UNet's cross-attention while sampling (SD1.x, no training)",
-                               value=False, elem_id=elem_id("nlce"))
-        concepts = gr.Textbox(label="NLCE concepts to erase (one per line)", lines=2, elem_id=elem_id("concepts"))
-        neighbors = gr.Textbox(label="neighbours to keep intact ('auto' mines them offline; empty: none)", value="auto",
+                               value=D["nlce"], elem_id=elem_id("nlce"))
+        concepts = gr.Textbox(label="NLCE concepts to erase (one per line)", lines=2, value=D["concepts"],
+                              elem_id=elem_id("concepts"))
+        neighbors = gr.Textbox(label="neighbours to keep intact ('auto' mines them offline; empty: none)", value=D["neighbors"],
                                elem_id=elem_id("neighbors"))
         with gr.Row():
-            preset = gr.Dropdown(label="NLCE preset", choices=list(nlce.NLCE_PRESETS), value="object", elem_id=elem_id("preset"))
-            beta = gr.Slider(label="beta", minimum=0.0, maximum=1.5, step=0.05, value=1.0, elem_id=elem_id("beta"))
-            gamma = gr.Slider(label="gamma (set by the preset)", minimum=0.0, maximum=1.5, step=0.05, value=1.0,
+            preset = gr.Dropdown(label="NLCE preset", choices=list(nlce.NLCE_PRESETS), value=D["preset"], elem_id=elem_id("preset"))
+            beta = gr.Slider(label="beta", minimum=0.0, maximum=1.5, step=0.05, value=D["beta"], elem_id=elem_id("beta"))
+            gamma = gr.Slider(label="gamma (set by the preset)", minimum=0.0, maximum=1.5, step=0.05,
+                              value=nlce.make_nlce_config(D["preset"]).gamma,
                               elem_id=elem_id("gamma"))
-            schedule = gr.Dropdown(label="schedule (faithful: 2x cost)", choices=list(SCHEDULES), value=SCHEDULES[0],
+            schedule = gr.Dropdown(label="schedule (faithful: 2x cost)", choices=list(SCHEDULES), value=D["schedule"],
                                    elem_id=elem_id("schedule"))
     dropdowns = slots[0::2]
     refresh.click(fn=lambda: [gr.update(choices=_patch_choices()) for _ in dropdowns], inputs=[], outputs=dropdowns)

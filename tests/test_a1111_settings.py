@@ -35,12 +35,26 @@ def test_widget_values_become_settings_and_a_closed_accordion_is_off():
     (script_args(nlce=True, concepts="cat", beta=2.0), "beta = 2 is out of range"),
     (script_args(nlce=True, concepts="cat", preset="dogs"), "unknown NLCE preset"),
     (script_args(patches=[("a.safetensors", "x")]), "must be a number"),
-    (script_args()[:5], "expects 14 arguments"),
+    (script_args() + [None], "takes at most 14 arguments"),
+    ([{"patch_1": "a.safetensors", "strenght_1": 0.5}], "no argument 'strenght_1'; its names are enabled, patch_1"),
 ])
 def test_bad_widget_values_are_one_line_errors(args, message):
     with pytest.raises(HirmError, match=message) as raised:
         ErasureSettings.from_args(args)
     assert "\n" not in str(raised.value)
+
+
+def test_api_callers_may_pass_fewer_arguments_nulls_or_one_object_of_names():
+    # what Forge hands over for [True, "cat.safetensors", 1.0]: the rest from the widgets, None where one has no default
+    forge = [True, "cat.safetensors", 1.0, None, None, None, None, False, None, None, None, None, None, None]
+    short = ErasureSettings.from_args([True, "cat.safetensors", 1.0])  # A1111 itself fills in the UI defaults
+    assert ErasureSettings.from_args(forge) == short and short.patches == (("cat.safetensors", 1.0),) and not short.nlce
+    named = ErasureSettings.from_args([{"patch_1": "cat.safetensors", "strength_1": 0.8, "nlce": True, "concepts": "dog"},
+                                       *script_args()[1:]])  # the webui appends the widgets' values: ignored
+    assert named.patches == (("cat.safetensors", 0.8),) and named.concepts == ("dog",) and named.neighbors == "auto"
+    assert named.nlce_config().gamma == ErasureSettings.build(nlce=True, concepts="dog").nlce_config().gamma  # the preset's
+    assert not ErasureSettings.from_args([{"enabled": False, "patch_1": "cat.safetensors"}]).active
+    assert not ErasureSettings.from_args([]).active
 
 
 def test_the_infotext_reproduces_the_settings_through_paste():
@@ -78,6 +92,12 @@ def test_the_patch_folder_lists_patches_in_subfolders_and_keeps_names_inside_it(
         library.patch_path(str(tmp_path), "../escape.safetensors")
     with pytest.raises(PatchFileError, match="press the refresh button"):
         library.patch_path(str(tmp_path), "gone.safetensors")
+    folder = tmp_path / "webui" / "models" / "erasure_patches"
+    folder.mkdir(parents=True)
+    with pytest.raises(PatchFileError) as missing:  # API clients see the folder as the webui names it, not the server's path
+        library.patch_path(str(folder), "gone.safetensors")
+    assert str(missing.value) == ("erasure patch 'gone.safetensors' is not in models/erasure_patches; put it there and press "
+                                  "the refresh button")
 
 
 def test_a_patch_file_rewritten_in_place_is_read_again(tmp_path):
