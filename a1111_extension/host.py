@@ -3,7 +3,8 @@
 Names read from the webuis' sources (A1111 1.7-1.10, Forge): ``modules.scripts.Script`` /
 ``AlwaysVisible``, ``modules.script_callbacks.on_ui_tabs`` / ``on_model_loaded``,
 ``modules.paths.models_path``, ``modules.devices.device``, ``modules.shared.sd_model`` /
-``.loaded_hypernetworks`` / ``.opts``, ``modules.call_queue.queue_lock``, ``modules.ui_components.InputAccordion``.
+``.loaded_hypernetworks`` / ``.opts``, ``modules.call_queue.queue_lock``, ``modules.ui_components.InputAccordion``,
+``script_callbacks.on_before_ui`` and ``scripts.scripts_data`` (to find the built-in ``xyz_grid.py``).
 """
 
 from __future__ import annotations
@@ -40,9 +41,16 @@ def queue_lock():
     return call_queue.queue_lock
 
 
-def register(on_ui_tabs, on_model_loaded) -> None:
+def register(on_ui_tabs, on_model_loaded, on_xyz_grid) -> None:
+    """``on_xyz_grid(module)`` runs before the UI is built, when the webui's X/Y/Z plot script is loaded."""
     script_callbacks.on_ui_tabs(on_ui_tabs)
     script_callbacks.on_model_loaded(on_model_loaded)
+    script_callbacks.on_before_ui(lambda: [on_xyz_grid(m) for m in _xyz_grid_modules()])
+
+
+def _xyz_grid_modules():
+    """The loaded ``scripts/xyz_grid.py`` module (the webui loads each script file as a module named after it)."""
+    return [d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py"][:1]
 
 
 def input_accordion(value: bool, label: str, elem_id: str):

@@ -28,7 +28,7 @@ from shared_core.errors import HirmError, NlceError, PatchMismatchError
 from shared_core.hosting import concept_set_for
 from shared_core.patch import base_mismatch_note
 
-from . import library
+from . import library, xyz
 from .nlce_runtime import A1111Nlce, Patched, uncond_tensors
 from .settings import ErasureSettings
 from .webui_model import TextEncoderPatches, check_model, clean_weights, clip_l, family, forge_clip_state, is_forge
@@ -59,7 +59,7 @@ def begin(p, args, env: Env) -> "Job | None":
     global _active
     finish()
     try:
-        settings = ErasureSettings.from_args(args)
+        settings = ErasureSettings.from_args(args, xyz.overrides(p))
         if not settings.active:
             return None
         job = (ForgeJob if is_forge(p.sd_model) else A1111Job)(p, settings, env)

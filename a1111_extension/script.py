@@ -1,5 +1,5 @@
 """The Erasure script as the webui sees it: an always-visible accordion in txt2img and img2img, plus
-the Erasure tab and the model-load watch registered by ``register_callbacks``.
+the Erasure tab, the model-load watch and the X/Y/Z plot axes registered by ``register_callbacks``.
 
 Every hook only forwards to ``jobs`` (the work) and ``ui`` (the widgets, imported when the UI is
 built: gradio is needed only there).
@@ -7,7 +7,7 @@ built: gradio is needed only there).
 
 from __future__ import annotations
 
-from . import host, jobs
+from . import host, jobs, xyz
 
 
 class ErasureScript(host.Script):
@@ -44,4 +44,4 @@ def training_tab():
 
 def register_callbacks() -> None:
     """Run by the entry file on every (re)load of the scripts: the webui clears callbacks before loading them."""
-    host.register(on_ui_tabs=training_tab, on_model_loaded=jobs.model_loaded)
+    host.register(on_ui_tabs=training_tab, on_model_loaded=jobs.model_loaded, on_xyz_grid=xyz.add_axes)

@@ -61,9 +61,12 @@ class ErasureSettings:
         return bool(self.patches) or self.nlce
 
     @classmethod
-    def from_args(cls, args) -> "ErasureSettings":
-        """From the accordion's values (see the module doc for the API forms); a disabled accordion gives inactive settings."""
+    def from_args(cls, args, overrides: dict | None = None) -> "ErasureSettings":
+        """From the accordion's values (see the module doc for the API forms); a disabled accordion gives inactive
+        settings. ``overrides`` (X/Y/Z plot axis values by ``UI_ARGS`` name) go over them and turn erasure on."""
         values = widget_values(args)
+        if overrides:
+            values.update(overrides, enabled=True)
         if not values["enabled"]:
             return cls()
         patches = []

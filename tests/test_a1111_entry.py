@@ -22,7 +22,7 @@ ROOT = Path(__file__).parents[1]
 @pytest.fixture()
 def webui(tmp_path, monkeypatch):
     """A fake ``modules`` package: scripts, script_callbacks, paths, devices, shared, call_queue, ui_components."""
-    callbacks = {"ui_tabs": [], "model_loaded": []}
+    callbacks = {"ui_tabs": [], "model_loaded": [], "before_ui": []}
 
     class Script:  # modules.scripts.Script (the parts the extension uses)
         infotext_fields = paste_field_names = None
@@ -33,9 +33,10 @@ def webui(tmp_path, monkeypatch):
 
     fake = {
         "modules": types.ModuleType("modules"),
-        "modules.scripts": types.SimpleNamespace(Script=Script, AlwaysVisible=object()),
+        "modules.scripts": types.SimpleNamespace(Script=Script, AlwaysVisible=object(), scripts_data=[]),
         "modules.script_callbacks": types.SimpleNamespace(on_ui_tabs=callbacks["ui_tabs"].append,
-                                                          on_model_loaded=callbacks["model_loaded"].append),
+                                                          on_model_loaded=callbacks["model_loaded"].append,
+                                                          on_before_ui=callbacks["before_ui"].append),
         "modules.paths": types.SimpleNamespace(models_path=str(tmp_path / "models")),
         "modules.devices": types.SimpleNamespace(device=torch.device("cpu")),
         "modules.shared": types.SimpleNamespace(sd_model=None, loaded_hypernetworks=[]),
@@ -76,12 +77,59 @@ def test_the_entry_registers_one_always_visible_script_the_tab_and_the_model_wat
     script = classes[0]()
     assert script.title() == "Erasure" and script.show(False) is webui.modules["modules.scripts"].AlwaysVisible
     assert len(webui.callbacks["ui_tabs"]) == 1 and webui.callbacks["model_loaded"] == [jobs.model_loaded]
+    assert len(webui.callbacks["before_ui"]) == 1
+
+
+def xyz_grid_module():
+    """scripts/xyz_grid.py as the webui loads it: a module named "xyz_grid.py" with AxisOption and axis_options."""
+    module = types.ModuleType("xyz_grid.py")
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    class Script:
+        pass
+
+    Script.__module__ = "xyz_grid.py"
+    module.AxisOption, module.Script = AxisOption, Script
+    module.axis_options = [AxisOption("Nothing", str, lambda p, x, xs: None), AxisOption("Seed", int, lambda p, x, xs: None)]
+    return module
+
+
+def test_the_xyz_plot_gets_erasure_axes_once_and_an_axis_value_goes_over_the_accordion(webui):
+    from a1111_extension.settings import ErasureSettings
+    from a1111_extension import xyz
+    from test_a1111_support import script_args
+
+    xyz_grid = xyz_grid_module()
+    webui.modules["modules.scripts"].scripts_data.append(types.SimpleNamespace(script_class=xyz_grid.Script, module=xyz_grid))
+    load_entry()
+    for run_before_ui in webui.callbacks["before_ui"] * 2:  # a UI reload runs it again: no second set of axes
+        run_before_ui()
+    labels = [o.label for o in xyz_grid.axis_options]
+    assert labels == ["Nothing", "Seed", "[Erasure] patch 1 strength", "[Erasure] patch 2 strength",
+                      "[Erasure] patch 3 strength", "[Erasure] NLCE", "[Erasure] NLCE beta", "[Erasure] NLCE gamma"]
+    options = {o.label: o for o in xyz_grid.axis_options}
+    assert options["[Erasure] NLCE"].choices() == ["on", "off"]
+
+    p = types.SimpleNamespace()  # one cell of the grid: the axes' apply functions, then the job with the accordion's values
+    options["[Erasure] patch 1 strength"].apply(p, 0.25, [0.25, 1.0])
+    options["[Erasure] NLCE"].apply(p, "on", ["on", "off"])
+    options["[Erasure] NLCE beta"].apply(p, 0.5, [0.5])
+    closed = script_args(patches=[("cat.safetensors", 1.0)], concepts="dog", enabled=False)
+    s = ErasureSettings.from_args(closed, xyz.overrides(p))
+    assert s.patches == (("cat.safetensors", 0.25),) and s.nlce and s.beta == 0.5 and s.concepts == ("dog",)
+    assert not ErasureSettings.from_args(closed, xyz.overrides(types.SimpleNamespace())).active
+    with pytest.raises(ValueError, match="'on' or 'off'"):
+        options["[Erasure] NLCE"].apply(p, "maybe", [])
 
 
 FAKE_MODULES = {
     "__init__": "",
     "scripts": "AlwaysVisible = object()\nclass Script:\n    pass\n",
-    "script_callbacks": "registered = []\ndef on_ui_tabs(f): registered.append(f)\ndef on_model_loaded(f): registered.append(f)\n",
+    "script_callbacks": ("registered = []\ndef on_ui_tabs(f): registered.append(f)\ndef on_model_loaded(f): registered.append(f)\n"
+                         "def on_before_ui(f): registered.append(f)\n"),
     "paths": "import os\nmodels_path = os.environ['FAKE_MODELS']\n",
     "devices": "import torch\ndevice = torch.device('cpu')\n",
     "shared": "sd_model = None\nloaded_hypernetworks = []\n",

@@ -103,3 +103,44 @@ def test_txt2img_plain_patch_nlce_both_then_plain_again_is_byte_identical(server
         seen.add(image)
         status, again = job(url)
         assert status == 200 and ws.image_bytes(again) == first, f"the model was not restored after {name}"
+
+
+def pixels(out: dict, i: int = 0) -> bytes:
+    """The image's pixels (the PNG's text chunks hold the infotext, which differs between an X/Y/Z cell and a job)."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(ws.image_bytes(out, i))).convert("RGB").tobytes()
+
+
+def test_the_api_takes_a_short_list_or_names_and_a_missing_patch_is_one_line_without_the_servers_path(server):
+    url = server["url"]
+    results = [job(url, erasure=args) for args in (erasure_args(PATCH, 0.8), [True, PATCH, 0.8],
+                                                   [{"patch_1": PATCH, "strength_1": 0.8}])]
+    assert all(status == 200 for status, _ in results), results
+    assert len({pixels(out) for _, out in results}) == 1  # the same job, three ways of asking
+    status, out = job(url, erasure=[True, "gone.safetensors", 1.0])
+    text = json.dumps(out)
+    print(f"missing patch: HTTP {status}: {text[:300]}")
+    assert status != 200 and "erasure patch 'gone.safetensors' is not in models/erasure_patches" in text
+    assert str(server["webui"]) not in text
+
+
+def test_the_xyz_plot_sweeps_a_patch_strength_cell_by_cell(server):
+    url = server["url"]
+    config = ws.get(url + "/config", timeout=60)
+    x_type = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "script_txt2img_xyz_plot_x_type"]
+    choices = [c[0] if isinstance(c, list) else c for c in x_type[0]["props"]["choices"]]
+    assert "[Erasure] patch 1 strength" in choices and "[Erasure] NLCE beta" in choices, choices
+    _, plain = job(url)
+    _, patched = job(url, erasure=erasure_args(PATCH, 1.0))
+    # X = patch 1 strength over 0 and 1 (the accordion holds the patch); no Y/Z; lone images after the grid
+    xyz = [choices.index("[Erasure] patch 1 strength"), "0, 1", [], 0, "", [], 0, "", [], True, True, False, False,
+           False, False, False, 0, False]
+    status, out = job(url, erasure=erasure_args(PATCH, 1.0), extra={"script_name": "x/y/z plot", "script_args": xyz})
+    assert status == 200, out
+    assert len(out["images"]) == 3  # the grid, then the two cells
+    assert pixels(out, 1) == pixels(plain) and pixels(out, 2) == pixels(patched)
+    _, again = job(url)
+    assert pixels(again) == pixels(plain)
