@@ -4,7 +4,8 @@ Names read from the webuis' sources (A1111 1.7-1.10, Forge): ``modules.scripts.S
 ``AlwaysVisible``, ``modules.script_callbacks.on_ui_tabs`` / ``on_model_loaded``,
 ``modules.paths.models_path``, ``modules.devices.device``, ``modules.shared.sd_model`` /
 ``.loaded_hypernetworks`` / ``.opts``, ``modules.call_queue.queue_lock``, ``modules.ui_components.InputAccordion``,
-``script_callbacks.on_before_ui`` and ``scripts.scripts_data`` (to find the built-in ``xyz_grid.py``).
+``script_callbacks.on_before_ui`` and ``scripts.scripts_data`` (to find the built-in ``xyz_grid.py``),
+``script_callbacks.on_ui_settings``, ``shared.opts.add_option`` and ``shared.OptionInfo`` (the Settings section).
 """
 
 from __future__ import annotations
@@ -20,9 +21,28 @@ Script = scripts.Script
 AlwaysVisible = scripts.AlwaysVisible
 
 
+SETTINGS_SECTION = ("erasure", "Erasure")
+
+
+def option(name: str, default):
+    """A value from the webui's Settings (the Erasure section), or ``default`` before they are registered."""
+    try:
+        value = getattr(shared.opts, name)
+    except AttributeError:
+        return default
+    return default if value is None else value
+
+
+def add_settings(settings) -> None:
+    """``settings``: (key, default, label, gradio component or None, component args or None) for the Erasure section."""
+    for key, default, label, component, args in settings:
+        shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=SETTINGS_SECTION))
+
+
 def patch_folder() -> str:
-    """``models/erasure_patches`` of the webui (created on first use)."""
-    folder = os.path.join(paths.models_path, library.FOLDER_NAME)
+    """The patch folder: Settings -> Erasure, else ``models/erasure_patches`` of the webui (created on first use)."""
+    chosen = str(option("erasure_patch_folder", "") or "").strip()
+    folder = os.path.abspath(os.path.expanduser(chosen)) if chosen else os.path.join(paths.models_path, library.FOLDER_NAME)
     os.makedirs(folder, exist_ok=True)
     return folder
 
@@ -41,9 +61,10 @@ def queue_lock():
     return call_queue.queue_lock
 
 
-def register(on_ui_tabs, on_model_loaded, on_xyz_grid) -> None:
+def register(on_ui_tabs, on_model_loaded, on_xyz_grid, on_ui_settings) -> None:
     """``on_xyz_grid(module)`` runs before the UI is built, when the webui's X/Y/Z plot script is loaded."""
     script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_before_ui(lambda: [on_xyz_grid(m) for m in _xyz_grid_modules()])
 

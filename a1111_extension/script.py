@@ -42,6 +42,13 @@ def training_tab():
     return ui.training_tab()
 
 
+def settings_section():
+    from . import ui
+
+    host.add_settings(ui.settings())
+
+
 def register_callbacks() -> None:
     """Run by the entry file on every (re)load of the scripts: the webui clears callbacks before loading them."""
-    host.register(on_ui_tabs=training_tab, on_model_loaded=jobs.model_loaded, on_xyz_grid=xyz.add_axes)
+    host.register(on_ui_tabs=training_tab, on_model_loaded=jobs.model_loaded, on_xyz_grid=xyz.add_axes,
+                  on_ui_settings=settings_section)

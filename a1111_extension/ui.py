@@ -37,10 +37,32 @@ def _pasted(name: str):
     return value
 
 
+def settings() -> list[tuple]:
+    """The Erasure section of the webui's Settings (``host.add_settings``): the accordion's starting values."""
+    return [
+        ("erasure_patch_folder", "", "Folder of erasure patches (empty: models/erasure_patches)", None, None),
+        ("erasure_default_strength", UI_DEFAULTS["strength_1"], "Starting strength of each erasure patch slot", gr.Slider,
+         {"minimum": 0.0, "maximum": 2.0, "step": 0.05}),
+        ("erasure_nlce_preset", UI_DEFAULTS["preset"], "Starting NLCE preset", gr.Dropdown, {"choices": list(nlce.NLCE_PRESETS)}),
+        ("erasure_nlce_schedule", UI_DEFAULTS["schedule"], "Starting NLCE schedule (faithful: 2x cost)", gr.Dropdown,
+         {"choices": list(SCHEDULES)}),
+    ]
+
+
+def starting_values() -> dict:
+    """``UI_DEFAULTS`` with the user's Settings laid over them (read when the UI is built)."""
+    out = dict(UI_DEFAULTS)
+    strength = host.option("erasure_default_strength", UI_DEFAULTS["strength_1"])
+    out.update({f"strength_{i}": strength for i in range(1, MAX_PATCHES + 1)})
+    out["preset"] = host.option("erasure_nlce_preset", UI_DEFAULTS["preset"])
+    out["schedule"] = host.option("erasure_nlce_schedule", UI_DEFAULTS["schedule"])
+    return out
+
+
 def accordion(elem_id) -> tuple[list, list, list[str]]:
     """(components in ``UI_ARGS`` order, infotext_fields, paste_field_names) for ``Script.ui``."""
     choices = _patch_choices()
-    D = UI_DEFAULTS
+    D = starting_values()
     with host.input_accordion(D["enabled"], "Erasure", elem_id("enabled")) as enabled:
         slots = []
         for i in range(1, MAX_PATCHES + 1):

@@ -22,7 +22,27 @@ ROOT = Path(__file__).parents[1]
 @pytest.fixture()
 def webui(tmp_path, monkeypatch):
     """A fake ``modules`` package: scripts, script_callbacks, paths, devices, shared, call_queue, ui_components."""
-    callbacks = {"ui_tabs": [], "model_loaded": [], "before_ui": []}
+    callbacks = {"ui_tabs": [], "model_loaded": [], "before_ui": [], "ui_settings": []}
+
+    class OptionInfo:  # modules/options.py: (default, label, component, component_args, ..., section=)
+        def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None):
+            self.default, self.label, self.component, self.component_args, self.section = (default, label, component,
+                                                                                           component_args, section)
+
+    class Options:  # modules/options.py Options: saved values, else the registered default, else AttributeError
+        def __init__(self):
+            self.__dict__.update(data={}, data_labels={})
+
+        def add_option(self, key, info):
+            self.data_labels[key] = info
+            self.data.setdefault(key, info.default)
+
+        def __getattr__(self, item):
+            if item in self.data:
+                return self.data[item]
+            if item in self.data_labels:
+                return self.data_labels[item].default
+            raise AttributeError(item)
 
     class Script:  # modules.scripts.Script (the parts the extension uses)
         infotext_fields = paste_field_names = None
@@ -36,10 +56,11 @@ def webui(tmp_path, monkeypatch):
         "modules.scripts": types.SimpleNamespace(Script=Script, AlwaysVisible=object(), scripts_data=[]),
         "modules.script_callbacks": types.SimpleNamespace(on_ui_tabs=callbacks["ui_tabs"].append,
                                                           on_model_loaded=callbacks["model_loaded"].append,
-                                                          on_before_ui=callbacks["before_ui"].append),
+                                                          on_before_ui=callbacks["before_ui"].append,
+                                                          on_ui_settings=callbacks["ui_settings"].append),
         "modules.paths": types.SimpleNamespace(models_path=str(tmp_path / "models")),
         "modules.devices": types.SimpleNamespace(device=torch.device("cpu")),
-        "modules.shared": types.SimpleNamespace(sd_model=None, loaded_hypernetworks=[]),
+        "modules.shared": types.SimpleNamespace(sd_model=None, loaded_hypernetworks=[], opts=Options(), OptionInfo=OptionInfo),
         "modules.call_queue": types.SimpleNamespace(queue_lock=threading.Lock()),
     }
     for name, module in fake.items():
@@ -129,7 +150,7 @@ FAKE_MODULES = {
     "__init__": "",
     "scripts": "AlwaysVisible = object()\nclass Script:\n    pass\n",
     "script_callbacks": ("registered = []\ndef on_ui_tabs(f): registered.append(f)\ndef on_model_loaded(f): registered.append(f)\n"
-                         "def on_before_ui(f): registered.append(f)\n"),
+                         "def on_before_ui(f): registered.append(f)\ndef on_ui_settings(f): registered.append(f)\n"),
     "paths": "import os\nmodels_path = os.environ['FAKE_MODELS']\n",
     "devices": "import torch\ndevice = torch.device('cpu')\n",
     "shared": "sd_model = None\nloaded_hypernetworks = []\n",
@@ -224,3 +245,23 @@ def test_the_ui_builds_with_gradio_and_pastes_an_infotext(webui, monkeypatch):
     assert fields[id(components[0])]({"Steps": "20"}) is False
     tabs = webui.callbacks["ui_tabs"][0]()
     assert tabs[0][1:] == ("Erasure", "hirm_erasure")
+
+
+def test_the_settings_section_sets_the_patch_folder_and_the_accordions_starting_values(webui, monkeypatch, tmp_path):
+    fake_gradio = types.SimpleNamespace(Slider="Slider", Dropdown="Dropdown")  # ui.settings() only names the components
+    if importlib.util.find_spec("gradio") is None:
+        monkeypatch.setitem(sys.modules, "gradio", fake_gradio)
+    load_entry()
+    from a1111_extension import host, ui
+
+    shared = webui.modules["modules.shared"]
+    webui.callbacks["ui_settings"][0]()
+    labels = shared.opts.data_labels
+    assert list(labels) == ["erasure_patch_folder", "erasure_default_strength", "erasure_nlce_preset", "erasure_nlce_schedule"]
+    assert {info.section for info in labels.values()} == {("erasure", "Erasure")}
+    assert ui.starting_values()["strength_3"] == 1.0 and host.patch_folder() == str(webui.models / "erasure_patches")
+    shared.opts.data.update(erasure_patch_folder=str(tmp_path / "mine"), erasure_default_strength=0.6,
+                            erasure_nlce_preset="artist", erasure_nlce_schedule="faithful")
+    start = ui.starting_values()
+    assert [start[k] for k in ("strength_1", "strength_3", "preset", "schedule")] == [0.6, 0.6, "artist", "faithful"]
+    assert host.patch_folder() == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
