@@ -136,6 +136,7 @@ def training_tab():
             with gr.Column():
                 status = gr.Textbox(label="progress", interactive=False)
                 report = gr.Textbox(label="text-level report", lines=8, interactive=False)
-        start.click(fn=_train, inputs=[concepts, method, anchor, preset, steps, seed, name, overwrite], outputs=[status, report])
+        start.click(fn=_train, inputs=[concepts, method, anchor, preset, steps, seed, name, overwrite], outputs=[status, report],
+                    api_name="hirm_erasure_train")  # for API clients: gradio_client predict(..., api_name="/hirm_erasure_train")
         cancel.click(fn=_cancel.set, inputs=[], outputs=[], queue=False)
     return [(tab, "Erasure", "hirm_erasure")]

@@ -144,3 +144,23 @@ def test_the_xyz_plot_sweeps_a_patch_strength_cell_by_cell(server):
     assert pixels(out, 1) == pixels(plain) and pixels(out, 2) == pixels(patched)
     _, again = job(url)
     assert pixels(again) == pixels(plain)
+
+
+def test_the_training_tab_trains_a_patch_through_its_gradio_api_and_the_patch_then_erases(server):
+    """The Erasure tab's Train button (api_name hirm_erasure_train) driven by the webui's own gradio_client."""
+    import subprocess
+
+    client = ("import json, sys\nfrom gradio_client import Client\n"
+              "out = Client(sys.argv[1], verbose=False).predict('tiger', 'random', '', 'object', 2, 42, 'api-tiger', False,"
+              " api_name='/hirm_erasure_train')\nprint(json.dumps(out))")
+    started = time.time()
+    done = subprocess.run([PYTHON, "-c", client, server["url"] + "/"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    print(f"train via gradio api: rc {done.returncode} in {time.time() - started:.1f} s: {done.stdout.strip()[-300:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    status, report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "api-tiger.safetensors" in status and "tiger" in report
+    assert (server["webui"] / "models" / "erasure_patches" / "api-tiger.safetensors").is_file()
+    _, plain = job(server["url"], prompt="a tiger")
+    status, erased = job(server["url"], prompt="a tiger", erasure=[True, "api-tiger.safetensors", 1.0])
+    assert status == 200 and pixels(erased) != pixels(plain)
