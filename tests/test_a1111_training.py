@@ -90,7 +90,7 @@ def test_the_background_runner_reports_progress_then_the_result_or_the_error():
         progress(2, 2, 0.25)
         return "/x/p.safetensors", "report"
     updates = list(training.run_in_background(work, poll=0.01))
-    assert updates[-1] == ("saved /x/p.safetensors", "report")
+    assert updates[-1] == ("saved x/p.safetensors", "report")
 
     def fails(progress):
         raise HirmError("training cancelled; no patch was made and the encoder is unchanged")
