@@ -164,3 +164,19 @@ def test_the_training_tab_trains_a_patch_through_its_gradio_api_and_the_patch_th
     _, plain = job(server["url"], prompt="a tiger")
     status, erased = job(server["url"], prompt="a tiger", erasure=[True, "api-tiger.safetensors", 1.0])
     assert status == 200 and pixels(erased) != pixels(plain)
+
+
+def test_img2img_hires_fix_and_the_infotext_with_a_patch_and_the_plain_images_after_are_unchanged(server):
+    url = server["url"]
+    _, source = job(url)
+    init = {"init_images": [source["images"][0]], "denoising_strength": 0.6}
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 1, "denoising_strength": 0.5}
+    for kind, extra in (("img2img", init), ("txt2img", hires)):
+        _, plain = job(url, kind, extra=extra)
+        status, erased = job(url, kind, erasure=erasure_args(PATCH, 1.0), extra=extra)
+        assert status == 200, erased
+        _, again = job(url, kind, extra=extra)
+        assert pixels(erased) != pixels(plain) and ws.image_bytes(again) == ws.image_bytes(plain), kind
+        assert 'Erasure patches: "cat.safetensors:1"' in json.loads(erased["info"])["infotexts"][0], kind
+    status, info = ws.post(url + "/sdapi/v1/png-info", {"image": "data:image/png;base64," + erased["images"][0]})
+    assert status == 200 and info["parameters"].get("Erasure patches") == "cat.safetensors:1", info
