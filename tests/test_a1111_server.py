@@ -180,3 +180,26 @@ def test_img2img_hires_fix_and_the_infotext_with_a_patch_and_the_plain_images_af
         assert 'Erasure patches: "cat.safetensors:1"' in json.loads(erased["info"])["infotexts"][0], kind
     status, info = ws.post(url + "/sdapi/v1/png-info", {"image": "data:image/png;base64," + erased["images"][0]})
     assert status == 200 and info["parameters"].get("Erasure patches") == "cat.safetensors:1", info
+
+
+def test_the_lora_extension_applies_an_fp32_patch_as_the_erasure_does_and_works_beside_it(server):
+    """README's claim: A1111's Lora extension rounds layer 0 to the file's dtype, so an fp32 copy of a patch in
+    models/Lora gives the erasure's own image, pixel for pixel; and a LoRA in the prompt works together with a patch."""
+    import torch
+
+    from shared_core.patch import load_patch, save_patch
+
+    url, models = server["url"], server["webui"] / "models"
+    patch = load_patch(str(models / "erasure_patches" / PATCH))
+    for folder in ("Lora", "erasure_patches"):
+        save_patch(patch, str(models / folder / "cat32.safetensors"), dtype=torch.float32, overwrite=True)
+    assert ws.post(url + "/sdapi/v1/refresh-loras", {})[0] == 200
+    _, plain = job(url)
+    status, by_lora = job(url, prompt="a cat on a sofa <lora:cat32:1>")
+    assert status == 200, by_lora
+    _, by_erasure = job(url, erasure=erasure_args("cat32.safetensors", 1.0))
+    assert pixels(by_lora) == pixels(by_erasure) and pixels(by_lora) != pixels(plain)
+    status, both = job(url, prompt="a cat on a sofa <lora:cat32:1>", erasure=erasure_args(OTHER, 1.0))
+    assert status == 200 and pixels(both) not in (pixels(by_lora), pixels(plain)), both.get("errors")
+    _, again = job(url)
+    assert ws.image_bytes(again) == ws.image_bytes(plain)
