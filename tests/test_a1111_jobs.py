@@ -39,6 +39,16 @@ def current_weights(model):
     return {k: v.detach().clone() for k, v in canonical_parameters(text_model(model)).items()}
 
 
+def test_the_stand_in_text_encoder_is_wrapped_as_in_the_real_webui_and_a_patch_still_applies(model):
+    names = [n for n, _ in text_model(model).named_parameters()]
+    assert any(n.endswith("token_embedding.wrapped.weight") for n in names)  # sd_hijack's EmbeddingsWithFixes
+    before = snapshot(text_model(model))
+    patches = TextEncoderPatches(text_model(model), [(make_patch(text_model(model)), 1.0)]).apply()
+    assert not same(snapshot(text_model(model)), before)
+    patches.remove()
+    assert same(snapshot(text_model(model)), before)
+
+
 def test_a_patch_job_applies_exactly_the_patch_while_sampling_and_then_leaves_the_model_bit_identical(model, env, tmp_path):
     name = write_patch(tmp_path, "cat.safetensors", text_model(model))
     expected = expected_weights(model, tmp_path / name, 0.8)

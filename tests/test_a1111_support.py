@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tiny import random_clip, tiny_config
 
 from a1111_extension import jobs
-from shared_core.encoders import canonical_parameters, model_signature
+from shared_core.encoders import canonical_parameters, model_signature, text_module
 from shared_core.patch import ErasurePatch, make_metadata, save_patch
 from shared_core.tokenizer import clip_tokenizer
 
@@ -213,14 +213,30 @@ def text_encoder(seed=0, hidden=WIDTH):
     return model
 
 
+class EmbeddingsWithFixes(torch.nn.Module):
+    """modules/sd_hijack.py EmbeddingsWithFixes: wraps CLIP's token embedding (``wrapped``) to splice in
+    textual-inversion vectors (``embeddings.fixes``; none here), so its weight is ``token_embedding.wrapped.weight``."""
+
+    def __init__(self, wrapped, embeddings, textual_inversion_key="clip_l"):
+        super().__init__()
+        self.wrapped, self.embeddings, self.textual_inversion_key = wrapped, embeddings, textual_inversion_key
+
+    def forward(self, input_ids):
+        self.embeddings.fixes = None
+        return self.wrapped(input_ids)
+
+
 class Sd1Model(torch.nn.Module):
-    """The LatentDiffusion surface A1111 code uses: cond_stage_model, model.diffusion_model, flags."""
+    """The LatentDiffusion surface A1111 code uses: cond_stage_model, model.diffusion_model, flags; the text
+    encoder's token embedding wrapped as StableDiffusionModelHijack.hijack leaves it."""
 
     is_sd1, is_sd2, is_sdxl = True, False, False
 
     def __init__(self, seed=0, text_width=WIDTH):
         super().__init__()
         self.cond_stage_model = HijackedClip(text_encoder(seed, text_width))
+        embeddings = text_module(self.cond_stage_model.wrapped.transformer).embeddings
+        embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding, SimpleNamespace(fixes=None))
         self.model = torch.nn.Module()
         self.model.diffusion_model = TinyUNet(WIDTH, seed)
 
