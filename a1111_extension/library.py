@@ -42,6 +42,23 @@ def patch_path(folder: str, name: str) -> str:
     return path
 
 
+def pull(folder: str, repo_id: str, concept_or_file: str, overwrite: bool = False, endpoint: str | None = None) -> str:
+    """Download a patch from the Hugging Face Hub into ``folder`` (validated, atomic; see ``shared_core.hub.pull``);
+    returns the status line for the Erasure tab."""
+    from shared_core import hub
+
+    repo_id = (repo_id or "").strip()
+    if not repo_id:
+        raise PatchFileError("give the Hub repository of the patch (org/name)")
+    patch = hub.pull(repo_id, concept_or_file, endpoint=endpoint)
+    if os.path.exists(os.path.join(folder, hub.pulled_name(patch))) and not overwrite:
+        raise PatchFileError(f"{shown(folder)}/{hub.pulled_name(patch)} already exists; tick 'overwrite' to replace it")
+    path = hub.save_pulled(patch, folder, overwrite=overwrite)
+    source = patch.metadata["source"]
+    return (f"saved {shown(folder)}/{os.path.relpath(path, folder)} ({', '.join(patch.concepts)}; from {source['repo']}/"
+            f"{source['filename']} at {source['revision'][:12]}); press the refresh button in the Erasure accordion")
+
+
 def load(folder: str, name: str):
     """The validated patch ``name`` (see ``shared_core.patch.load_patch``), cached while the file is unchanged."""
     path = patch_path(folder, name)

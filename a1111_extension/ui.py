@@ -139,4 +139,19 @@ def training_tab():
         start.click(fn=_train, inputs=[concepts, method, anchor, preset, steps, seed, name, overwrite], outputs=[status, report],
                     api_name="hirm_erasure_train")  # for API clients: gradio_client predict(..., api_name="/hirm_erasure_train")
         cancel.click(fn=_cancel.set, inputs=[], outputs=[], queue=False)
+        with gr.Accordion("Download a patch from the Hugging Face Hub", open=False):
+            with gr.Row():
+                repo = gr.Textbox(label="Hub repository (org/name)")
+                wanted = gr.Textbox(label="concept or file name (e.g. 'Van Gogh' or 'van-gogh.safetensors')")
+                replace = gr.Checkbox(label="overwrite an existing file", value=False)
+            download = gr.Button("Download")
+            pulled = gr.Textbox(label="download", interactive=False)
+        download.click(fn=_pull, inputs=[repo, wanted, replace], outputs=[pulled], api_name="hirm_erasure_pull")
     return [(tab, "Erasure", "hirm_erasure")]
+
+
+def _pull(repo, wanted, overwrite):
+    try:
+        return library.pull(host.patch_folder(), repo, wanted, overwrite=bool(overwrite))
+    except HirmError as e:
+        return str(e)

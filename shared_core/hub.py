@@ -149,7 +149,8 @@ def model_card(repo_id: str, named_patches: list[tuple[str, ErasurePatch]], lice
               f"ComfyUI: the \"Load Erasure Patch from Hub (HiRM)\" node (repo `{_cell(repo_id)}`, file `{_cell(first)}`), "
               "or put the file into `models/erasure_patches` or `models/loras` and use the stock Load LoRA node "
               "(`strength_clip`).", "",
-              "A1111 / Forge: put the file into `models/erasure_patches` and pick it in the extension's Erasure accordion.", "",
+              "A1111 / Forge: download it in the Erasure tab (*Download a patch from the Hugging Face Hub*: this repo and the "
+              "concept) or put the file into `models/erasure_patches`, then pick it in the Erasure accordion.", "",
               "## Licence", "", f"{_cell(license)}. The patches only remove; use them with the base model's own licence."]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
@@ -404,12 +405,16 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
                     f"list them with 'hirm ls {repo_id}'")
 
 
+def pulled_name(patch: ErasurePatch) -> str:
+    """The file name a pulled patch is saved under: its repo file's, or (for ``<concept>/patch.safetensors``) its concepts'."""
+    name = os.path.basename(patch.metadata["source"]["filename"])
+    return concept_slug("-".join(patch.concepts)) + ".safetensors" if name == "patch.safetensors" else name
+
+
 def save_pulled(patch: ErasurePatch, dest: str, overwrite: bool = False) -> str:
     """Save a pulled patch into folder ``dest`` atomically, named after its repo file (or its concepts), with
     ``source`` metadata; its deltas keep the dtype they have in the file."""
-    name = os.path.basename(patch.metadata["source"]["filename"])
-    if name == "patch.safetensors":
-        name = concept_slug("-".join(patch.concepts)) + ".safetensors"
+    name = pulled_name(patch)
     dtypes = {t.dtype for t in patch.deltas.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     meta = {k: v for k, v in patch.metadata.items() if k != "delta_dtype"}

@@ -71,7 +71,7 @@ def server(tmp_path_factory):
             "--skip-python-version-check", "--log-startup"]
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(base / "hf-home"), "TRANSFORMERS_OFFLINE": "1"}
     with ws.running(PYTHON, webui, args, env, "A1111", ws.free_port()) as (url, log_path):
-        yield {"url": url, "log": log_path, "startup": log_path.read_text(), "webui": webui}
+        yield {"url": url, "log": log_path, "startup": log_path.read_text(), "webui": webui, "hf_home": base / "hf-home"}
 
 
 def test_a1111_installs_and_loads_the_extension_without_errors(server):
@@ -203,3 +203,29 @@ def test_the_lora_extension_applies_an_fp32_patch_as_the_erasure_does_and_works_
     assert status == 200 and pixels(both) not in (pixels(by_lora), pixels(plain)), both.get("errors")
     _, again = job(url)
     assert ws.image_bytes(again) == ws.image_bytes(plain)
+
+
+def test_the_erasure_tabs_hub_box_takes_a_patch_from_the_hub_cache_offline(server):
+    """The download box through gradio_client, with the server offline: a repo laid out in its Hugging Face cache."""
+    import subprocess
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = server["hf_home"] / "hub" / "models--org--erasers"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    shutil.copyfile(server["webui"] / "models" / "erasure_patches" / PATCH, repo / "snapshots" / sha / "hub-cat.safetensors")
+    client = ("import json, sys\nfrom gradio_client import Client\nc = Client(sys.argv[1], verbose=False)\n"
+              "print(json.dumps([c.predict('org/erasers', 'hub-cat.safetensors', flag, api_name='/hirm_erasure_pull')"
+              " for flag in (False, False, True)]))")
+    done = subprocess.run([PYTHON, "-c", client, server["url"] + "/"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    print(f"hub box: rc {done.returncode}: {done.stdout.strip()[-600:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second, replaced = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first.startswith("saved models/erasure_patches/hub-cat.safetensors (cat; from org/erasers/hub-cat.safetensors at "
+                            "0123456789ab)")
+    assert second == "models/erasure_patches/hub-cat.safetensors already exists; tick 'overwrite' to replace it"
+    assert replaced.startswith("saved ")
+    status, erased = job(server["url"], erasure=[True, "hub-cat.safetensors", 1.0])
+    assert status == 200, erased

@@ -232,3 +232,25 @@ def test_a_bad_entry_in_a_repo_is_skipped_and_reported_not_fatal(stub):
         rows = hub.list_patches("org/erasers", endpoint=stub.endpoint, skipped=skipped)
     assert [r["filename"] for r in rows] == ["broken.safetensors", "van-gogh.safetensors"]
     assert skipped and skipped[0][0] == "gone.safetensors" and "damaged" in skipped[0][1]
+
+
+def test_the_a1111_download_box_saves_a_validated_patch_into_the_patch_folder(stub, tmp_path, monkeypatch):
+    from a1111_extension import library
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    folder = tmp_path / "webui" / "models" / "erasure_patches"
+    folder.mkdir(parents=True)
+    line = library.pull(str(folder), " org/erasers ", "Van Gogh", endpoint=stub.endpoint)
+    assert line.startswith(f"saved models/erasure_patches/van-gogh.safetensors (Van Gogh; from org/erasers/van-gogh.safetensors "
+                           f"at {SHA[:12]})")
+    assert library.list_patch_files(str(folder)) == ["van-gogh.safetensors"]
+    assert library.load(str(folder), "van-gogh.safetensors").concepts == ["Van Gogh"]
+    with pytest.raises(HirmError, match="exists") as again:
+        library.pull(str(folder), "org/erasers", "Van Gogh", endpoint=stub.endpoint)
+    assert str(tmp_path) not in str(again.value)
+    assert library.pull(str(folder), "org/erasers", "Van Gogh", overwrite=True, endpoint=stub.endpoint).startswith("saved ")
+    with pytest.raises(HirmError, match="not found"):
+        library.pull(str(folder), "org/nothing", "Van Gogh", endpoint=stub.endpoint)
+    with pytest.raises(HirmError, match="Hub repository"):
+        library.pull(str(folder), "  ", "Van Gogh")
