@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+
 def lower_bounds(extras):
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     specs = list(project["dependencies"])
