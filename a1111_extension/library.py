@@ -31,6 +31,11 @@ def shown(folder: str) -> str:
     return f"models/{name}" if os.path.basename(parent) == "models" else name
 
 
+def shown_file(path: str) -> str:
+    """A file in the patch folder as messages name it (``models/erasure_patches/NAME``)."""
+    return f"{shown(os.path.dirname(path))}/{os.path.basename(path)}"
+
+
 def patch_path(folder: str, name: str) -> str:
     """Absolute path of patch ``name`` inside ``folder``; a name that leaves the folder is refused."""
     root = os.path.realpath(folder)
@@ -51,11 +56,12 @@ def pull(folder: str, repo_id: str, concept_or_file: str, overwrite: bool = Fals
     if not repo_id:
         raise PatchFileError("give the Hub repository of the patch (org/name)")
     patch = hub.pull(repo_id, concept_or_file, endpoint=endpoint)
-    if os.path.exists(os.path.join(folder, hub.pulled_name(patch))) and not overwrite:
-        raise PatchFileError(f"{shown(folder)}/{hub.pulled_name(patch)} already exists; tick 'overwrite' to replace it")
-    path = hub.save_pulled(patch, folder, overwrite=overwrite)
+    target = os.path.join(folder, hub.pulled_name(patch))
+    if os.path.exists(target) and not overwrite:
+        raise PatchFileError(f"{shown_file(target)} already exists; tick 'overwrite' to replace it")
+    hub.save_pulled(patch, folder, overwrite=overwrite)
     source = patch.metadata["source"]
-    return (f"saved {shown(folder)}/{os.path.relpath(path, folder)} ({', '.join(patch.concepts)}; from {source['repo']}/"
+    return (f"saved {shown_file(target)} ({', '.join(patch.concepts)}; from {source['repo']}/"
             f"{source['filename']} at {source['revision'][:12]}); press the refresh button in the Erasure accordion")
 
 

@@ -101,4 +101,4 @@ def run_in_background(work: Callable[[Callable], tuple[str, str]], poll: float =
         yield result["error"], ""
     else:
         path, report = result["value"]
-        yield f"saved {library.shown(os.path.dirname(path))}/{os.path.basename(path)}", report  # never the server's path
+        yield f"saved {library.shown_file(path)}", report  # never the server's path

@@ -26,8 +26,11 @@ def override(p, name: str, value) -> None:
         if text not in ON_OFF:
             raise ValueError(f"the Erasure NLCE axis takes 'on' or 'off', got {value!r}")
         value = text == "on"
-    getattr(p, OVERRIDES, None) or setattr(p, OVERRIDES, {})
-    getattr(p, OVERRIDES)[name] = value
+    table = getattr(p, OVERRIDES, None)
+    if table is None:
+        table = {}
+        setattr(p, OVERRIDES, table)
+    table[name] = value
 
 
 def overrides(p) -> dict:
