@@ -39,12 +39,12 @@ def _remember(cache: OrderedDict, key, make: Callable):
 
 def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
     """Exact content hash of a state dict (any change to any weight, e.g. a LoRA, changes it)."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()  # hardware-accelerated on current CPUs: about twice blake2b's speed
     for name in sorted(weights):
         t = weights[name].detach().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def train_on_weights(weights: Mapping[str, torch.Tensor], config, *, device="cpu", progress: Callable | None = None,

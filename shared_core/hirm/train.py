@@ -124,7 +124,9 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
         targets.append(misdirection_targets(model, tokenizer, config, cid))
     ids, targets = torch.cat(ids), torch.cat(targets).to(device)
     trainable = [params[n] for n in names]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-8)
+    # foreach: the multi-tensor update, bit for bit the per-tensor loop's result (torch's CPU default), a
+    # tenth of the step's time faster on CPU; fused would be faster still but rounds differently from the reference
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-8, foreach=True)
     torch.manual_seed(config.seed)
     total = total_steps or config.steps
     try:
