@@ -31,7 +31,8 @@ from shared_core.patch import base_mismatch_note
 from . import library, xyz
 from .nlce_runtime import A1111Nlce, Patched, uncond_tensors
 from .settings import ErasureSettings
-from .webui_model import TextEncoderPatches, check_model, clean_weights, clip_l, family, forge_clip_state, is_forge
+from .webui_model import (PICK_ANOTHER, TextEncoderPatches, check_model, checkpoint_name, clean_weights, clip_l, family,
+                          forge_clip_state, is_forge)
 
 log = logging.getLogger("hirm-erasure")
 COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
@@ -251,7 +252,8 @@ class ForgeJob(Job):
         objects = self.model.forge_objects
         state = forge_clip_state(objects.clip)
         if any(k.startswith("clip_h.") for k in state) and not any(k.startswith("clip_l.") for k in state):
-            raise HirmError("this is an SD2.x model (OpenCLIP-H text encoder), which erasure patches and NLCE do not support")
+            raise HirmError(f"{checkpoint_name(self.model)} is an SD2.x model (OpenCLIP-H text encoder), which erasure patches "
+                            f"and NLCE do not support; {PICK_ANOTHER}")
         for (patch, strength), (name, _) in zip(self.patches, self.settings.patches):
             patches, warning = patcher.clip_patches(state, patch)
             self.clip_patches.append((patches, strength, name))

@@ -22,7 +22,7 @@ from shared_core.patch import save_patch
 from shared_core.report import format_report
 
 from . import library
-from .webui_model import check_model, clean_weights, clip_l, forge_clip_state, is_forge
+from .webui_model import PICK_ANOTHER, check_model, checkpoint_name, clean_weights, clip_l, forge_clip_state, is_forge
 
 log = logging.getLogger("hirm-erasure")
 _NAME = re.compile(r"[\w][\w .()+-]*")
@@ -48,7 +48,7 @@ def encoder_weights(sd_model) -> dict:
         objects = getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
         state = forge_clip_state(objects.clip)
         if not any(k.startswith("clip_l.") for k in state):
-            raise HirmError("this model has no CLIP-L text encoder; HiRM trains CLIP-L (SD1.x, SDXL, Flux)")
+            raise HirmError(f"{checkpoint_name(sd_model)} has no CLIP-L text encoder, which HiRM trains; {PICK_ANOTHER} (or Flux)")
         return patcher.encoder_weights(state)
     return clean_weights(clip_l(sd_model))
 

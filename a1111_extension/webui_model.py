@@ -30,12 +30,22 @@ def family(sd_model) -> str:
     return "other"
 
 
+def checkpoint_name(sd_model) -> str:
+    """The loaded checkpoint as the webui's checkpoint menu shows it ('name [hash]'), for messages."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    name = getattr(info, "title", None) or getattr(info, "name", None)
+    return f"the loaded checkpoint '{name}'" if name else "the loaded checkpoint"
+
+
+PICK_ANOTHER = "pick an SD1.x or SDXL checkpoint in the 'Stable Diffusion checkpoint' menu at the top"
+
+
 def check_model(sd_model) -> None:
     if sd_model is None:
-        raise HirmError("no Stable Diffusion model is loaded; load a checkpoint first")
+        raise HirmError("no Stable Diffusion model is loaded; pick a checkpoint in the 'Stable Diffusion checkpoint' menu at the top")
     if family(sd_model) == "sd2":
-        raise HirmError("this is an SD2.x model (OpenCLIP-H text encoder), which erasure patches and NLCE do not support; "
-                        "switch to an SD1.x model (or SDXL for patches)")
+        raise HirmError(f"{checkpoint_name(sd_model)} is an SD2.x model (OpenCLIP-H text encoder), which erasure patches and "
+                        f"NLCE do not support; {PICK_ANOTHER}")
 
 
 def is_forge(sd_model) -> bool:
@@ -58,7 +68,8 @@ def clip_l(sd_model):
         model = _transformers_clip(embedder) if embedder is not None else None
         if model is not None:
             return model
-    raise HirmError("this model has no CLIP-L text encoder (e.g. an SDXL refiner); erasure patches need SD1.x or SDXL")
+    raise HirmError(f"{checkpoint_name(sd_model)} has no CLIP-L text encoder (an SDXL refiner has only OpenCLIP bigG); "
+                    f"erasure patches need one: {PICK_ANOTHER}")
 
 
 def _owners(model) -> dict[int, tuple[torch.nn.Module, str]]:

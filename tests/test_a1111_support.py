@@ -234,6 +234,8 @@ class Sd1Model(torch.nn.Module):
 
     def __init__(self, seed=0, text_width=WIDTH):
         super().__init__()
+        # modules/sd_models.py load_model sets it: the checkpoint menu's title is "name [short hash]"
+        self.sd_checkpoint_info = SimpleNamespace(name="tiny-sd15.safetensors", title="tiny-sd15.safetensors [0123456789]")
         self.cond_stage_model = HijackedClip(text_encoder(seed, text_width))
         embeddings = text_module(self.cond_stage_model.wrapped.transformer).embeddings
         embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding, SimpleNamespace(fixes=None))

@@ -78,9 +78,15 @@ def test_bad_training_input_is_one_line(tmp_path):
             training.train(Sd1Model(), **settings(tmp_path, **kw))
     sd2 = Sd1Model()
     sd2.is_sd1, sd2.is_sd2 = False, True
-    with pytest.raises(HirmError, match="SD2.x"):
+    # in the webui's words: which checkpoint, and where to pick another
+    with pytest.raises(HirmError, match=r"the loaded checkpoint 'tiny-sd15.safetensors \[0123456789\]' is an SD2.x model .*"
+                                        "'Stable Diffusion checkpoint' menu"):
         training.train(sd2, **settings(tmp_path))
-    with pytest.raises(HirmError, match="no Stable Diffusion model"):
+    refiner = Sd1Model()
+    refiner.cond_stage_model = None
+    with pytest.raises(HirmError, match=r"'tiny-sd15.safetensors \[0123456789\]' has no CLIP-L text encoder .*refiner"):
+        training.train(refiner, **settings(tmp_path))
+    with pytest.raises(HirmError, match="no Stable Diffusion model is loaded; pick a checkpoint"):
         training.train(None, **settings(tmp_path))
 
 

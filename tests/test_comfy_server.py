@@ -151,6 +151,31 @@ def make_sd15_checkpoint(path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def make_sdxl_checkpoint(path: str) -> None:
+    """A single-file SDXL base checkpoint (LDM names: the UNet, CLIP-L, OpenCLIP bigG and the VAE) written by
+    ComfyUI's own conversion, fp16, random weights (about 7 GB)."""
+    import comfy.sd
+    import safetensors.torch
+    from diffusers import UNet2DConditionModel
+
+    config = dict(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in UNet2DConditionModel(**config).state_dict().items()}
+    model = comfy.sd.load_diffusion_model_state_dict(_random_like(shapes, torch.float16, 0),
+                                                     model_options={"dtype": torch.float16})
+    clip = comfy.sd.load_text_encoder_state_dicts([random_clip_sd(768, 12, 3072), random_clip_sd(1280, 32, 5120, "gelu", 1)],
+                                                  clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    vae = comfy.sd.VAE(sd=_vae_sd(4))
+    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    del model, clip, vae
+    safetensors.torch.save_file({k: v.half().contiguous() for k, v in sd.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def make_flux_files(diffusion_models: str, text_encoders: str, vae: str) -> None:
     """Flux: transformer (1 double + 1 single block, full width, bf16), CLIP-L, T5-XXL (fp8), VAE."""
     import comfy.supported_models

@@ -140,3 +140,44 @@ def test_jobs_through_the_api(server):
     status, again = run("e plain again")
     assert status == 200, again
     assert ws.image_bytes(again) == plain_image
+
+
+def _pixels(out: dict) -> bytes:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(ws.image_bytes(out))).convert("RGB").tobytes()
+
+
+def test_the_api_forms_the_settings_the_xyz_axes_and_the_train_button(server):
+    """What issue 12 asked of Forge too: a shorter list or names (missing arguments take their defaults: Forge fills
+    them with nulls), errors without the server's path, the Settings section, the X/Y/Z axes, the Train API."""
+    import subprocess
+
+    url = server["url"]
+    results = [_txt2img(url, args) for args in (erasure_args(PATCH, 0.8), [True, PATCH, 0.8],
+                                                [{"patch_1": PATCH, "strength_1": 0.8}])]
+    assert all(status == 200 for status, _ in results), results
+    assert len({_pixels(out) for _, out in results}) == 1
+    status, out = _txt2img(url, [True, "gone.safetensors", 1.0])
+    print(f"missing patch: HTTP {status}: {json.dumps(out)[:300]}")
+    assert status == 500 and "erasure patch 'gone.safetensors' is not in models/erasure_patches" in out["message"]
+    assert str(server["webui"]) not in json.dumps(out)
+    options = ws.get(url + "/sdapi/v1/options")
+    assert {"erasure_patch_folder", "erasure_default_strength", "erasure_nlce_preset", "erasure_nlce_schedule"} <= set(options)
+    config = ws.get(url + "/config", timeout=60)
+    x_type = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "script_txt2img_xyz_plot_x_type"]
+    choices = [c[0] if isinstance(c, list) else c for c in x_type[0]["props"]["choices"]]
+    assert {"[Erasure] patch 1 strength", "[Erasure] NLCE", "[Erasure] NLCE beta", "[Erasure] NLCE gamma"} <= set(choices)
+    client = ("import json, sys\nfrom gradio_client import Client\n"
+              "out = Client(sys.argv[1], verbose=False).predict('tiger', 'random', '', 'object', 2, 42, 'api-tiger', False,"
+              " api_name='/hirm_erasure_train')\nprint(json.dumps(out))")
+    done = subprocess.run([FORGE_PYTHON, "-c", client, url + "/"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    print(f"train via gradio api: rc {done.returncode}: {done.stdout.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    status_line, report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert status_line == "saved models/erasure_patches/api-tiger.safetensors" and "target displacement" in report
+    status, out = _txt2img(url, [True, "api-tiger.safetensors", 1.0])
+    assert status == 200, out
