@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -52,6 +53,18 @@ def job(url, kind="txt2img", erasure=None, prompt="a cat on a sofa", extra=None)
     status, out = ws.post(f"{url}/sdapi/v1/{kind}", body)
     print(f"{kind} {json.dumps(erasure)[:90] if erasure is not None else 'plain'}: HTTP {status} in {time.time() - started:.1f} s")
     return status, out
+
+
+def train_through_the_tab(server, name: str, with_report: bool = False):
+    """The Train button's API (the webui's own gradio_client): its status line (and the report)."""
+    client = ("import json, sys\nfrom gradio_client import Client\n"
+              f"out = Client(sys.argv[1], verbose=False).predict('tiger', 'random', '', 'object', 2, 42, {name!r}, False,"
+              " api_name='/hirm_erasure_train')\nprint(json.dumps(out))")
+    done = subprocess.run([PYTHON, "-c", client, server["url"] + "/"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    status, report = json.loads(done.stdout.strip().splitlines()[-1])
+    return (status, report) if with_report else status
 
 
 @pytest.fixture(scope="module")
@@ -149,17 +162,9 @@ def test_the_xyz_plot_sweeps_a_patch_strength_cell_by_cell(server):
 
 def test_the_training_tab_trains_a_patch_through_its_gradio_api_and_the_patch_then_erases(server):
     """The Erasure tab's Train button (api_name hirm_erasure_train) driven by the webui's own gradio_client."""
-    import subprocess
-
-    client = ("import json, sys\nfrom gradio_client import Client\n"
-              "out = Client(sys.argv[1], verbose=False).predict('tiger', 'random', '', 'object', 2, 42, 'api-tiger', False,"
-              " api_name='/hirm_erasure_train')\nprint(json.dumps(out))")
     started = time.time()
-    done = subprocess.run([PYTHON, "-c", client, server["url"] + "/"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    print(f"train via gradio api: rc {done.returncode} in {time.time() - started:.1f} s: {done.stdout.strip()[-300:]}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    status, report = json.loads(done.stdout.strip().splitlines()[-1])
+    status, report = train_through_the_tab(server, "api-tiger", with_report=True)
+    print(f"train via gradio api in {time.time() - started:.1f} s: {status}")
     assert status == "saved models/erasure_patches/api-tiger.safetensors" and "target displacement" in report
     assert (server["webui"] / "models" / "erasure_patches" / "api-tiger.safetensors").is_file()
     _, plain = job(server["url"], prompt="a tiger")
@@ -208,8 +213,6 @@ def test_the_lora_extension_applies_an_fp32_patch_as_the_erasure_does_and_works_
 
 def test_the_erasure_tabs_hub_box_takes_a_patch_from_the_hub_cache_offline(server):
     """The download box through gradio_client, with the server offline: a repo laid out in its Hugging Face cache."""
-    import subprocess
-
     sha = "0123456789abcdef0123456789abcdef01234567"
     repo = server["hf_home"] / "hub" / "models--org--erasers"
     (repo / "refs").mkdir(parents=True)
@@ -290,22 +293,29 @@ def test_an_fp8_model_refuses_patches_in_one_line_and_the_model_is_unchanged_aft
 SDXL = os.environ.get("HIRM_SDXL_CHECKPOINT")
 
 
+def switch_to(server, path: str) -> str:
+    """Make the checkpoint at ``path`` the server's model (linked into models/Stable-diffusion) for the jobs that follow."""
+    name = os.path.basename(path)
+    link = server["webui"] / "models" / "Stable-diffusion" / name
+    if not link.exists():
+        os.symlink(os.path.abspath(path), link)
+        assert ws.post(server["url"] + "/sdapi/v1/refresh-checkpoints", {})[0] == 200
+    started = time.time()
+    status, out = ws.post(server["url"] + "/sdapi/v1/options", {"sd_model_checkpoint": name})
+    assert status == 200, out
+    print(f"{name} loaded in {time.time() - started:.0f} s")
+    SETTINGS["sd_model_checkpoint"] = name
+    return name
+
+
 @pytest.fixture(scope="module")
 def sdxl(server):
     """The server switched to an SDXL checkpoint (random weights are fine; about 14 GB of memory in fp32), with a
     CLIP-L patch trained on its CLIP-L."""
     if not SDXL:
         pytest.skip("set HIRM_SDXL_CHECKPOINT (a single-file SDXL base checkpoint) to run the SDXL cases")
-    name = os.path.basename(SDXL)
-    os.symlink(os.path.abspath(SDXL), server["webui"] / "models" / "Stable-diffusion" / name)
     ws.train_patch(SDXL, str(server["webui"] / "models" / "erasure_patches" / "xl-cat.safetensors"))
-    assert ws.post(server["url"] + "/sdapi/v1/refresh-checkpoints", {})[0] == 200
-    started = time.time()
-    status, out = ws.post(server["url"] + "/sdapi/v1/options", {"sd_model_checkpoint": name})
-    assert status == 200, out
-    print(f"SDXL loaded in {time.time() - started:.0f} s")
-    SETTINGS["sd_model_checkpoint"] = name
-    yield name
+    yield switch_to(server, SDXL)
 
 
 def test_sdxl_a_clip_l_patch_changes_the_picture_and_the_model_comes_back_byte_identical(server, sdxl):
@@ -327,23 +337,40 @@ def test_sdxl_a_clip_l_patch_changes_the_picture_and_the_model_comes_back_byte_i
 
 
 def test_sdxl_the_training_tab_trains_on_the_loaded_sdxl_checkpoint(server, sdxl):
-    import subprocess
-
-    client = ("import json, sys\nfrom gradio_client import Client\n"
-              "out = Client(sys.argv[1], verbose=False).predict('tiger', 'random', '', 'object', 2, 42, 'xl-tiger', False,"
-              " api_name='/hirm_erasure_train')\nprint(json.dumps(out))")
-    done = subprocess.run([PYTHON, "-c", client, server["url"] + "/"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    print(f"SDXL train via gradio api: rc {done.returncode}: {done.stdout.strip()[-200:]}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    status, _ = json.loads(done.stdout.strip().splitlines()[-1])
+    status = train_through_the_tab(server, "xl-tiger")
+    print(f"SDXL train via gradio api: {status}")
     assert status == "saved models/erasure_patches/xl-tiger.safetensors", status
-    from shared_core.patch import read_metadata
-
     from shared_core.encoders import load_text_encoder, model_signature, signatures_match
+    from shared_core.patch import read_metadata
 
     trained = read_metadata(str(server["webui"] / "models" / "erasure_patches" / "xl-tiger.safetensors"))
     assert signatures_match(trained["base_signature"], model_signature(load_text_encoder(SDXL).model))
     _, plain = job(server["url"], prompt="a tiger")
     status, erased = job(server["url"], prompt="a tiger", erasure=[True, "xl-tiger.safetensors", 1.0])
     assert status == 200 and pixels(erased) != pixels(plain)
+
+
+@pytest.mark.parametrize("variable, refusal", [("HIRM_SD2_CHECKPOINT", "is an SD2.x model"),
+                                               ("HIRM_SDXL_REFINER_CHECKPOINT", "has no CLIP-L text encoder")])
+def test_models_erasure_cannot_serve_are_refused_in_one_line_naming_the_checkpoint(server, variable, refusal):
+    """An SD2.x checkpoint (OpenCLIP-H) and an SDXL refiner (bigG only), random weights: patches, NLCE and the Train tab
+    say in one line which checkpoint cannot be used and where to pick another; plain jobs are untouched."""
+    if not os.environ.get(variable):
+        pytest.skip(f"set {variable} to a single-file checkpoint of that kind")
+    name = switch_to(server, os.environ[variable])
+    url = server["url"]
+    status, plain = job(url)
+    assert status == 200, plain
+    nlce = [True, "None", 1.0, "None", 1.0, "None", 1.0, True, "cat", "", "object", 1.0, 1.0, "single-pass"]
+    for args in ([True, PATCH, 1.0], nlce):
+        status, out = job(url, erasure=args)
+        message = out.get("errors") or out.get("message") or ""
+        print(f"{name} {'patch' if args[1] != 'None' else 'NLCE'}: HTTP {status}: {message}")
+        assert status != 200 and "\n" not in message and "Traceback" not in message, out
+        assert (refusal in message and name in message) if args[1] != "None" else "NLCE" in message, message
+    _, again = job(url)
+    assert ws.image_bytes(again) == ws.image_bytes(plain)
+    line = train_through_the_tab(server, "nothing")
+    print(f"{name} Train tab: {line}")
+    assert refusal in line and name in line and "'Stable Diffusion checkpoint' menu" in line, line
+    assert not (server["webui"] / "models" / "erasure_patches" / "nothing.safetensors").exists()

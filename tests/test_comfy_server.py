@@ -152,28 +152,49 @@ def make_sd15_checkpoint(path: str) -> None:
 
 
 def make_sdxl_checkpoint(path: str) -> None:
-    """A single-file SDXL base checkpoint (LDM names: the UNet, CLIP-L, OpenCLIP bigG and the VAE) written by
-    ComfyUI's own conversion, fp16, random weights (about 7 GB)."""
+    """A single-file SDXL base checkpoint (the UNet, CLIP-L, OpenCLIP bigG, the VAE), random weights (about 7 GB)."""
+    _checkpoint(path, dict(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                           transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                           addition_embed_type="text_time", addition_time_embed_dim=256,
+                           projection_class_embeddings_input_dim=2816),
+                [random_clip_sd(768, 12, 3072), random_clip_sd(1280, 32, 5120, "gelu", 1)])
+
+
+def _checkpoint(path: str, unet_config: dict, clip_sds: list, clip_type: str = "STABLE_DIFFUSION") -> None:
+    """A single-file checkpoint (LDM names) of a random diffusers-config UNet, these CLIP state dicts and an SD VAE,
+    written by ComfyUI's own conversion, fp16."""
     import comfy.sd
     import safetensors.torch
     from diffusers import UNet2DConditionModel
 
-    config = dict(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-                  addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in UNet2DConditionModel(**config).state_dict().items()}
-    model = comfy.sd.load_diffusion_model_state_dict(_random_like(shapes, torch.float16, 0),
-                                                     model_options={"dtype": torch.float16})
-    clip = comfy.sd.load_text_encoder_state_dicts([random_clip_sd(768, 12, 3072), random_clip_sd(1280, 32, 5120, "gelu", 1)],
-                                                  clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+        shapes = {k: tuple(v.shape) for k, v in UNet2DConditionModel(**unet_config).state_dict().items()}
+    model = comfy.sd.load_diffusion_model_state_dict(_random_like(shapes, torch.float16, 0), model_options={"dtype": torch.float16})
+    clip = comfy.sd.load_text_encoder_state_dicts(clip_sds, clip_type=getattr(comfy.sd.CLIPType, clip_type))
     vae = comfy.sd.VAE(sd=_vae_sd(4))
     sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
     del model, clip, vae
     safetensors.torch.save_file({k: v.half().contiguous() for k, v in sd.items()}, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def make_sd2_checkpoint(path: str) -> None:
+    """SD2.x (768-v UNet shapes, OpenCLIP ViT-H text encoder), random weights (about 2.6 GB): a model the erasure refuses."""
+    _checkpoint(path, dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+                [random_clip_sd(1024, 23, 4096, "gelu", 3)])
+
+
+def make_sdxl_refiner_checkpoint(path: str) -> None:
+    """An SDXL refiner (its UNet shapes, OpenCLIP bigG only), random weights (about 6 GB): no CLIP-L to patch."""
+    _checkpoint(path, dict(sample_size=128, cross_attention_dim=1280, block_out_channels=(384, 768, 1536, 1536),
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                           transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24), use_linear_projection=True,
+                           addition_embed_type="text_time", addition_time_embed_dim=256,
+                           projection_class_embeddings_input_dim=2560),
+                [random_clip_sd(1280, 32, 5120, "gelu", 1)])
 
 
 def make_flux_files(diffusion_models: str, text_encoders: str, vae: str) -> None:
