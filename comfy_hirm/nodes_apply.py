@@ -11,7 +11,7 @@ from .types import CATEGORY, ErasurePatch
 class ApplyEncoderPatch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        lo, hi = core.patches.STRENGTH_RANGE
+        lo, hi = core.common.STRENGTH_RANGE
         return io.Schema(
             node_id="HirmApplyEncoderPatch", display_name="Apply Erasure Patch (HiRM)", category=CATEGORY,
             description="Add an erasure patch to the CLIP's clip_l (SD1.x, SDXL, Flux) or clip_g (SDXL), like a LoRA on "
@@ -25,7 +25,7 @@ class ApplyEncoderPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, patch, strength) -> io.NodeOutput:
-        strength = core.patches.check_strength(strength)
+        strength = core.common.check_strength(strength)
         patches, warning = core.patcher.clip_patches(host.clip_state_dict(clip), patch)
         if warning:
             host.log.warning("[hirm] %s", warning)

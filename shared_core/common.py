@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import unicodedata
@@ -66,10 +67,25 @@ def resolve_device(device: str | None) -> str:
     raise HirmError(f"device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
 
 
+# The strengths every entry point accepts: beyond 4x the trained change a patch stops meaning anything
+# (and large values overflow fp16 weights); negative values undo an erasure, which is allowed.
+STRENGTH_RANGE = (-4.0, 4.0)
+
+
+def check_strength(strength, what: str = "strength") -> float:
+    """``strength`` as a float, or a one-line HirmError when it is not a finite number in ``STRENGTH_RANGE``."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise HirmError(f"{what} must be a number, got {strength!r}") from None
+    lo, hi = STRENGTH_RANGE
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise HirmError(f"{what} must be a finite number from {lo:g} to {hi:g}, got {strength!r}")
+    return value
+
+
 def parse_patch_arg(text: str) -> tuple[str, float]:
     """``FILE`` or ``FILE:STRENGTH`` -> (file, strength); the strength is checked (finite, within ``STRENGTH_RANGE``)."""
-    from .patch import check_strength
-
     path, sep, tail = text.rpartition(":")
     if os.path.exists(text) or not sep or not path:
         return text, 1.0

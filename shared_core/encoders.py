@@ -363,7 +363,7 @@ def _looks_like_repo_id(s: str) -> bool:
 def _download(repo_id: str, local_files_only: bool | None) -> str:
     from huggingface_hub import snapshot_download
 
-    from .hub import hub_error
+    from .hub_errors import hub_error
 
     patterns = ["model_index.json", "text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tokenizer_2/*",
                 "config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
@@ -439,6 +439,16 @@ def base_signature(params: Mapping[str, torch.Tensor], layers: int | None = None
         idx = torch.randint(0, t.numel(), (_SIGNATURE_SAMPLES,), generator=g)
         values += t.reshape(-1)[idx.to(t.device)].float().cpu().tolist()
     return [float(f"{v:.6g}") for v in values]
+
+
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """Exact content hash of a state dict (any change to any weight, e.g. a LoRA, changes it)."""
+    h = hashlib.sha256()  # hardware-accelerated on current CPUs: about twice blake2b's speed
+    for name in sorted(weights):
+        t = weights[name].detach().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())
+    return h.hexdigest()[:32]
 
 
 def signature_id(signature: list[float]) -> str:

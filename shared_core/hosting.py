@@ -7,14 +7,13 @@ Hosts only get their encoder's weights into canonical form (``encoders.canonical
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from typing import Callable, Mapping
 
 import torch
 
-from .encoders import KeyLayout, base_signature, build_text_model, host_key
+from .encoders import KeyLayout, base_signature, build_text_model, host_key, weights_digest
 from .errors import PatchMismatchError
 from .patch import ErasurePatch, base_mismatch_note
 
@@ -35,16 +34,6 @@ def _remember(cache: OrderedDict, key, make: Callable):
         while len(cache) > _KEEP:
             cache.popitem(last=False)
     return value
-
-
-def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
-    """Exact content hash of a state dict (any change to any weight, e.g. a LoRA, changes it)."""
-    h = hashlib.sha256()  # hardware-accelerated on current CPUs: about twice blake2b's speed
-    for name in sorted(weights):
-        t = weights[name].detach().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())
-    return h.hexdigest()[:32]
 
 
 def train_on_weights(weights: Mapping[str, torch.Tensor], config, *, device="cpu", progress: Callable | None = None,

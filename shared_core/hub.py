@@ -24,6 +24,7 @@ import torch
 
 from .common import short_error, slug
 from .errors import HirmError, PatchFileError
+from .hub_errors import hub_error, http_status, offline
 from .patch import ErasurePatch, decode_metadata, load_patch, save_patch
 
 TAGS = ("hirm", "concept-erasure", "safety-patch", "lora", "text-to-image", "stable-diffusion", "text-encoder")
@@ -251,50 +252,6 @@ def _stop_transfers() -> None:
             return
 
 
-def _status(e: BaseException | None) -> int | None:
-    """The HTTP status behind an error, looking through its causes (huggingface_hub wraps a final 5xx in
-    a "not found locally" error after its retries)."""
-    seen = 0
-    while e is not None and seen < 10:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if isinstance(status, int):
-            return status
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
-
-
-def hub_error(e: BaseException, repo_id: str, what: str) -> HirmError:
-    """One line for each kind of failure: not found (repo / revision / file), access, server error, timeout, offline."""
-    from huggingface_hub import errors as he
-
-    if isinstance(e, HirmError):
-        return e
-    if isinstance(e, he.GatedRepoError):
-        return HirmError(f"{repo_id}: gated repository; accept its terms on the Hub and log in ('hf auth login')")
-    if isinstance(e, he.RepositoryNotFoundError):  # also what the Hub answers for a private repo without a token
-        return HirmError(f"{repo_id}: repository not found on the Hugging Face Hub (or private: log in with 'hf auth login' or pass a token)")
-    if isinstance(e, he.RevisionNotFoundError):
-        return HirmError(f"{repo_id}: revision {what!r} does not exist; pass a branch, tag or commit sha of the repo")
-    status = _status(e)
-    if isinstance(e, he.EntryNotFoundError) and not isinstance(e, he.LocalEntryNotFoundError) and status in (None, 404):
-        return HirmError(f"{repo_id}: no file {what!r} in the repo; list them with 'hirm ls {repo_id}'")
-    if status in (401, 403):
-        return HirmError(f"{repo_id}: access denied ({status}); it is private: log in with 'hf auth login' or pass a token")
-    if status == 429:
-        return HirmError(f"{repo_id}: the Hugging Face Hub is rate-limiting requests (429); wait a minute and try again")
-    if status is not None and status >= 500:
-        return HirmError(f"{repo_id}: the Hugging Face Hub answered with a server error ({status}); try again later")
-    if status is not None:
-        return HirmError(f"{repo_id}: the Hugging Face Hub refused the request ({status}: {short_error(e)})")
-    if isinstance(e, he.OfflineModeIsEnabled if hasattr(he, "OfflineModeIsEnabled") else ()) or _offline():
-        return HirmError(f"{repo_id}: offline (HF_HUB_OFFLINE is set) and no cached copy of {what} exists; "
-                         "connect once to download it, or use a local file")
-    if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower():
-        return HirmError(f"{repo_id}: the Hugging Face Hub did not answer in time; nothing was saved: try again later")
-    return HirmError(f"{repo_id}: the Hugging Face Hub cannot be reached and no cached copy of {what} exists "
-                     f"({type(e).__name__}); connect once, or pull a local file")
-
-
 # ----------------------------------------------------------------------------------------------
 # pull
 
@@ -312,10 +269,6 @@ def _candidates(concept_or_filename: str) -> list[str]:
 
 def _same_concept(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _download(repo_id: str, filename: str, revision, cache_dir, local_files_only, token, endpoint) -> str:
@@ -357,7 +310,7 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
         raise HirmError(f"--out {dest} is not a folder; give the folder to save the patch into")
     deadline = Deadline(timeout)
     by_concept = not wanted.endswith(".safetensors")
-    local = bool(local_files_only) or _offline()
+    local = bool(local_files_only) or offline()
     unreachable: BaseException | None = None  # the Hub could not be asked and the cache lacks the file
     others: list[str] = []  # files found at a concept's place that hold another concept
     for name in _candidates(wanted):
@@ -370,7 +323,7 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
         except he.LocalEntryNotFoundError as e:
             if not local:
                 unreachable = e
-                if _status(e) is not None:  # the Hub answered with an error after its own retries: the other files fare no better
+                if http_status(e) is not None:  # the Hub answered with an error after its own retries: the other files fare no better
                     break
             continue
         except he.EntryNotFoundError:
@@ -458,11 +411,11 @@ def list_patches(repo_id: str, revision: str | None = None, token: str | None = 
         except Exception as e:
             if type(e).__name__ in ("SafetensorsParsingError", "NotASafetensorsRepoError"):
                 continue
-            if isinstance(e, (OSError, ValueError)) and _status(e) is None and "RepositoryNotFound" not in type(e).__name__:
+            if isinstance(e, (OSError, ValueError)) and http_status(e) is None and "RepositoryNotFound" not in type(e).__name__:
                 _skip(skipped, filename, short_error(e))
                 continue
             error = hub_error(e, repo_id, filename)
-            if _status(e) in (401, 403, 429) or (_status(e) or 0) >= 500:
+            if http_status(e) in (401, 403, 429) or (http_status(e) or 0) >= 500:
                 raise error from None
             _skip(skipped, filename, str(error))
             continue

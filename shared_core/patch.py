@@ -26,6 +26,7 @@ import torch
 
 from . import __version__
 from .encoders import canonical_parameters, encoder_architecture, model_signature, signature_id, signatures_match
+from .common import check_strength
 from .errors import HirmError, PatchFileError, PatchMismatchError
 
 FORMAT_NAME = "hirm-erasure-patch"
@@ -401,23 +402,6 @@ def expected_shape(name: str, enc: Mapping[str, Any]) -> tuple[int, ...] | None:
 
 # ----------------------------------------------------------------------------------------------
 # Applying to a transformers CLIPTextModel
-
-
-# The strengths every entry point accepts: beyond 4x the trained change a patch stops meaning anything
-# (and large values overflow fp16 weights); negative values undo an erasure, which is allowed.
-STRENGTH_RANGE = (-4.0, 4.0)
-
-
-def check_strength(strength, what: str = "strength") -> float:
-    """``strength`` as a float, or a one-line HirmError when it is not a finite number in ``STRENGTH_RANGE``."""
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise HirmError(f"{what} must be a number, got {strength!r}") from None
-    lo, hi = STRENGTH_RANGE
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise HirmError(f"{what} must be a finite number from {lo:g} to {hi:g}, got {strength!r}")
-    return value
 
 
 def base_mismatch_note(patch: ErasurePatch, signature: list[float], where: str = "this encoder") -> str | None:

@@ -132,9 +132,8 @@ def base_encodings(model, tokenizer, prompts: list[str], ids: torch.Tensor | Non
     in ``cache_folder()``, so the shipped prompt sets are encoded once per base model; a damaged or
     unwritable cache is ignored (they are then encoded again).
     """
-    from .encoders import canonical_parameters
+    from .encoders import canonical_parameters, weights_digest
     from .files import atomic_write, write_safetensors
-    from .hosting import weights_digest
 
     ids = tokenize(tokenizer, prompts) if ids is None else ids
     digest = weights_digest(canonical_parameters(model)) + ":" + str(ids.shape[1])
