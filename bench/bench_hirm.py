@@ -5,7 +5,9 @@ transformers CLIPTextModel with only layer 0 trainable (loss on the final output
 optimiser. Each part runs in a fresh subprocess so that its peak memory (max RSS) is its own.
 The whole ``hirm train`` command (imports, loading a CLIP-L file, training, the text-level
 report, writing) is timed twice: with an empty encoding cache (the first run on a model) and
-with the cache the first run left (every later run on the same model).
+with the cache the first run left (every later run on the same model). Two more floors say what the
+whole command cannot go below while it keeps an fp32 text-level report: the imports (Python, torch,
+transformers) and one forward pass over the report's prompts (``report_floor_seconds``).
 
     python bench/bench_hirm.py            # table
     python bench/bench_hirm.py --json     # machine-readable
@@ -59,7 +61,24 @@ def part_floor(steps: int) -> dict:
             model.zero_grad(set_to_none=True)
             model(input_ids=ids).last_hidden_state.square().mean().backward()
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mb": peak_mb()}
+    # the report's own floor: one forward pass (batches of report.BATCH) over as many 77-token prompts as it measures
+    from shared_core.report import BATCH, report_prompt_count
+    from shared_core.textenc import encode
+
+    n = report_prompt_count(clip_tokenizer(), ["Van Gogh"], None, "style")
+    many = ids.expand(n, -1).clone()
+    start = time.perf_counter()
+    encode(model, many, batch_size=BATCH)
+    report_floor = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": peak_mb(), "report_floor_seconds": report_floor, "report_prompts": n}
+
+
+def part_imports(steps: int) -> dict:
+    """What any run of the command pays before its first tensor: the Python, torch and transformers imports."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import shared_core.cli; from transformers import CLIPTextModel"], check=True,
+                   env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
+    return {"seconds": time.perf_counter() - start}
 
 
 def part_train(steps: int) -> dict:
@@ -94,7 +113,6 @@ def part_train(steps: int) -> dict:
 
 def part_command(steps: int) -> dict:
     """The whole ``hirm train`` command on a CLIP-L file, cold and warm encoding cache (fresh processes)."""
-    import torch
     from safetensors.torch import save_file
 
     from shared_core.encoders import canonical_parameters
@@ -127,15 +145,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40, help="style preset, random method: 40")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--part", choices=("floor", "train", "command"), help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=("floor", "train", "command", "imports"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.part:
         import torch
 
-        part = {"floor": part_floor, "train": part_train, "command": part_command}[args.part]
+        part = {"floor": part_floor, "train": part_train, "command": part_command, "imports": part_imports}[args.part]
         print(json.dumps(part(args.steps) | {"threads": torch.get_num_threads()}))
         return
     floor, train, command = run_part("floor", args.steps), run_part("train", args.steps), run_part("command", args.steps)
+    imports = run_part("imports", args.steps)
     result = {"steps": args.steps, "floor_seconds": round(floor["seconds"], 2), "train_seconds": round(train["seconds"], 2),
               "ratio": round(train["seconds"] / floor["seconds"], 3), "train_peak_mb": round(train["peak_mb"]),
               "floor_peak_mb": round(floor["peak_mb"]), "patch_mb_fp16": round(train["patch_bytes_fp16"] / 1e6, 2),
@@ -147,6 +166,10 @@ def main() -> None:
               "command_warm_ratio": round(command["warm"]["seconds"] / floor["seconds"], 3),
               "command_train_seconds": command["warm"]["train_seconds"],
               "command_peak_mb": round(command["peak_mb"]),
+              "report_floor_seconds": round(floor["report_floor_seconds"], 2), "report_prompts": floor["report_prompts"],
+              "imports_seconds": round(imports["seconds"], 2),
+              # the least the whole command can take while it keeps an fp32 report: imports + training + one patched pass
+              "command_floor_ratio": round((imports["seconds"] + floor["seconds"] + floor["report_floor_seconds"]) / floor["seconds"], 3),
               "threads": train["threads"]}
     if args.json:
         print(json.dumps(result, indent=2))

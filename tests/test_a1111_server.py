@@ -55,10 +55,10 @@ def job(url, kind="txt2img", erasure=None, prompt="a cat on a sofa", extra=None)
     return status, out
 
 
-def train_through_the_tab(server, name: str, with_report: bool = False):
-    """The Train button's API (the webui's own gradio_client): its status line (and the report)."""
+def train_through_the_tab(server, name: str, with_report: bool = False, preset: str = "object", steps: int = 2):
+    """The Train button's API (the webui's own gradio_client): its status line (and the report). 0 steps: the preset's."""
     client = ("import json, sys\nfrom gradio_client import Client\n"
-              f"out = Client(sys.argv[1], verbose=False).predict('tiger', 'random', '', 'object', 2, 42, {name!r}, False,"
+              f"out = Client(sys.argv[1], verbose=False).predict('tiger', 'random', '', {preset!r}, {steps}, 42, {name!r}, False,"
               " api_name='/hirm_erasure_train')\nprint(json.dumps(out))")
     done = subprocess.run([PYTHON, "-c", client, server["url"] + "/"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
