@@ -255,10 +255,9 @@ class ForgeJob(Job):
             raise HirmError(f"{checkpoint_name(self.model)} is an SD2.x model (OpenCLIP-H text encoder), which erasure patches "
                             f"and NLCE do not support; {PICK_ANOTHER}")
         for (patch, strength), (name, _) in zip(self.patches, self.settings.patches):
-            patches, warning = patcher.clip_patches(state, patch)
+            patches, notes = patcher.clip_patches(state, patch)
             self.clip_patches.append((patches, strength, name))
-            if warning:
-                self.notes.append(warning)
+            self.notes += notes
         if self.config is not None:
             blocks = patcher.cross_attention_blocks(objects.unet.model.diffusion_model)
             if family(self.model) != "sd1" or not blocks:

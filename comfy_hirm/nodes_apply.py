@@ -14,8 +14,8 @@ class ApplyEncoderPatch(io.ComfyNode):
         lo, hi = core.common.STRENGTH_RANGE
         return io.Schema(
             node_id="HirmApplyEncoderPatch", display_name="Apply Erasure Patch (HiRM)", category=CATEGORY,
-            description="Add an erasure patch to the CLIP's clip_l (SD1.x, SDXL, Flux) or clip_g (SDXL), like a LoRA on "
-                        "the text encoder. The input CLIP is not changed.",
+            description="Add an erasure patch to the CLIP's clip_l (SD1.x, SDXL, Flux) and/or clip_g (SDXL), like a LoRA on "
+                        "the text encoders: a patch trained on SDXL changes both. The input CLIP is not changed.",
             inputs=[io.Clip.Input("clip", tooltip="the CLIP to patch (a clone is patched)"),
                     ErasurePatch.Input("patch", tooltip="from Train, Load or Load from Hub"),
                     io.Float.Input("strength", default=1.0, min=lo, max=hi, step=0.05,
@@ -26,9 +26,9 @@ class ApplyEncoderPatch(io.ComfyNode):
     @classmethod
     def execute(cls, clip, patch, strength) -> io.NodeOutput:
         strength = core.common.check_strength(strength)
-        patches, warning = core.patcher.clip_patches(host.clip_state_dict(clip), patch)
-        if warning:
-            host.log.warning("[hirm] %s", warning)
+        patches, notes = core.patcher.clip_patches(host.clip_state_dict(clip), patch)
+        for note in notes:
+            host.log.warning("[hirm] %s", note)
         patched = clip.clone()
         added = patched.add_patches(patches, strength)
         if len(added) != len(patches):

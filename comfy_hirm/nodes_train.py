@@ -15,11 +15,13 @@ class TrainErasurePatch(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HirmTrainErasurePatch", display_name="Train Erasure Patch (HiRM)", category=CATEGORY,
-            description="Train a HiRM erasure patch for the CLIP-L text encoder of this CLIP (SD1.x, SDXL, Flux): only its "
-                        "first block changes. The input CLIP is not changed; connect the patch to Apply Erasure Patch, "
-                        "Save Erasure Patch, or both. The text-level report shows on the node.",
+            description="Train a HiRM erasure patch for this CLIP's text encoders: CLIP-L (SD1.x, Flux), or CLIP-L and "
+                        "CLIP-G together in one patch (SDXL). Only each encoder's first block changes. The input CLIP is not "
+                        "changed; connect the patch to Apply Erasure Patch, Save Erasure Patch, or both. The text-level report "
+                        "(on SDXL: of what its UNet reads) shows on the node.",
             inputs=[
-                io.Clip.Input("clip", tooltip="the CLIP whose CLIP-L is trained on (its LoRAs and patches included)"),
+                io.Clip.Input("clip", tooltip="the CLIP whose CLIP-L (and CLIP-G on SDXL) is trained on (its LoRAs and patches "
+                                              "included)"),
                 io.String.Input("concepts", multiline=True, default="Van Gogh",
                                 tooltip=h("concepts", False) + "; one per line (or comma-separated)"),
                 io.Combo.Input("method", options=list(core.hirm.METHODS), default="random", tooltip=h("method", False)),
@@ -44,9 +46,9 @@ class TrainErasurePatch(io.ComfyNode):
         config = core.hirm.make_config(core.common.split_list(concepts, "concept"), method=method, anchor=anchor.strip() or None,
                                        preset=preset, steps=None if schedule else steps, lr=None if schedule else learning_rate,
                                        seed=seed)
-        weights = core.patcher.encoder_weights(host.clip_state_dict(clip))
-        patch = core.hosting.train_on_weights(weights, config, device=host.compute_device(), progress=host.progress_callback(),
-                                              should_cancel=host.check_interrupted)
+        encoders = core.patcher.model_encoders(host.clip_state_dict(clip))
+        patch = core.hosting.train_on_encoders(encoders, config, device=host.compute_device(), progress=host.progress_callback(),
+                                               should_cancel=host.check_interrupted)
         text = patch.describe() + "\n" + core.report.format_report(patch.report)
         host.log.info("[hirm] %s", patch.describe())
         return io.NodeOutput(patch, text, ui=ui.PreviewText(text))

@@ -55,8 +55,8 @@ def cmd_train(args) -> int:
         raise HirmError(NO_SOURCE)
     import torch
 
-    from .encoders import load_text_encoder
-    from .hirm import make_config, train_patch
+    from .encoders import load_text_encoders, source_components
+    from .hirm import make_config, train_model_patch
     from .patch import is_patch_file, save_patch
     from .report import format_report
 
@@ -69,15 +69,19 @@ def cmd_train(args) -> int:
     _never_the_input(out, args.source)
     check_target(out, args.force, is_patch_file, "erasure patch")  # before training: no half a minute for nothing
     device = resolve_device(args.device)
-    enc = load_text_encoder(args.source, component=args.component, device=device, dtype=torch.float32)
+    found = source_components(args.source)
+    components = _train_components(args.component, found, args.source)
+    encoders = load_text_encoders(args.source, components, device=device, dtype=torch.float32)
+    if found == ["clip_g"] and not args.json:
+        print("(this model has only an OpenCLIP bigG text encoder, e.g. an SDXL refiner: the patch is for CLIP-G alone)")
     progress = _Progress(not args.json and not args.quiet)
     try:
-        patch = train_patch(enc.model, enc.tokenizer, config, progress=progress)
+        patch = train_model_patch({c: (e.model, e.tokenizer, e.projection) for c, e in encoders.items()}, config,
+                                  progress=progress)
     finally:
         progress.close()
-    patch.metadata["trained_on"] = os.path.basename(str(args.source).rstrip("/"))
-    if not os.path.exists(args.source):  # a Hub id: the card's base_model
-        patch.metadata["base_model"] = str(args.source)
+    patch = patch.with_metadata(trained_on=os.path.basename(str(args.source).rstrip("/")),
+                                **({} if os.path.exists(args.source) else {"base_model": str(args.source)}))  # a Hub id: the card's base_model
     save_patch(patch, out, dtype=torch.float32 if args.dtype == "fp32" else torch.float16, overwrite=args.force)
     if args.json:
         print(json.dumps({"out": out, "concepts": list(config.concepts), "method": config.method,
@@ -88,6 +92,18 @@ def cmd_train(args) -> int:
         print(format_report(patch.report))
         print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB)")
     return 0
+
+
+def _train_components(asked: str, found: list[str], source: str) -> list[str]:
+    """The encoders ``hirm train`` trains: ``auto`` = every CLIP the model has (SDXL: both), else the one asked for."""
+    if asked == "auto":
+        return found or ["clip_l"]  # nothing recognised: let the loader say what it found
+    wanted = ["clip_l", "clip_g"] if asked == "both" else [asked]
+    missing = [c for c in wanted if found and c not in found]
+    if missing:
+        raise HirmError(f"{source} has no {' or '.join(missing)} text encoder (it has {', '.join(found)}); "
+                        f"use --component {' or '.join(found)} or auto")
+    return wanted
 
 
 def _never_the_input(out: str, source: str | None) -> None:
@@ -127,11 +143,13 @@ def cmd_inspect(args) -> int:
     meta = patch.metadata
     if args.json:
         out = {k: v for k, v in meta.items() if k != "base_signature"}
-        out.update(valid=True, tensors=len(patch.deltas), size_bytes=os.path.getsize(args.file))
+        if patch.parts:
+            out["components"] = {c: {"encoder": p.encoder, "base_fingerprint": p.metadata.get("base_fingerprint")}
+                                 for c, p in patch.parts.items()}
+        out.update(valid=True, tensors=patch.tensor_count(), size_bytes=os.path.getsize(args.file))
         print(json.dumps(out, indent=2))
         return 0
     cfg = meta.get("config") or {}
-    enc = meta.get("encoder") or {}
     print(f"{args.file}: valid erasure patch (format {meta['format_version']})")
     rows = [
         ("concepts", ", ".join(patch.concepts)),
@@ -139,9 +157,14 @@ def cmd_inspect(args) -> int:
         ("preset / lr / steps", f"{cfg.get('preset')} / {cfg.get('lr')} / {cfg.get('steps')}"),
         ("trained layers", ", ".join(str(x) for x in cfg.get("trainable_layers", []))),
         ("supervision", cfg.get("supervision")),
-        ("encoder", f"{enc.get('family')} (width {enc.get('hidden_size')}, {enc.get('num_layers')} layers)"),
-        ("base fingerprint", meta.get("base_fingerprint")),
-        ("tensors", f"{len(patch.deltas)} ({meta.get('delta_dtype', '?')}, {os.path.getsize(args.file) / 1e6:.1f} MB)"),
+    ]
+    for component, part in ((c, patch.part(c)) for c in patch.components):
+        enc = part.encoder
+        label = f"{component} encoder" if patch.parts else "encoder"
+        rows += [(label, f"{enc.get('family')} (width {enc.get('hidden_size')}, {enc.get('num_layers')} layers), "
+                         f"base fingerprint {part.metadata.get('base_fingerprint')}")]
+    rows += [
+        ("tensors", f"{patch.tensor_count()} ({meta.get('delta_dtype', '?')}, {os.path.getsize(args.file) / 1e6:.1f} MB)"),
         ("tool / created", f"{meta.get('tool')} / {meta.get('created')}"),
         ("training time", f"{meta.get('train_seconds')} s"),
     ]
@@ -186,7 +209,8 @@ def _apply_to_checkpoint(source: str, patches, out: str, force: bool = False) ->
 
     The copy is streamed tensor by tensor: the checkpoint is never held in memory whole.
     """
-    from .encoders import KeyLayout, SafetensorsFile, extract_text_encoder, host_key, load_state_dict_file
+    from .encoders import (KeyLayout, SafetensorsFile, canonical_to_openclip, extract_text_encoder, host_key, load_state_dict_file,
+                           openclip_g_prefix, text_components)
     from .files import write_safetensors
     from .patch import merged_state_dict
 
@@ -194,16 +218,36 @@ def _apply_to_checkpoint(source: str, patches, out: str, force: bool = False) ->
         raise HirmError("--out for a single-file checkpoint must end in .safetensors")
     check_target(out, force, _is_patched_checkpoint, "checkpoint", "pass --force to replace a checkpoint this tool wrote")
     sd = load_state_dict_file(source)
-    component = "clip_g" if all(p.family == "clip-g" for p, _ in patches) else "clip_l"
-    prefix, canon = extract_text_encoder(sd, component, source=source)
-    layout = KeyLayout(prefix, nested=prefix + "text_model.embeddings.token_embedding.weight" in sd)
-    changed = merged_state_dict({host_key(k, layout): v for k, v in canon.items()}, patches, lambda n: host_key(n, layout))
-    _warn_base_mismatch(canon, patches)
+    found = text_components(sd.keys())
+    changed = {}
+    for component, pairs in _parts_by_component(patches, found, source).items():
+        prefix, canon = extract_text_encoder(sd, component, source=source)
+        if prefix == openclip_g_prefix(sd):  # SDXL's bigG in OpenCLIP layout: q/k/v go back into the fused in_proj
+            changed.update(canonical_to_openclip(merged_state_dict(canon, pairs), sd, prefix))
+        else:
+            layout = KeyLayout(prefix, nested=prefix + "text_model.embeddings.token_embedding.weight" in sd)
+            changed.update(merged_state_dict({host_key(k, layout): v for k, v in canon.items()}, pairs, lambda n: host_key(n, layout)))
+        _warn_base_mismatch(canon, pairs)
     meta = sd.metadata() if isinstance(sd, SafetensorsFile) else {}
     meta["hirm_patches"] = json.dumps([{"concepts": p.concepts, "strength": s, "base": p.metadata.get("base_fingerprint")}
                                        for p, s in patches])
     view = _Overlay(sd, changed)
     atomic_write(out, lambda f: write_safetensors(f, view, meta), overwrite=force, is_ours=_is_patched_checkpoint, what="checkpoint")
+
+
+def _parts_by_component(patches, found: list[str], source: str) -> dict[str, list]:
+    """{component: [(single-encoder patch, strength)]} for the encoders ``found`` in the model (``patch.route_parts``;
+    its notes go to stderr)."""
+    from .patch import route_parts
+
+    out: dict[str, list] = {}
+    for patch, strength in patches:
+        parts, notes = route_parts(patch, found, source)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        for c, part in parts.items():
+            out.setdefault(c, []).append((part, strength))
+    return out
 
 
 class _Overlay(dict):
@@ -246,19 +290,31 @@ def _warn_base_mismatch(canon, patches) -> None:
 
 
 def _apply_to_folder(source: str, patches, out: str, component: str) -> None:
-    """A patched text encoder (+ tokenizer) in transformers/diffusers format at ``out``."""
+    """A patched text encoder (+ tokenizer) in transformers/diffusers format at ``out``. With patches for several
+    encoders (SDXL) and ``--component auto``: ``out/text_encoder`` + ``out/tokenizer`` and ``out/text_encoder_2`` +
+    ``out/tokenizer_2``, the pipeline's own folder names."""
     import torch
 
-    from .encoders import load_text_encoder
+    from .encoders import load_text_encoder, source_components
     from .patch import apply_patch
 
-    enc = load_text_encoder(source, component=component, dtype=torch.float32)
-    for p, s in patches:
-        apply_patch(enc.model, p, s)
+    if component == "auto":
+        wanted = sorted({c for p, _ in patches for c in p.components})
+        components = [c for c in wanted if c in source_components(source)] or wanted[:1]
+    else:
+        components = [component]
+    subfolders = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
+    encoders = {}
+    for c, pairs in _parts_by_component(patches, components, source).items():
+        enc = encoders[c] = load_text_encoder(source, component=c, dtype=torch.float32)
+        for p, s in pairs:
+            apply_patch(enc.model, p, s)
 
     def write(tmp):
-        enc.model.save_pretrained(tmp)
-        enc.tokenizer.save_pretrained(tmp)
+        for c, enc in encoders.items():
+            model_dir, tok_dir = (os.path.join(tmp, d) for d in subfolders[c]) if len(encoders) > 1 else (tmp, tmp)
+            enc.model.save_pretrained(model_dir)
+            enc.tokenizer.save_pretrained(tok_dir)
 
     atomic_folder(out, write, "text-encoder folder")
 
@@ -410,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42, help=h("seed"))
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--out", help="patch file to write (default: erasure-<concept>.safetensors)")
-    t.add_argument("--component", default="clip_l", choices=("clip_l", "clip_g"), help="which text encoder of the model")
+    t.add_argument("--component", default="auto", choices=("auto", "both", "clip_l", "clip_g"),
+                   help="which text encoder(s) to train: auto = every CLIP of the model (SDXL: clip_l and clip_g, one patch), "
+                        "or one of them")
     t.add_argument("--layers", type=int, nargs="+", help=h("trainable_layers"))
     t.add_argument("--supervision", choices=SUPERVISION_POINTS, default="attn_out", help=h("supervision", False))
     t.add_argument("--template", action="append", help=h("templates") + " (repeatable)")
@@ -437,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--patch", action="append", required=True, help="patch file, optionally FILE:STRENGTH (repeat to stack)")
     a.add_argument("--out", required=True, help="output .safetensors (checkpoint) or a NEW folder (never written over)")
     a.add_argument("--force", action="store_true", help="replace --out if it is a checkpoint this tool wrote (never any other file)")
-    a.add_argument("--component", default="clip_l", choices=("clip_l", "clip_g"))
+    a.add_argument("--component", default="auto", choices=("auto", "clip_l", "clip_g"),
+                   help="for a folder or Hub id: the encoder to write (auto: every encoder the patches change; SDXL patches "
+                        "give text_encoder/ and text_encoder_2/ subfolders)")
     a.set_defaults(func=cmd_apply)
 
     e = sub.add_parser("export", help="write a patch as a diffusers LoRA (pipe.load_lora_weights)",

@@ -81,6 +81,7 @@ def run_ls(repo: str, revision: str | None = None, encoder: str | None = None, c
         from .encoders import load_text_encoder, model_signature, signatures_match
 
         sig = model_signature(load_text_encoder(encoder, component=component).model)
-        match = {r["filename"]: bool(r["base_signature"]) and signatures_match(r["base_signature"], sig) for r in rows}
+        match = {r["filename"]: bool(r["base_signatures"].get(component)) and signatures_match(r["base_signatures"][component], sig)
+                 for r in rows}
     out(format_table(rows, match))
     return 0

@@ -42,6 +42,7 @@ CLIP_G_PREFIXES = (
     "text_encoders.clip_g.transformer.",
     "conditioner.embedders.1.transformer.",
 )
+_OPENCLIP_TOWER = re.compile(r"^(conditioner\.embedders\.\d+\.model\.)token_embedding\.weight$")  # SDXL single files (OpenCLIP bigG)
 _OPENCLIP_MARKERS = {
     "cond_stage_model.model.token_embedding.weight": "an SD2.x checkpoint (OpenCLIP ViT-H text encoder)",
     "conditioner.embedders.1.model.token_embedding.weight": "",  # SDXL bigG in OpenCLIP layout
@@ -129,8 +130,8 @@ def extract_text_encoder(state_dict: Mapping[str, torch.Tensor], component: str 
 
     Raises ``EncoderSourceError`` naming what was found when the component is absent.
     """
-    if component == "clip_g" and "conditioner.embedders.1.model.token_embedding.weight" in state_dict:
-        return "conditioner.embedders.1.model.", openclip_to_canonical(state_dict, "conditioner.embedders.1.model.")
+    if component == "clip_g" and (tower := openclip_g_prefix(state_dict)):
+        return tower, openclip_to_canonical(state_dict, tower)
     keys = list(state_dict.keys())
     prefixes = find_text_encoder_prefixes(keys)
     wanted = CLIP_L_PREFIXES if component == "clip_l" else CLIP_G_PREFIXES
@@ -181,6 +182,65 @@ def openclip_to_canonical(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[s
             if module != "attn":
                 out[f"text_model.encoder.layers.{layer}." + names.get(module, module) + "." + kind] = sd[k]
     return out
+
+
+def canonical_to_openclip(changed: Mapping[str, torch.Tensor], openclip_sd: Mapping[str, torch.Tensor],
+                          prefix: str) -> dict[str, torch.Tensor]:
+    """Canonical tensors of an OpenCLIP text tower (e.g. patched ones) under the tower's own names (``prefix`` +
+    ``transformer.resblocks.N...``): q/k/v go back into the fused ``attn.in_proj_*`` (the other two thirds taken from
+    ``openclip_sd``), the rest by name. The inverse of ``openclip_to_canonical`` for the tensors given."""
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
+             "mlp.fc2": "mlp.c_proj"}
+    out: dict[str, torch.Tensor] = {}
+    layer = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+    for name, value in changed.items():
+        m = layer.match(name)
+        if not m:
+            raise HirmError(f"{name} has no place in an OpenCLIP text tower that this tool writes; only transformer layers")
+        index, module, kind = m.groups()
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            key = f"{prefix}transformer.resblocks.{index}.attn.in_proj_{kind}"
+            fused = out.get(key, openclip_sd[key])
+            third = fused.shape[0] // 3
+            part = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj").index(module)
+            fused = fused.clone()
+            fused[part * third:(part + 1) * third] = value.to(fused.dtype)
+            out[key] = fused
+        else:
+            out[f"{prefix}transformer.resblocks.{index}.{names[module]}.{kind}"] = value
+    return out
+
+
+def text_projection(state_dict: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor | None:
+    """The pooled-output projection stored beside an encoder (as a Linear weight, out x in), or None.
+
+    OpenCLIP towers keep it as ``text_projection`` applied as ``x @ P`` (SDXL single files); transformers
+    and ComfyUI keep ``text_projection.weight`` (``W x``)."""
+    for key in (prefix + "text_projection.weight", prefix + "transformer.text_projection.weight"):
+        if key in state_dict:
+            return state_dict[key]
+    if prefix + "text_projection" in state_dict:
+        return state_dict[prefix + "text_projection"].T
+    return None
+
+
+def text_components(keys) -> list[str]:
+    """Which of clip_l / clip_g a model file, folder listing or host state dict holds (by the known prefixes and widths
+    of ``find_text_encoder_prefixes``, plus SDXL's OpenCLIP layout)."""
+    keys = list(keys)
+    prefixes = find_text_encoder_prefixes(keys)
+    found = []
+    if any(p in prefixes for p in CLIP_L_PREFIXES):
+        found.append("clip_l")
+    if any(p in prefixes for p in CLIP_G_PREFIXES) or any(_OPENCLIP_TOWER.match(k) for k in keys):
+        found.append("clip_g")
+    return found
+
+
+def openclip_g_prefix(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Where an SDXL single file keeps OpenCLIP bigG (``conditioner.embedders.1.model.``; a refiner's
+    ``conditioner.embedders.0.model.``; SD2's OpenCLIP-H sits under ``cond_stage_model``), or None."""
+    return next((m.group(1) for k in state_dict.keys() if (m := _OPENCLIP_TOWER.match(k))), None)
 
 
 def _width(state_dict, prefix) -> int:
@@ -248,6 +308,7 @@ class LoadedEncoder:
     source: str
     component: str = "clip_l"
     prefix: str = ""  # where the encoder sat in a single-file checkpoint
+    projection: torch.Tensor | None = None  # the pooled output's projection (a Linear weight), where the model uses one (SDXL's CLIP-G)
 
 
 class SafetensorsFile(Mapping):
@@ -339,7 +400,7 @@ def load_text_encoder(source: str, component: str = "clip_l", device="cpu",
 
     ``source`` is a diffusers model folder, a transformers model folder, a single-file
     checkpoint (SD1.x, SDXL, SD3/Flux ``clip_l``, a ComfyUI state dict) or a Hub repo id.
-    ``component`` is ``clip_l`` (default) or ``clip_g`` (SDXL's second encoder, HF layout only).
+    ``component`` is ``clip_l`` (default) or ``clip_g`` (SDXL's second encoder; an SDXL refiner's only one).
     """
     if component not in ("clip_l", "clip_g"):
         raise HirmError(f"unknown text encoder component {component!r}; use clip_l or clip_g")
@@ -350,10 +411,38 @@ def load_text_encoder(source: str, component: str = "clip_l", device="cpu",
         sd = load_state_dict_file(source)
         prefix, canon = extract_text_encoder(sd, component, source=source)
         model = build_text_model(canon, device=device, dtype=dtype)
-        return LoadedEncoder(model, _tokenizer_from_folder(None, component), source, component, prefix)
+        projection = text_projection(sd, prefix) if component == "clip_g" else None
+        return LoadedEncoder(model, _tokenizer_from_folder(None, component), source, component, prefix,
+                             None if projection is None else projection.to(device, dtype))
     if _looks_like_repo_id(source):
         return _load_folder(_download(source, local_files_only), component, device, dtype, source)
     raise EncoderSourceError(f"{source}: no such file or folder; pass a checkpoint file, a diffusers model folder or a Hub repo id (org/name)")
+
+
+def source_components(source: str, local_files_only: bool | None = None) -> list[str]:
+    """Which text encoders (``clip_l``, ``clip_g``) a model source holds, read from file headers only."""
+    source = os.path.expanduser(str(source))
+    if os.path.isfile(source):
+        return text_components(load_state_dict_file(source).keys())
+    if not os.path.isdir(source) and _looks_like_repo_id(source):
+        source = _download(source, local_files_only)
+    if os.path.isdir(source):
+        found = [c for c, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")) if os.path.isdir(os.path.join(source, sub))]
+        if found:
+            return found
+        if os.path.isfile(os.path.join(source, "config.json")):  # a transformers model folder: one encoder
+            return [_component_by_width(_folder_state_dict(source))]
+    return []
+
+
+def load_text_encoders(source: str, components: list[str] | None = None, device="cpu", dtype: torch.dtype = torch.float32,
+                       local_files_only: bool | None = None) -> dict[str, LoadedEncoder]:
+    """Every text encoder of a model source (SDXL: clip_l and clip_g), or the ``components`` asked for."""
+    components = components or source_components(source, local_files_only)
+    if not components:
+        raise EncoderSourceError(f"{source}: no CLIP text encoder found; pass an SD1.x/SDXL/Flux checkpoint, a diffusers model "
+                                 "folder or a CLIP-L file")
+    return {c: load_text_encoder(source, c, device, dtype, local_files_only) for c in components}
 
 
 def _looks_like_repo_id(s: str) -> bool:
@@ -391,7 +480,9 @@ def _load_folder(folder: str, component: str, device, dtype, source: str | None 
 
         config = CLIPTextConfig.from_pretrained(enc_dir)
     model = build_text_model(canon, config=config, device=device, dtype=dtype)
-    return LoadedEncoder(model, _tokenizer_from_folder(tok_dir if os.path.isdir(tok_dir) else None, component), source, component)
+    projection = sd.get("text_projection.weight") if component == "clip_g" else None
+    return LoadedEncoder(model, _tokenizer_from_folder(tok_dir if os.path.isdir(tok_dir) else None, component), source, component,
+                         projection=None if projection is None else projection.to(device, dtype))
 
 
 def _component_by_width(sd) -> str:

@@ -38,20 +38,30 @@ def _remember(cache: OrderedDict, key, make: Callable):
 
 def train_on_weights(weights: Mapping[str, torch.Tensor], config, *, device="cpu", progress: Callable | None = None,
                      should_cancel: Callable | None = None) -> ErasurePatch:
-    """A HiRM patch (``config``: a ``HirmConfig``) trained on a fp32 model built from canonical ``weights``.
+    """A HiRM patch (``config``: a ``HirmConfig``) trained on a fp32 model built from canonical ``weights`` (one encoder)."""
+    return train_on_encoders({"clip_l": (weights, None)}, config, device=device, progress=progress, should_cancel=should_cancel)
+
+
+def train_on_encoders(encoders: Mapping[str, tuple[Mapping[str, torch.Tensor], torch.Tensor | None]], config, *, device="cpu",
+                      progress: Callable | None = None, should_cancel: Callable | None = None) -> ErasurePatch:
+    """One HiRM patch for a model's text encoders: ``encoders`` maps components (``clip_l``, ``clip_g``) to (canonical
+    weights, pooled projection or None); each is trained on a fp32 model built from its weights (``train_model_patch``).
 
     Works under a host's inference mode and with a host's inference tensors; the weights are never
     touched. The same weights and settings return the patch trained before.
     """
-    from .hirm import train_patch
+    from .hirm import train_model_patch
     from .tokenizer import clip_tokenizer
 
     def make():
         with torch.inference_mode(False), torch.enable_grad():
-            model = build_text_model(weights, device=device, dtype=torch.float32)
-            return train_patch(model, clip_tokenizer(), config, progress=progress, should_cancel=should_cancel)
+            models = {c: (build_text_model(w, device=device, dtype=torch.float32), clip_tokenizer(*(["!"] if c == "clip_g" else [])),
+                          None if p is None else p.to(device, torch.float32, copy=True))
+                      for c, (w, p) in encoders.items()}
+            return train_model_patch(models, config, progress=progress, should_cancel=should_cancel)
 
-    return _remember(_TRAINED, (weights_digest(weights), config), make)
+    key = tuple((c, weights_digest(w), None if p is None else weights_digest({"p": p})) for c, (w, p) in sorted(encoders.items()))
+    return _remember(_TRAINED, (key, config), make)
 
 
 def patch_differences(host_state: Mapping[str, torch.Tensor], patch: ErasurePatch, layout: KeyLayout,

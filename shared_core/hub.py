@@ -25,7 +25,7 @@ import torch
 from .common import short_error, slug
 from .errors import HirmError, PatchFileError
 from .hub_errors import hub_error, http_status, offline
-from .patch import ErasurePatch, decode_metadata, load_patch, save_patch
+from .patch import ErasurePatch, decode_metadata, encoder_signatures, header_family, load_patch, save_patch
 
 TAGS = ("hirm", "concept-erasure", "safety-patch", "lora", "text-to-image", "stable-diffusion", "text-encoder")
 _SERVES = {
@@ -346,7 +346,7 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
             others.append(f"{name} ({', '.join(patch.concepts)})")
             continue
         sha = _revision_of(path) or revision
-        patch = ErasurePatch(patch.deltas, {**patch.metadata, "source": {"repo": repo_id, "revision": sha, "filename": name}})
+        patch = patch.with_metadata(source={"repo": repo_id, "revision": sha, "filename": name})
         if dest is not None:
             save_pulled(patch, dest, overwrite)
         return patch
@@ -368,10 +368,9 @@ def save_pulled(patch: ErasurePatch, dest: str, overwrite: bool = False) -> str:
     """Save a pulled patch into folder ``dest`` atomically, named after its repo file (or its concepts), with
     ``source`` metadata; its deltas keep the dtype they have in the file."""
     name = pulled_name(patch)
-    dtypes = {t.dtype for t in patch.deltas.values()}
+    dtypes = {t.dtype for p in patch.per_encoder() for t in p.deltas.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    meta = {k: v for k, v in patch.metadata.items() if k != "delta_dtype"}
-    return save_patch(ErasurePatch(patch.deltas, meta), os.path.join(dest, name), dtype=dtype, overwrite=overwrite)
+    return save_patch(patch, os.path.join(dest, name), dtype=dtype, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +386,7 @@ def list_patches(repo_id: str, revision: str | None = None, token: str | None = 
 
     Lists the repo's ``.safetensors`` files, then reads each header with a range request. Rows:
     filename, concepts, method, family, size (bytes of tensor data), base_fingerprint,
-    base_signature, report. Files that are not patches are left out; a file whose header cannot be
+    base_signatures ({component: signature}), report. Files that are not patches are left out; a file whose header cannot be
     read or is damaged is left out too, and ``(filename, reason)`` is added to ``skipped`` if given.
     """
     if api is None:
@@ -426,10 +425,10 @@ def list_patches(repo_id: str, revision: str | None = None, token: str | None = 
                 _skip(skipped, filename, str(e).split(": ", 1)[-1])
             continue
         size = sum(_DTYPE_BYTES.get(t.dtype, 4) * math.prod(t.shape) for t in fm.tensors.values())
+        family, fingerprint = header_family(meta)
         rows.append({"filename": filename, "concepts": list(meta.get("concepts", [])), "method": meta.get("method"),
-                     "family": (meta.get("encoder") or {}).get("family", "clip-l"), "size": size,
-                     "base_fingerprint": meta.get("base_fingerprint"), "base_signature": meta.get("base_signature"),
-                     "report": meta.get("report")})
+                     "family": family, "size": size, "base_fingerprint": fingerprint,
+                     "base_signatures": encoder_signatures(meta), "report": meta.get("report")})
     return rows
 
 

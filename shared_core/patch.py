@@ -30,11 +30,17 @@ from .common import check_strength
 from .errors import HirmError, PatchFileError, PatchMismatchError
 
 FORMAT_NAME = "hirm-erasure-patch"
-FORMAT_VERSION = 2  # 2: metadata under the "hirm." prefix, "format" = "pt" (the safetensors convention); 1 still read
+# 2: metadata under the "hirm." prefix, "format" = "pt" (the safetensors convention); 1 still read.
+# 3: a patch for several encoders of one model (SDXL's clip_l and clip_g); a single-encoder patch is still written as 2.
+FORMAT_VERSION = 3
+SINGLE_FORMAT_VERSION = 2
 META_PREFIX = "hirm."
 _FAMILY_KEY_PREFIX = {"clip-g": "lora_te2_"}  # everything else (clip-l) uses lora_te_
+# a multi-encoder patch names its halves as the stock SDXL LoRA loaders do (ComfyUI, A1111): te1 = clip_l, te2 = clip_g
+COMPONENT_KEY_PREFIX = {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}
+PART_FIELDS = ("encoder", "base_signature", "base_fingerprint")  # what each encoder of a multi-encoder patch has of its own
 _JSON_FIELDS = ("concepts", "config", "encoder", "base_signature", "report", "format_version", "train_seconds",
-                "report_seconds", "source")
+                "report_seconds", "source", "components")
 MAX_TENSORS = 4096  # far above any real patch (a whole CLIP-G is 580 tensors): a bigger header is refused unread
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -47,11 +53,24 @@ class BaseMismatchWarning(UserWarning):
 # Names: canonical parameter name <-> key in the file
 
 
-def file_key(canonical: str, family: str) -> str:
+def component_of_family(family: str) -> str:
+    """The text encoder a patch of ``family`` belongs to in a model: ``clip_g`` for CLIP-G, ``clip_l`` for any other."""
+    return "clip_g" if family == "clip-g" else "clip_l"
+
+
+def file_key(canonical: str, family: str, component: str | None = None) -> str:
+    """The file's key for a canonical tensor: ``lora_te_``/``lora_te2_`` by family, or, in a multi-encoder patch,
+    ``lora_te1_``/``lora_te2_`` by ``component``."""
     module, kind = canonical.rsplit(".", 1)
     if kind not in ("weight", "bias"):
         raise HirmError(f"cannot store {canonical} in a patch (only weights and biases)")
-    return _FAMILY_KEY_PREFIX.get(family, "lora_te_") + module.replace(".", "_") + (".diff" if kind == "weight" else ".diff_b")
+    prefix = COMPONENT_KEY_PREFIX[component] if component else _FAMILY_KEY_PREFIX.get(family, "lora_te_")
+    return prefix + module.replace(".", "_") + (".diff" if kind == "weight" else ".diff_b")
+
+
+def key_component(key: str) -> str | None:
+    """The component a multi-encoder patch's key belongs to (``lora_te1_``: clip_l, ``lora_te2_``: clip_g)."""
+    return next((c for c, prefix in COMPONENT_KEY_PREFIX.items() if key.startswith(prefix)), None)
 
 
 _MODULES = (
@@ -86,11 +105,68 @@ class ErasurePatch:
     """Weight differences for a text encoder plus what they erase and how they were made.
 
     ``deltas`` maps canonical parameter names to tensors; ``metadata`` holds decoded values
-    (lists/dicts for the JSON fields). Treat instances as immutable: hosts share them.
+    (lists/dicts for the JSON fields). A patch for several encoders of one model (SDXL) has no
+    deltas of its own: ``parts`` maps each component (``clip_l``, ``clip_g``) to a single-encoder
+    patch, whose metadata is the shared metadata plus that encoder's ``PART_FIELDS``.
+    Treat instances as immutable: hosts share them.
     """
 
     deltas: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    parts: dict[str, "ErasurePatch"] = field(default_factory=dict)
+
+    @classmethod
+    def combine(cls, parts: Mapping[str, "ErasurePatch"], metadata: Mapping[str, Any]) -> "ErasurePatch":
+        """One patch for several encoders: ``parts`` by component, ``metadata`` shared (its own ``PART_FIELDS`` dropped)."""
+        if not parts or any(c not in COMPONENT_KEY_PREFIX for c in parts):
+            raise HirmError(f"a multi-encoder patch holds {' and '.join(COMPONENT_KEY_PREFIX)} parts, not {sorted(parts)}")
+        shared = {k: v for k, v in metadata.items() if k not in PART_FIELDS}
+        own = {c: ErasurePatch(parts[c].deltas, {**shared, **{k: parts[c].metadata[k] for k in PART_FIELDS if k in parts[c].metadata}})
+               for c in COMPONENT_KEY_PREFIX if c in parts}  # always clip_l, then clip_g
+        if len(own) == 1:
+            return next(iter(own.values()))
+        shared["encoder"] = {"family": "+".join(p.family for p in own.values())}
+        shared["base_fingerprint"] = "+".join(str(p.metadata.get("base_fingerprint")) for p in own.values())
+        return cls({}, shared, own)
+
+    @property
+    def components(self) -> list[str]:
+        """The model components this patch changes (``clip_l``, ``clip_g``)."""
+        return list(self.parts) if self.parts else [component_of_family(self.family)]
+
+    def part(self, component: str) -> "ErasurePatch | None":
+        """The single-encoder patch for ``component``, or None when this patch does not change that encoder."""
+        if self.parts:
+            return self.parts.get(component)
+        return self if component_of_family(self.family) == component else None
+
+    def for_encoder(self, model) -> "ErasurePatch":
+        """The single-encoder patch that fits ``model`` (itself, or the part of the same architecture)."""
+        if not self.parts:
+            return self
+        arch = encoder_architecture(model)
+        for p in self.parts.values():
+            if (p.encoder.get("hidden_size"), p.encoder.get("num_layers")) == (arch["hidden_size"], arch["num_layers"]):
+                return p
+        raise PatchMismatchError(f"this patch is for {self.family} but the encoder is {arch['family']}; use a patch trained "
+                                 "on this encoder")
+
+    def with_metadata(self, **fields) -> "ErasurePatch":
+        """A copy with ``fields`` set in the shared metadata (and in every part's)."""
+        return ErasurePatch(self.deltas, {**self.metadata, **fields},
+                            {c: p.with_metadata(**fields) for c, p in self.parts.items()})
+
+    def with_deltas(self, fn) -> "ErasurePatch":
+        """A copy whose every delta is ``fn(delta)`` (e.g. rounded to the stored dtype)."""
+        return ErasurePatch({n: fn(d) for n, d in self.deltas.items()}, self.metadata,
+                            {c: p.with_deltas(fn) for c, p in self.parts.items()})
+
+    def per_encoder(self) -> list["ErasurePatch"]:
+        """The single-encoder patches this patch is made of (itself, or its parts)."""
+        return list(self.parts.values()) or [self]
+
+    def tensor_count(self) -> int:
+        return len(self.deltas) + sum(len(p.deltas) for p in self.parts.values())
 
     @property
     def concepts(self) -> list[str]:
@@ -113,12 +189,12 @@ class ErasurePatch:
         return self.metadata.get("report")
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.deltas.values())
+        return sum(t.numel() * t.element_size() for t in self.deltas.values()) + sum(p.nbytes() for p in self.parts.values())
 
     def describe(self) -> str:
         """One line for logs and UIs."""
         return (f"{', '.join(self.concepts) or '?'} [{self.method}] on {self.family}, "
-                f"{len(self.deltas)} tensors, base {self.metadata.get('base_fingerprint', '?')}")
+                f"{self.tensor_count()} tensors, base {self.metadata.get('base_fingerprint', '?')}")
 
 
 def make_metadata(*, method: str, concepts: list[str], config: Mapping[str, Any], model,
@@ -150,11 +226,23 @@ def make_metadata(*, method: str, concepts: list[str], config: Mapping[str, Any]
 
 
 def patch_to_safetensors(patch: ErasurePatch, dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and string metadata that make up the file (format 2: every field under ``hirm.``)."""
-    family = patch.family
-    tensors = {file_key(k, family): v.detach().to("cpu", dtype).contiguous() for k, v in sorted(patch.deltas.items())}
-    fields = {k: v for k, v in patch.metadata.items() if k not in ("format", "format_version", "delta_dtype")}
-    meta = {"format": "pt", META_PREFIX + "format": FORMAT_NAME, META_PREFIX + "format_version": str(FORMAT_VERSION),
+    """The tensors and string metadata that make up the file (format 2: every field under ``hirm.``; format 3 for a
+    multi-encoder patch: its parts' tensors under ``lora_te1_``/``lora_te2_`` and their own fields in ``components``)."""
+    def stored(deltas, key):
+        return {key(k): v.detach().to("cpu", dtype).contiguous() for k, v in sorted(deltas.items())}
+
+    if patch.parts:
+        tensors = {}
+        for component, part in patch.parts.items():
+            tensors.update(stored(part.deltas, lambda k, c=component: file_key(k, part.family, c)))
+        fields = {k: v for k, v in patch.metadata.items() if k not in PART_FIELDS}
+        fields["components"] = {c: {k: p.metadata[k] for k in PART_FIELDS if k in p.metadata} for c, p in patch.parts.items()}
+        version = FORMAT_VERSION
+    else:
+        tensors = stored(patch.deltas, lambda k: file_key(k, patch.family))
+        fields, version = dict(patch.metadata), SINGLE_FORMAT_VERSION
+    fields = {k: v for k, v in fields.items() if k not in ("format", "format_version", "delta_dtype")}
+    meta = {"format": "pt", META_PREFIX + "format": FORMAT_NAME, META_PREFIX + "format_version": str(version),
             META_PREFIX + "delta_dtype": str(dtype).replace("torch.", "")}
     for k, v in fields.items():
         meta[META_PREFIX + k] = json.dumps(v) if k in _JSON_FIELDS or not isinstance(v, str) else v
@@ -183,10 +271,11 @@ def save_patch(patch: ErasurePatch, path: str, dtype: torch.dtype = torch.float1
 
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise HirmError(f"patches are stored as float16, bfloat16 or float32, not {dtype}")
-    check_finite(patch.deltas, "the patch")
+    for part in patch.per_encoder():
+        check_finite(part.deltas, "the patch")
     tensors, meta = patch_to_safetensors(patch, dtype)
     check_finite(tensors, f"the patch stored as {dtype}")
-    if any(bool(d.any()) for d in patch.deltas.values()) and not any(bool(t.any()) for t in tensors.values()):
+    if any(bool(d.any()) for p in patch.per_encoder() for d in p.deltas.values()) and not any(bool(t.any()) for t in tensors.values()):
         raise HirmError(f"every difference of the patch rounds to 0 in {str(dtype).replace('torch.', '')}; nothing was written: "
                         "store it as fp32 (--dtype fp32) or train with a larger learning rate")
     validate_patch(tensors, decode_metadata(meta, path), path)  # exactly what a reader will check
@@ -224,6 +313,23 @@ def read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[i
     except Exception:
         raise PatchFileError(f"{path}: not a valid safetensors file (another format, or truncated/damaged); pass an erasure patch (.safetensors)") from None
     return decode_metadata(raw, path), shapes
+
+
+def encoder_signatures(meta: Mapping[str, Any]) -> dict[str, list[float]]:
+    """{component: base signature} of a patch's decoded metadata (one entry for a single-encoder patch)."""
+    components = meta.get("components")
+    if components is not None:
+        return {c: own.get("base_signature") or [] for c, own in components.items()}
+    return {component_of_family((meta.get("encoder") or {}).get("family", "clip-l")): meta.get("base_signature") or []}
+
+
+def header_family(meta: Mapping[str, Any]) -> tuple[str, str]:
+    """(family, base fingerprint) of a patch's decoded metadata, as ``ErasurePatch.family`` and ``describe`` show them."""
+    components = meta.get("components")
+    if components is not None:
+        return ("+".join((own.get("encoder") or {}).get("family", "?") for own in components.values()),
+                "+".join(str(own.get("base_fingerprint")) for own in components.values()))
+    return (meta.get("encoder") or {}).get("family", "clip-l"), str(meta.get("base_fingerprint"))
 
 
 def read_metadata(path: str) -> dict[str, Any]:
@@ -284,6 +390,16 @@ def _count(value, lo: int = 1, hi: int = 1_000_000) -> bool:
 
 def check_metadata(meta: Mapping[str, Any], where: str) -> None:
     """The typed schema of a patch's metadata (docs/patch-format.md); PatchFileError naming the first bad field."""
+    components = meta.get("components")
+    if components is not None:  # a multi-encoder patch: each encoder's own fields are checked as a single patch's
+        if not isinstance(components, dict) or not components or set(components) - set(COMPONENT_KEY_PREFIX):
+            raise _damaged(where, f"components must map {' / '.join(COMPONENT_KEY_PREFIX)} to their encoders")
+        shared = {k: v for k, v in meta.items() if k not in ("components", *PART_FIELDS)}
+        for c, own in components.items():
+            if not isinstance(own, dict):
+                raise _damaged(where, f"components {c} must be a JSON object")
+            check_metadata({**shared, **own}, f"{where} ({c})")
+        return
     for k in ("method", "concepts", "encoder", "base_fingerprint", "base_signature"):
         if k not in meta:
             raise _damaged(where, f"no {k!r}")
@@ -330,6 +446,9 @@ def check_metadata(meta: Mapping[str, Any], where: str) -> None:
             if k == "neighbors":
                 if not (isinstance(v, list) and all(_text(x) for x in v)):
                     raise _damaged(where, "report neighbors must be a list of texts")
+            elif k == "measured_on":
+                if not _text(v, 64):
+                    raise _damaged(where, "report measured_on must be a short text")
             elif v is not None and not _number(v):
                 raise _damaged(where, f"report {k} must be a number")
     source = meta.get("source")
@@ -352,21 +471,24 @@ def load_patch(path: str, device="cpu") -> ErasurePatch:
 
 
 def check_tensor_table(shapes: Mapping[str, tuple[str, tuple[int, ...]]], meta: Mapping[str, Any], where: str) -> None:
-    """Names, dtypes and shapes of a patch's tensors (from its header) against its declared encoder."""
+    """Names, dtypes and shapes of a patch's tensors (from its header) against its declared encoder(s)."""
     if not shapes:
         raise PatchFileError(f"{where}: the patch holds no tensors")
     if len(shapes) > MAX_TENSORS:
         raise PatchFileError(f"{where}: {len(shapes)} tensors, far more than any erasure patch holds; the file is damaged")
-    enc = meta["encoder"]
+    components = meta.get("components")
     for key, (dtype, shape) in shapes.items():
         name = canonical_name(key)
-        if name is None:
+        component = key_component(key) if components is not None else None
+        if name is None or (components is not None and component not in components):
             raise PatchFileError(f"{where}: unexpected tensor {key!r} in a patch; the file is damaged or not a patch")
         if dtype not in _FLOAT_DTYPES:
             raise PatchFileError(f"{where}: tensor {key} is {dtype}; patches hold float16/bfloat16/float32 differences: the file is damaged")
-        expected = expected_shape(name, enc)
+        expected = expected_shape(name, components[component]["encoder"] if component else meta["encoder"])
         if tuple(shape) != expected:
             raise PatchFileError(f"{where}: tensor {key} has shape {tuple(shape)}, expected {expected}; the file is damaged")
+    if components is not None and set(components) - {key_component(k) for k in shapes}:
+        raise PatchFileError(f"{where}: the patch declares {', '.join(components)} but holds no tensors for some; the file is damaged")
 
 
 _DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
@@ -376,9 +498,14 @@ def validate_patch(tensors: Mapping[str, torch.Tensor], meta: dict[str, Any], wh
     """An ``ErasurePatch`` from a file's tensors and decoded metadata, or PatchFileError (the one validator)."""
     check_metadata(meta, where)
     check_tensor_table({k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors.items()}, meta, where)
-    deltas = {canonical_name(k): v for k, v in tensors.items()}
-    check_finite(deltas, where, "the file is damaged: download or train it again", PatchFileError)
-    return ErasurePatch(deltas, dict(meta))
+    check_finite(tensors, where, "the file is damaged: download or train it again", PatchFileError)
+    components = meta.get("components")
+    if components is None:
+        return ErasurePatch({canonical_name(k): v for k, v in tensors.items()}, dict(meta))
+    shared = {k: v for k, v in meta.items() if k != "components"}
+    parts = {c: ErasurePatch({canonical_name(k): v for k, v in tensors.items() if key_component(k) == c}, {**shared, **own})
+             for c, own in components.items()}
+    return ErasurePatch.combine(parts, shared)
 
 
 def expected_shape(name: str, enc: Mapping[str, Any]) -> tuple[int, ...] | None:
@@ -476,8 +603,28 @@ class AppliedPatch:
                 state.base_signature = None
 
 
+def route_parts(patch: ErasurePatch, have: list[str], where: str = "this model") -> tuple[dict[str, ErasurePatch], list[str]]:
+    """({component: single-encoder patch}, notes): which parts of ``patch`` go to which of the text encoders a model
+    ``have`` (``clip_l``, ``clip_g``). A part whose encoder the model lacks is left out with a note (an SDXL patch on
+    SD1.x: its clip_g half); a CLIP-L patch on SDXL gets a note that CLIP-G keeps the concept; a patch none of whose
+    parts fit is refused (PatchMismatchError)."""
+    usable = [c for c in patch.components if c in have]
+    name = ", ".join(patch.concepts)
+    if not usable:
+        raise PatchMismatchError(f"erasure patch '{name}' is for {patch.family} but {where} has "
+                                 f"{', '.join(have) or 'no CLIP text encoder'}; use a patch trained on this model's encoders "
+                                 "(clip_l: SD1.x, SDXL, Flux; clip_g: SDXL)")
+    notes = [f"{where} has no {c}: the {c} half of erasure patch '{name}' is left out" for c in patch.components if c not in have]
+    if patch.components == ["clip_l"] and "clip_g" in have:
+        notes.append(f"erasure patch '{name}' changes clip_l only; {where}'s clip_g still carries the concept (a patch trained "
+                     "on this SDXL model changes both)")
+    return {c: patch.part(c) for c in usable}, notes
+
+
 def check_compatible(patch: ErasurePatch, model) -> None:
-    """Refuse a patch for another encoder architecture (raises PatchMismatchError)."""
+    """Refuse a patch for another encoder architecture (raises PatchMismatchError). A multi-encoder patch fits
+    when one of its parts does."""
+    patch = patch.for_encoder(model)
     arch = encoder_architecture(model)
     enc = patch.encoder
     if (enc.get("hidden_size"), enc.get("num_layers")) != (arch["hidden_size"], arch["num_layers"]):
@@ -496,9 +643,11 @@ def apply_patch(model, patch: ErasurePatch, strength: float = 1.0) -> AppliedPat
 
     Refuses a patch for another architecture, or a strength outside ``STRENGTH_RANGE``, before
     touching anything; warns (``BaseMismatchWarning``) when the base weights differ from those the
-    patch was trained on. Safe to call from several threads: each model has its own lock.
+    patch was trained on. Safe to call from several threads: each model has its own lock. Of a
+    multi-encoder patch (SDXL) the part for this encoder is applied (``ErasurePatch.for_encoder``).
     """
     strength = check_strength(strength)
+    patch = patch.for_encoder(model)
     check_compatible(patch, model)
     state = _applied(model)
     with state.lock:
@@ -544,10 +693,13 @@ def merged_state_dict(canonical_sd: Mapping[str, torch.Tensor], patches: Iterabl
                       name_map=lambda n: n) -> dict[str, torch.Tensor]:
     """A copy of the changed tensors of a state dict with patches added (for writing files).
 
-    ``name_map`` turns a canonical name into the state dict's own key.
+    ``name_map`` turns a canonical name into the state dict's own key. Patches are single-encoder
+    patches (``ErasurePatch.part`` of a multi-encoder patch).
     """
     out: dict[str, torch.Tensor] = {}
     for patch, strength in patches:
+        if patch.parts:
+            raise HirmError(f"merged_state_dict takes one encoder's patch; pass patch.part(component) of {patch.describe()}")
         strength = check_strength(strength)
         for name, delta in patch.deltas.items():
             key = name_map(name)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from importlib import resources
 
 import torch
 
 from .errors import HirmError
-from .patch import ErasurePatch, patched
+from .patch import ErasurePatch, component_of_family, patched
 from .textenc import encode, tokenize
 
 BATCH = 64  # prompts per encoder call: one or two batched passes for the whole report
@@ -56,16 +58,107 @@ def report_batches(n_prompts: int) -> int:
     return 2 * -(-n_prompts // BATCH)
 
 
+class TextView:
+    """What a model's denoiser reads of a prompt, from its text encoders.
+
+    One encoder (SD1.x's CLIP-L, or any single CLIP): the final output after the final layer
+    norm (77 x width) and the pooled end-token row. SDXL (``clip_l`` and ``clip_g``): the two
+    encoders' penultimate-layer outputs side by side (77 x 2048, what its UNet cross-attends to)
+    and CLIP-G's pooled vector through its projection (what its added conditioning reads).
+    """
+
+    def __init__(self, encoders: Mapping[str, tuple]):
+        self.encoders = dict(encoders)  # component -> (CLIPTextModel, tokenizer[, projection])
+        self.sdxl = set(self.encoders) == {"clip_l", "clip_g"}
+        self.tokenizer = self.encoders["clip_l" if "clip_l" in self.encoders else next(iter(self.encoders))][1]
+
+    @classmethod
+    def single(cls, model, tokenizer) -> "TextView":
+        return cls({"clip_l": (model, tokenizer)})
+
+    @property
+    def name(self) -> str:
+        return "sdxl" if self.sdxl else "final"
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {c: tokenize(e[1], prompts) for c, e in self.encoders.items()}
+
+    def digest(self, length: int) -> str:
+        from .encoders import canonical_parameters, weights_digest
+
+        parts = [weights_digest(canonical_parameters(e[0])) for e in self.encoders.values()]
+        if self.sdxl and len(self.encoders["clip_g"]) > 2 and self.encoders["clip_g"][2] is not None:
+            parts.append(weights_digest({"projection": self.encoders["clip_g"][2]}))
+        return "-".join(parts) + f":{length}" + (":sdxl" if self.sdxl else "")
+
+    def encode(self, ids: Mapping[str, torch.Tensor], done=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, pooled) of the prompts, fp32 on CPU; ``done()`` after each batch."""
+        if not self.sdxl:
+            model = next(iter(self.encoders.values()))[0]
+            return encode(model, next(iter(ids.values())), batch_size=BATCH, done=done)
+        return encode_sdxl(self.encoders, ids, done=done)
+
+    @contextlib.contextmanager
+    def patched(self, patch: ErasurePatch, strength: float):
+        """Every encoder of the view with its part of ``patch`` (an encoder the patch does not change stays as it is)."""
+        with contextlib.ExitStack() as stack:
+            for component, entry in self.encoders.items():
+                part = patch.part(component) if patch.parts else (patch if component == self._single_component(patch) else None)
+                if part is not None:
+                    stack.enter_context(patched(entry[0], part, strength))
+            yield
+
+    def _single_component(self, patch: ErasurePatch) -> str:
+        return next(iter(self.encoders)) if len(self.encoders) == 1 else component_of_family(patch.family)
+
+
+@torch.no_grad()
+def encode_sdxl(encoders: Mapping[str, tuple], ids: Mapping[str, torch.Tensor], batch_size: int = BATCH,
+                done=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning: (clip_l and clip_g penultimate-layer outputs concatenated (n, 77, 2048), CLIP-G's
+    pooled vector through its projection (n, 1280); without a projection, the unprojected pooled vector)."""
+    from .encoders import encoder_layers
+
+    (model_l, *_), (model_g, _, *projection) = encoders["clip_l"], encoders["clip_g"]
+    projection = projection[0] if projection else None
+
+    def run(model, batch):  # the penultimate layer's output, caught by a hook (no tuple of every layer's states is kept)
+        seen = {}
+        handle = encoder_layers(model)[-2].register_forward_hook(lambda m, i, o: seen.update(h=o[0] if isinstance(o, tuple) else o))
+        try:
+            out = model(input_ids=batch.to(next(model.parameters()).device))
+        finally:
+            handle.remove()
+        return seen["h"].float().cpu(), out.pooler_output
+
+    rows, pooled = [], []
+    for i in range(0, ids["clip_l"].shape[0], batch_size):
+        (h_l, _), (h_g, p) = run(model_l, ids["clip_l"][i:i + batch_size]), run(model_g, ids["clip_g"][i:i + batch_size])
+        rows.append(torch.cat([h_l, h_g], dim=-1))
+        pooled.append((p @ projection.to(p.device, p.dtype).T if projection is not None else p).float().cpu())
+        if done is not None:
+            done()
+    return torch.cat(rows), torch.cat(pooled)
+
+
 def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, neighbors: list[str] | None = None,
                 concepts: list[str] | None = None, target_prompts: list[str] | None = None, progress=None) -> dict:
-    """Measure a patch on an encoder (left unchanged): displacement, non-target and neighbour drift.
+    """Measure a patch on one encoder (left unchanged): displacement, non-target and neighbour drift (``view_report``)."""
+    return view_report(TextView.single(model, tokenizer), patch, strength, neighbors, concepts, target_prompts, progress)
+
+
+def view_report(view: TextView, patch: ErasurePatch, strength: float = 1.0, neighbors: list[str] | None = None,
+                concepts: list[str] | None = None, target_prompts: list[str] | None = None, progress=None) -> dict:
+    """Measure a patch on the text ``view`` of a model (its encoders are left unchanged).
 
     ``progress(done, total)`` (optional) follows the encoder batches (``report_batches``); cached
     base encodings are counted as done at once.
 
-    Cosines and relative changes are of the final encoder output (77 x width, after the final
-    layer norm), the tensor the UNet cross-attends to; the pooled cosine is what Flux uses.
+    Cosines and relative changes are of the rows the denoiser reads (``TextView``: SD1.x's final
+    encoder output, SDXL's concatenated penultimate outputs); the pooled cosine is of the pooled
+    vector (Flux's conditioning from CLIP-L; SDXL's CLIP-G vector).
     """
+    tokenizer = view.tokenizer
     concepts = list(concepts or patch.concepts)
     preset = (patch.metadata.get("config") or {}).get("preset", "object")
     if neighbors is None:
@@ -76,7 +169,7 @@ def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, ne
     others = nontarget_prompts(concepts)
     groups = {"target": target_prompts, "nontarget": others, "neighbor": list(neighbors)}
     prompts = [p for g in groups.values() for p in g]
-    ids = tokenize(tokenizer, prompts)
+    ids = view.tokenize(prompts)
     total, count = report_batches(len(prompts)), [0]
 
     def done():
@@ -84,11 +177,11 @@ def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, ne
         if progress is not None:
             progress(min(count[0], total), total)
 
-    before, pooled_before = base_encodings(model, tokenizer, prompts, ids, done)
+    before, pooled_before = base_encodings(view, prompts, ids, done)
     count[0] = total // 2 - 1
     done()
-    with patched(model, patch, strength):
-        after, pooled_after = encode(model, ids, batch_size=BATCH, done=done)
+    with view.patched(patch, strength):
+        after, pooled_after = view.encode(ids, done=done)
 
     def split(t):
         out, i = {}, 0
@@ -108,7 +201,7 @@ def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, ne
 
     nt, nb = drift("nontarget"), drift("neighbor")
     r = lambda x: round(float(x), 4)  # noqa: E731
-    return {
+    out = {
         "target_cosine_mean": r(cos.mean()), "target_cosine_max": r(cos.max()),
         "target_pooled_cosine_mean": r(pooled_cos.mean()),
         "nontarget_drift_mean": r(nt.mean()), "nontarget_drift_max": r(nt.max()),
@@ -116,6 +209,9 @@ def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, ne
         "n_target_prompts": len(target_prompts), "n_nontarget_prompts": len(others), "neighbors": list(neighbors),
         "strength": strength,
     }
+    if view.sdxl:
+        out["measured_on"] = "sdxl"  # the UNet's 2048-wide context and CLIP-G's pooled vector
+    return out
 
 
 def cache_folder() -> str | None:
@@ -124,21 +220,20 @@ def cache_folder() -> str | None:
     return None if folder.strip().lower() in ("", "off", "0", "none") else os.path.join(folder, "encodings")
 
 
-def base_encodings(model, tokenizer, prompts: list[str], ids: torch.Tensor | None = None,
+def base_encodings(view: TextView, prompts: list[str], ids: Mapping[str, torch.Tensor] | None = None,
                    done=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden, pooled) of the unpatched ``model`` for ``prompts``, fp32 on CPU.
+    """(rows, pooled) of the unpatched ``view`` for ``prompts``, fp32 on CPU.
 
     Encodings are cached per exact weights (a digest of every tensor) and prompt, in memory and
     in ``cache_folder()``, so the shipped prompt sets are encoded once per base model; a damaged or
     unwritable cache is ignored (they are then encoded again).
     """
-    from .encoders import canonical_parameters, weights_digest
     from .files import atomic_write, write_safetensors
 
-    ids = tokenize(tokenizer, prompts) if ids is None else ids
-    digest = weights_digest(canonical_parameters(model)) + ":" + str(ids.shape[1])
+    ids = view.tokenize(prompts) if ids is None else ids
+    digest = view.digest(next(iter(ids.values())).shape[1])
     folder = cache_folder()
-    path = os.path.join(folder, digest.replace(":", "-") + ".safetensors") if folder else None
+    path = os.path.join(folder, hashlib.sha256(digest.encode()).hexdigest()[:40] + ".safetensors") if folder else None
     stored = _read_cache(path) if path else {}
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     with _LOCK:
@@ -149,7 +244,7 @@ def base_encodings(model, tokenizer, prompts: list[str], ids: torch.Tensor | Non
                 found[i] = hit
     missing = [i for i in range(len(prompts)) if i not in found]
     if missing:
-        hidden, pooled = encode(model, ids[missing], batch_size=BATCH, done=done)
+        hidden, pooled = view.encode({c: t[missing] for c, t in ids.items()}, done=done)
         for j, i in enumerate(missing):
             found[i] = (hidden[j], pooled[j])
     with _LOCK:
@@ -194,12 +289,16 @@ def format_report(report: dict | None) -> str:
     """A small plain-text table."""
     if not report:
         return "(no text-level report stored)"
+    sdxl = report.get("measured_on") == "sdxl"
     lines = [f"{'measure':<20} {'mean':>8} {'worst':>8}  meaning"]
     for title, meaning, mean_key, worst_key in REPORT_ROWS:
+        if sdxl and mean_key == "target_pooled_cosine_mean":
+            title, meaning = "pooled (CLIP-G)", "cosine of SDXL's pooled CLIP-G vector, target prompts"
         mean = report.get(mean_key)
         worst = report.get(worst_key) if worst_key else None
         fmt = lambda v: f"{v:8.4f}" if isinstance(v, (int, float)) else f"{'-':>8}"  # noqa: E731
         lines.append(f"{title:<20} {fmt(mean)} {fmt(worst)}  {meaning}")
     lines.append(f"({report.get('n_target_prompts')} target, {report.get('n_nontarget_prompts')} non-target prompts; "
-                 f"neighbours: {', '.join(report.get('neighbors') or []) or 'none'})")
+                 f"neighbours: {', '.join(report.get('neighbors') or []) or 'none'}"
+                 + ("; measured on what SDXL's UNet reads: clip_l + clip_g penultimate rows, 2048 wide" if sdxl else "") + ")")
     return "\n".join(lines)

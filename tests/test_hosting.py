@@ -114,13 +114,15 @@ def test_a_clip_without_clip_l_is_refused_in_one_line():
 def test_patch_keys_follow_patcher_names_and_wrong_encoders_are_refused():
     sd = comfy_sd()
     patch = train_on_weights(patcher.encoder_weights(sd), cat_config(2))
-    patches, warning = patcher.clip_patches(sd, patch)
-    assert warning is None
+    patches, notes = patcher.clip_patches(sd, patch)
+    assert notes == []
     assert set(patches) == {"clip_l.transformer." + n for n in patch.deltas}
     kind, (delta,) = next(iter(patches.values()))
     assert kind == "diff" and delta.ndim in (1, 2)
     sdxl = {**sd, **{k.replace("clip_l.", "clip_g."): v for k, v in sd.items()}}
-    assert set(patcher.clip_patches(sdxl, patch)[0]) == set(patches)  # SDXL: a CLIP-L patch goes to clip_l
+    on_sdxl, notes = patcher.clip_patches(sdxl, patch)
+    assert set(on_sdxl) == set(patches)  # SDXL: a CLIP-L patch goes to clip_l, said so
+    assert len(notes) == 1 and "changes clip_l only; this CLIP's clip_g still carries the concept" in notes[0]
     clip_g_patch = ErasurePatch(patch.deltas, {**patch.metadata, "encoder": {**patch.encoder, "family": "clip-g"}})
     assert all(k.startswith("clip_g.") for k in patcher.clip_patches(sdxl, clip_g_patch)[0])
     with pytest.raises(PatchMismatchError, match="clip_g"):  # a CLIP-G patch on a CLIP with only clip_l
@@ -128,8 +130,8 @@ def test_patch_keys_follow_patcher_names_and_wrong_encoders_are_refused():
     wide = {k: torch.zeros(*(s * 2 for s in v.shape)) if v.ndim else v for k, v in sd.items()}
     with pytest.raises(PatchMismatchError, match="does not fit"):
         patcher.clip_patches(wide, patch)
-    _, warning = patcher.clip_patches(comfy_sd(seed=9), patch)
-    assert "other base weights" in warning
+    _, notes = patcher.clip_patches(comfy_sd(seed=9), patch)
+    assert len(notes) == 1 and "other base weights" in notes[0]
     diffs, _ = patch_differences(sd, patch, PATCHER_LAYOUTS["clip_l"])
     assert {k: v for k, (_, (v,)) in patches.items()}.keys() == diffs.keys()
 

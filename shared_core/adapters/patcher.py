@@ -18,12 +18,12 @@ import torch
 
 from .. import nlce
 from ..encoders import PATCHER_LAYOUTS, extract_text_encoder
-from ..errors import HirmError, NlceError, PatchMismatchError
+from ..errors import HirmError, NlceError
 from ..hosting import patch_differences
+from ..patch import route_parts
 from ..nlce.driver import gate_key, gating_layer, run_unet_pass
 
 log = logging.getLogger("hirm")
-COMPONENT = {"clip-g": "clip_g"}  # patch family -> the CLIP's component (everything else sits in clip_l)
 _ATTN2 = re.compile(r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.\d+\.transformer_blocks\.(\d+)\.attn2$")
 
 
@@ -47,18 +47,37 @@ def encoder_weights(clip_sd: Mapping[str, torch.Tensor], component: str = "clip_
     return canon
 
 
-def clip_patches(clip_sd: Mapping[str, torch.Tensor], patch) -> tuple[dict, str | None]:
-    """(``add_patches`` dict for a CLIP holding ``clip_sd``, base-mismatch note or None).
+def model_encoders(clip_sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """{component: (canonical weights, pooled projection or None)} of every CLIP in a patcher CLIP's state dict
+    (SDXL: clip_l and clip_g; SD1.x, Flux, SD3: clip_l first), for ``hosting.train_on_encoders``."""
+    from ..encoders import text_projection
 
-    A CLIP-G patch goes to ``clip_g``, any other to ``clip_l``; a patch for an encoder the CLIP does
-    not have, or of other shapes, is refused (PatchMismatchError).
+    found = [c for c in PATCHER_LAYOUTS if any(k.startswith(c + ".") for k in clip_sd)]
+    if not found:
+        raise HirmError(f"this CLIP has no CLIP-L or CLIP-G text encoder (it has {', '.join(components(clip_sd)) or 'nothing'}); "
+                        "use the CLIP of an SD1.x, SDXL or Flux model")
+    out = {}
+    for c in found:
+        projection = text_projection(clip_sd, PATCHER_LAYOUTS[c].prefix) if c == "clip_g" else None
+        with torch.inference_mode(False):
+            projection = None if projection is None else projection.detach().clone()
+        out[c] = (encoder_weights(clip_sd, c), projection)
+    return out
+
+
+def clip_patches(clip_sd: Mapping[str, torch.Tensor], patch) -> tuple[dict, list[str]]:
+    """(``add_patches`` dict for a CLIP holding ``clip_sd``, notes): each part of ``patch`` goes to its encoder
+    (``patch.route_parts``: a CLIP-G patch to ``clip_g``, any other to ``clip_l``, an SDXL patch to both; a part
+    the CLIP has no encoder for is left out with a note). A patch of other shapes is refused (PatchMismatchError);
+    notes also say when the patch was trained on other base weights.
     """
-    component = COMPONENT.get(patch.family, "clip_l")
-    if not any(k.startswith(component + ".") for k in clip_sd):
-        raise PatchMismatchError(f"this patch is for {patch.family} but this CLIP has {', '.join(components(clip_sd)) or 'no encoder'}; "
-                                 f"apply it to a model with {component} (SD1.x/SDXL/Flux for clip_l, SDXL for clip_g)")
-    diffs, note = patch_differences(clip_sd, patch, PATCHER_LAYOUTS[component], where="this CLIP")
-    return {k: ("diff", (d,)) for k, d in diffs.items()}, note
+    parts, notes = route_parts(patch, components(clip_sd), "this CLIP")
+    out = {}
+    for c, part in parts.items():
+        diffs, note = patch_differences(clip_sd, part, PATCHER_LAYOUTS[c], where=f"this CLIP's {c}" if len(parts) > 1 else "this CLIP")
+        out.update({k: ("diff", (d,)) for k, d in diffs.items()})
+        notes += [note] if note else []
+    return out, notes
 
 
 def cross_attention_blocks(diffusion_model) -> dict[tuple[str, int, int], torch.nn.Module]:

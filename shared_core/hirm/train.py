@@ -158,6 +158,19 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
                 params[n].data.copy_(originals[n])
 
 
+def _config_deltas(model, tokenizer, config: HirmConfig, progress, should_cancel, offset: int, total: int) -> dict[str, torch.Tensor]:
+    """The deltas ``config`` asks for on one encoder: joint training, or per concept then averaged (``multi="average"``)."""
+    if config.multi == "average" and len(config.concepts) > 1:
+        per = [train_deltas(model, tokenizer, config, progress, should_cancel, (c,), offset + i * config.steps, total)
+               for i, c in enumerate(config.concepts)]
+        return {n: sum(d[n] for d in per) / len(per) for n in per[0]}
+    return train_deltas(model, tokenizer, config, progress, should_cancel, step_offset=offset, total_steps=total)
+
+
+def _steps(config: HirmConfig) -> int:
+    return config.steps * (len(config.concepts) if config.multi == "average" else 1)
+
+
 def train_patch(model, tokenizer, config: HirmConfig | None = None, *, progress: ProgressFn | None = None,
                 should_cancel: Callable[[], bool] | None = None, report: bool = True,
                 report_dtype: torch.dtype = torch.float16, **settings) -> ErasurePatch:
@@ -170,36 +183,50 @@ def train_patch(model, tokenizer, config: HirmConfig | None = None, *, progress:
     The text-level report is measured with the deltas rounded to ``report_dtype`` (the dtype
     the file will store), so it describes the file, not the fp32 training result.
     """
+    return train_model_patch({"clip_l": (model, tokenizer)}, config, progress=progress, should_cancel=should_cancel,
+                             report=report, report_dtype=report_dtype, **settings)
+
+
+def train_model_patch(encoders, config: HirmConfig | None = None, *, progress: ProgressFn | None = None,
+                      should_cancel: Callable[[], bool] | None = None, report: bool = True,
+                      report_dtype: torch.dtype = torch.float16, **settings) -> ErasurePatch:
+    """One HiRM patch for every text encoder of a model: ``encoders`` maps components to ``(CLIPTextModel, tokenizer)``
+    or ``(model, tokenizer, pooled projection)`` (SDXL: ``clip_l`` and ``clip_g``). Each encoder is trained with the
+    same settings on its own first block, supervised at its own last layer (SPEC section 1), and left unchanged.
+
+    With one encoder this is ``train_patch``. With SDXL's two, the patch holds both parts (one base fingerprint
+    each) and its text-level report is measured on what SDXL's UNet reads (``report.TextView``).
+    """
     if config is None:
         config = make_config(settings.pop("concepts"), **settings)
     elif settings:
         raise HirmError(f"pass either a config or settings, not both ({', '.join(settings)})")
-    signature = model_signature(model)
+    encoders = dict(encoders)
+    signatures = {c: model_signature(e[0]) for c, e in encoders.items()}
     start = time.perf_counter()
-    steps = config.steps * (len(config.concepts) if config.multi == "average" else 1)
+    steps = _steps(config) * len(encoders)
     extra = 0
     if report:
         from ..report import report_batches, report_prompt_count
 
-        extra = report_batches(report_prompt_count(tokenizer, list(config.concepts), list(config.neighbors), config.preset))
-    if config.multi == "average" and len(config.concepts) > 1:
-        per = [train_deltas(model, tokenizer, config, progress, should_cancel, (c,), i * config.steps, steps + extra)
-               for i, c in enumerate(config.concepts)]
-        deltas = {n: sum(d[n] for d in per) / len(per) for n in per[0]}
-    else:
-        deltas = train_deltas(model, tokenizer, config, progress, should_cancel, total_steps=steps + extra)
+        first = next(iter(encoders.values()))
+        extra = report_batches(report_prompt_count(first[1], list(config.concepts), list(config.neighbors), config.preset))
+    deltas = {}
+    for i, (component, (model, tokenizer, *_)) in enumerate(encoders.items()):
+        deltas[component] = _config_deltas(model, tokenizer, config, progress, should_cancel, i * _steps(config), steps + extra)
     seconds = time.perf_counter() - start
-    patch = ErasurePatch(deltas, make_metadata(method=config.method, concepts=list(config.concepts),
-                                              config=config.to_dict(), model=model, base_signature=signature,
-                                              train_seconds=seconds))
+    meta = dict(method=config.method, concepts=list(config.concepts), config=config.to_dict(), train_seconds=seconds)
+    parts = {c: ErasurePatch(deltas[c], make_metadata(model=encoders[c][0], base_signature=signatures[c], **meta))
+             for c in encoders}
+    patch = ErasurePatch.combine(parts, parts[next(iter(parts))].metadata)
     if report:
-        from ..report import text_report
+        from ..report import TextView, view_report
 
-        rounded = ErasurePatch({n: d.to(report_dtype) for n, d in deltas.items()}, patch.metadata)
+        rounded = patch.with_deltas(lambda d: d.to(report_dtype))
         measured = None if progress is None else (lambda done, total: progress(steps + done, steps + extra, None))
-        patch.metadata["report"] = text_report(model, tokenizer, rounded, neighbors=list(config.neighbors) or None,
-                                               progress=measured)
-        patch.metadata["report_seconds"] = round(time.perf_counter() - start - seconds, 3)
+        view = TextView({c: e for c, e in encoders.items()}) if len(encoders) > 1 else TextView.single(*encoders[next(iter(encoders))][:2])
+        patch = patch.with_metadata(report=view_report(view, rounded, neighbors=list(config.neighbors) or None, progress=measured),
+                                    report_seconds=round(time.perf_counter() - start - seconds, 3))
     return patch
 
 
