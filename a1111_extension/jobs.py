@@ -24,15 +24,15 @@ from typing import Callable
 
 from shared_core.adapters import patcher  # Forge's backend is a ComfyUI-style ModelPatcher
 from shared_core.encoders import base_signature
-from shared_core.errors import HirmError, NlceError, PatchMismatchError
+from shared_core.errors import HirmError, NlceError
 from shared_core.hosting import concept_set_for
-from shared_core.patch import base_mismatch_note
+from shared_core.patch import base_mismatch_note, route_parts
 
 from . import library, xyz
 from .nlce_runtime import A1111Nlce, Patched, uncond_tensors
 from .settings import ErasureSettings
-from .webui_model import (PICK_ANOTHER, TextEncoderPatches, check_model, checkpoint_name, clean_weights, clip_l, family,
-                          forge_clip_state, is_forge)
+from .webui_model import (PICK_ANOTHER, OpenClipPatches, TextEncoderPatches, check_model, checkpoint_name, clean_weights,
+                          clip_l, family, forge_clip_state, is_forge, openclip_weights, text_encoders)
 
 log = logging.getLogger("hirm-erasure")
 COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
@@ -187,28 +187,33 @@ class Job:
 
 
 class A1111Job(Job):
-    """A1111: CLIP-L patched in place (reversibly, cooperating with the Lora extension), NLCE on the UNet modules."""
+    """A1111: CLIP-L (and SDXL's bigG) patched in place (reversibly, cooperating with the Lora extension), NLCE on the
+    UNet modules."""
 
-    te: TextEncoderPatches | None = None
     nlce: A1111Nlce | None = None
     reloaded = False
 
     def prepare(self) -> None:
-        weights = None
+        encoders = text_encoders(self.model)
+        self.encoder_patches: list = []
+        weights = {}
         if self.patches:
-            if any(patch.family == "clip-g" for patch, _ in self.patches):
-                raise PatchMismatchError("CLIP-G patches (SDXL's second encoder) cannot be applied in A1111, whose bigG is an "
-                                         "OpenCLIP model; use a CLIP-L patch here, or Forge / ComfyUI for CLIP-G")
-            encoder = clip_l(self.model)
-            weights = clean_weights(encoder)
-            signature = base_signature(weights)
-            self.notes += [n for patch, _ in self.patches if (n := base_mismatch_note(patch, signature, "this model"))]
-            self.te = TextEncoderPatches(encoder, self.patches)
+            by_component: dict[str, list] = {}
+            for patch, strength in self.patches:
+                parts, notes = route_parts(patch, list(encoders), checkpoint_name(self.model))
+                self.notes += notes
+                for c, part in parts.items():
+                    by_component.setdefault(c, []).append((part, strength))
+            for c, pairs in by_component.items():
+                weights[c] = clean_weights(encoders[c]) if c == "clip_l" else openclip_weights(encoders[c])
+                signature = base_signature(weights[c])
+                self.notes += [n for part, _ in pairs if (n := base_mismatch_note(part, signature, f"this model's {c}"))]
+                self.encoder_patches.append((TextEncoderPatches if c == "clip_l" else OpenClipPatches)(encoders[c], pairs))
         if self.config is not None:
             if family(self.model) != "sd1":
                 raise NlceError(f"NLCE supports SD1.x models; this is {family(self.model).upper()} (its cross-attention reads "
                                 "other text rows than CLIP-L's): turn NLCE off or load an SD1.x model")
-            weights = weights if weights is not None else clean_weights(clip_l(self.model))
+            weights = weights.get("clip_l") or clean_weights(clip_l(self.model))
             self.nlce = A1111Nlce(self.model, self.concept_set(weights), self.config, lambda: uncond_tensors(self.p),
                                   self._check_attention)
 
@@ -217,16 +222,17 @@ class A1111Job(Job):
             raise NlceError("NLCE cannot run together with a hypernetwork (both change cross-attention); remove the hypernetwork")
 
     def apply(self) -> None:
-        if self.te is not None:
-            self.te.apply()
+        for patches in self.encoder_patches:
+            patches.apply()
         if self.nlce is not None:
             self.nlce.install()
 
     def undo(self) -> None:
         if self.nlce is not None:
             self.nlce.remove()
-        if self.te is not None and not self.reloaded:
-            self.te.remove()
+        if not self.reloaded:
+            for patches in reversed(self.encoder_patches):
+                patches.remove()
 
     def batch(self) -> None:
         if self.reloaded or self.p.sd_model is not self.model:
@@ -234,8 +240,9 @@ class A1111Job(Job):
             refuse(self.p, HirmError("the model was reloaded during the job, so its erasure patches are gone; run the job again"))
 
     def model_loaded(self, sd_model) -> None:
-        if sd_model is self.model and self.te is not None:
-            self.te.forget()  # fresh weights from the file: never write the old ones back
+        if sd_model is self.model and self.encoder_patches:
+            for patches in self.encoder_patches:
+                patches.forget()  # fresh weights from the file: never write the old ones back
             self.reloaded = True
 
 

@@ -1,4 +1,4 @@
-"""The Erasure tab's work: train a HiRM patch on the loaded model's CLIP-L and save it.
+"""The Erasure tab's work: train a HiRM patch on the loaded model's text encoders (SDXL: both, one patch) and save it.
 
 Training runs on a copy built from the encoder's weights as loaded from the checkpoint (LoRAs
 merged by the webui are taken out first), so the loaded model is never touched.
@@ -17,12 +17,13 @@ from shared_core.adapters import patcher
 from shared_core.common import split_list
 from shared_core.errors import HirmError
 from shared_core.hirm import make_config
-from shared_core.hosting import train_on_weights
+from shared_core.hosting import train_on_encoders
 from shared_core.patch import save_patch
 from shared_core.report import format_report
 
 from . import library
-from .webui_model import PICK_ANOTHER, check_model, checkpoint_name, clean_weights, clip_l, forge_clip_state, is_forge
+from .webui_model import (PICK_ANOTHER, check_model, checkpoint_name, clean_weights, forge_clip_state, is_forge, openclip_projection,
+                          openclip_weights, text_encoders)
 
 log = logging.getLogger("hirm-erasure")
 _NAME = re.compile(r"[\w][\w .()+-]*")
@@ -41,16 +42,22 @@ def output_path(folder: str, name: str, overwrite: bool) -> str:
     return path
 
 
-def encoder_weights(sd_model) -> dict:
-    """Canonical CLIP-L weights of the loaded model as loaded from its file (LoRAs merged by the webui taken out)."""
+def model_encoders(sd_model) -> dict:
+    """{component: (canonical weights as loaded from the file, pooled projection or None)} of the loaded model's text
+    encoders (SD1.x: CLIP-L; SDXL: CLIP-L and bigG; a refiner: bigG), LoRAs merged by the webui taken out."""
     check_model(sd_model)
     if is_forge(sd_model):
         objects = getattr(sd_model, "forge_objects_original", None) or sd_model.forge_objects
         state = forge_clip_state(objects.clip)
-        if not any(k.startswith("clip_l.") for k in state):
-            raise HirmError(f"{checkpoint_name(sd_model)} has no CLIP-L text encoder, which HiRM trains; {PICK_ANOTHER} (or Flux)")
-        return patcher.encoder_weights(state)
-    return clean_weights(clip_l(sd_model))
+        if not any(k.startswith(("clip_l.", "clip_g.")) for k in state):
+            raise HirmError(f"{checkpoint_name(sd_model)} has no CLIP-L or CLIP-G text encoder, which HiRM trains; "
+                            f"{PICK_ANOTHER} (or Flux)")
+        return patcher.model_encoders(state)
+    encoders = text_encoders(sd_model)
+    if not encoders:
+        raise HirmError(f"{checkpoint_name(sd_model)} has no CLIP text encoder HiRM can train; {PICK_ANOTHER}")
+    return {c: (clean_weights(m), None) if c == "clip_l" else (openclip_weights(m), openclip_projection(m))
+            for c, m in encoders.items()}
 
 
 def train(sd_model, *, concepts: str, method: str, anchor: str, preset: str, steps: int, seed: int, name: str,
@@ -63,7 +70,7 @@ def train(sd_model, *, concepts: str, method: str, anchor: str, preset: str, ste
         raise HirmError("no concept given: type the concepts to erase (one per line)")
     config = make_config(concept_list, method=method, anchor=(anchor or "").strip() or None, preset=preset,
                          steps=int(steps or 0) or None, seed=42 if seed in (None, "") else int(seed))
-    patch = train_on_weights(encoder_weights(sd_model), config, device=device, progress=progress, should_cancel=should_cancel)
+    patch = train_on_encoders(model_encoders(sd_model), config, device=device, progress=progress, should_cancel=should_cancel)
     save_patch(patch, path)
     return path, format_report(patch.report)
 

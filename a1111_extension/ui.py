@@ -114,7 +114,8 @@ def _train(concepts, method, anchor, preset, steps, seed, name, overwrite):
 def training_tab():
     """``script_callbacks.on_ui_tabs`` callback: [(blocks, title, elem_id)]."""
     with gr.Blocks(analytics_enabled=False) as tab:
-        gr.Markdown("Train a **HiRM** erasure patch on the loaded model's CLIP-L text encoder (SD1.x, SDXL, Flux). "
+        gr.Markdown("Train a **HiRM** erasure patch on the loaded model's text encoders (SD1.x: CLIP-L; SDXL: CLIP-L and "
+                    "CLIP-G, one patch; a refiner: its CLIP-G). "
                     "The loaded model is not changed; the patch is saved in `models/erasure_patches` and appears in the "
                     "Erasure accordion of txt2img / img2img after a refresh.")
         with gr.Row():

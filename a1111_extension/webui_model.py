@@ -9,11 +9,12 @@ the webui. A1111 holds CLIP-L as a transformers ``CLIPTextModel`` at
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from shared_core.encoders import canonical_parameters
-from shared_core.errors import HirmError
+from shared_core.errors import HirmError, PatchMismatchError
 from shared_core.patch import BaseMismatchWarning, applied_patches, apply_patch, check_compatible, forget_applied
 
 # attributes A1111's built-in Lora extension keeps on every layer it may change (extensions-builtin/Lora/networks.py)
@@ -70,6 +71,112 @@ def clip_l(sd_model):
             return model
     raise HirmError(f"{checkpoint_name(sd_model)} has no CLIP-L text encoder (an SDXL refiner has only OpenCLIP bigG); "
                     f"erasure patches need one: {PICK_ANOTHER}")
+
+
+def openclip_tower(embedder):
+    """The open_clip text model inside an embedder A1111 built for SDXL's bigG (``FrozenOpenCLIPEmbedder2``, hijacked as
+    ``FrozenOpenCLIPEmbedder2WithCustomWords``: ``.wrapped.model``), or None."""
+    model = getattr(getattr(embedder, "wrapped", embedder), "model", None)
+    if all(hasattr(model, a) for a in ("transformer", "token_embedding", "ln_final", "positional_embedding")):
+        return model
+    return None
+
+
+def embedders(sd_model) -> list:
+    """The text embedders of a loaded model: SD1.x's cond_stage_model, SDXL's conditioner embedders (a refiner's one)."""
+    conditioner = getattr(sd_model, "conditioner", None)
+    found = list(getattr(conditioner, "embedders", None) or [])
+    return found or [e for e in [getattr(sd_model, "cond_stage_model", None)] if e is not None]
+
+
+def text_encoders(sd_model) -> dict[str, object]:
+    """{component: encoder} of a loaded A1111 model: ``clip_l`` a transformers CLIPTextModel (SD1.x, SDXL), ``clip_g``
+    the open_clip bigG tower (SDXL base and refiner)."""
+    check_model(sd_model)
+    out = {}
+    for embedder in embedders(sd_model):
+        if (model := _transformers_clip(embedder)) is not None:
+            out.setdefault("clip_l", model)
+        elif (tower := openclip_tower(embedder)) is not None and family(sd_model) == "sdxl":
+            out.setdefault("clip_g", tower)
+    return out
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one canonical tensor lives in a loaded encoder, and where A1111's Lora extension keeps its backup of it."""
+
+    tensor: torch.Tensor                 # the live weight: a Parameter, or a view of one (q/k/v rows of a fused in_proj)
+    module: torch.nn.Module | None       # the module whose Lora backup covers it (None: the Lora extension never backs it up)
+    attr: str = ""                       # network_weights_backup or network_bias_backup
+    index: int | None = None             # nn.MultiheadAttention backs up (in_proj_weight, out_proj.weight) as a tuple
+    rows: tuple[int, int] | None = None  # the rows of the backed-up tensor that are this tensor (q, k or v of in_proj)
+
+    def backup(self) -> torch.Tensor | None:
+        b = self.module.__dict__.get(self.attr) if self.module is not None else None
+        if self.index is not None:
+            b = b[self.index] if isinstance(b, (tuple, list)) else None
+        if isinstance(b, torch.Tensor) and self.rows is not None:
+            b = b[self.rows[0]:self.rows[1]]
+        return b if isinstance(b, torch.Tensor) and b.shape == self.tensor.shape else None
+
+    def add_to_backup(self, delta: torch.Tensor, strength: float) -> None:
+        """Lora's backup carries the patch too (a new tensor: Lora's own backup object stays intact)."""
+        current = self.backup()
+        if current is None:
+            return
+        new = (current.float() + strength * delta.to(current.device).float()).to(current.dtype)
+        if self.index is None:
+            setattr(self.module, self.attr, new)
+            return
+        whole = list(self.module.__dict__[self.attr])
+        if self.rows is not None:
+            full = whole[self.index].clone()
+            full[self.rows[0]:self.rows[1]] = new
+            new = full
+        whole[self.index] = new
+        setattr(self.module, self.attr, tuple(whole))
+
+
+def openclip_slots(tower) -> dict[str, Slot]:
+    """Canonical name -> ``Slot`` for an open_clip text tower (``transformer.resblocks``, fused ``attn.in_proj_*``)."""
+    width = int(tower.ln_final.weight.shape[0])
+    token = getattr(tower.token_embedding, "wrapped", tower.token_embedding)  # A1111's EmbeddingsWithFixes
+    out = {"text_model.embeddings.token_embedding.weight": Slot(token.weight, None),
+           "text_model.embeddings.position_embedding.weight": Slot(tower.positional_embedding, None)}
+    for kind in ("weight", "bias"):
+        out[f"text_model.final_layer_norm.{kind}"] = Slot(getattr(tower.ln_final, kind), tower.ln_final, _BACKUP[kind])
+    for i, block in enumerate(tower.transformer.resblocks):
+        base = f"text_model.encoder.layers.{i}."
+        attn = block.attn
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            rows = (j * width, (j + 1) * width)
+            out[f"{base}self_attn.{name}.weight"] = Slot(attn.in_proj_weight[rows[0]:rows[1]], attn, _BACKUP["weight"], 0, rows)
+            out[f"{base}self_attn.{name}.bias"] = Slot(attn.in_proj_bias[rows[0]:rows[1]], None)  # Lora keeps no in_proj_bias
+        out[f"{base}self_attn.out_proj.weight"] = Slot(attn.out_proj.weight, attn, _BACKUP["weight"], 1)
+        out[f"{base}self_attn.out_proj.bias"] = Slot(attn.out_proj.bias, attn, _BACKUP["bias"])
+        for canonical, module in (("layer_norm1", block.ln_1), ("layer_norm2", block.ln_2), ("mlp.fc1", block.mlp.c_fc),
+                                  ("mlp.fc2", block.mlp.c_proj)):
+            for kind in ("weight", "bias"):
+                out[f"{base}{canonical}.{kind}"] = Slot(getattr(module, kind), module, _BACKUP[kind])
+    return out
+
+
+_BACKUP = {"weight": "network_weights_backup", "bias": "network_bias_backup"}
+
+
+def openclip_weights(tower) -> dict[str, torch.Tensor]:
+    """Canonical weights of an open_clip tower as loaded from the checkpoint (Lora's backups where it merged a LoRA)."""
+    out = {}
+    for name, slot in openclip_slots(tower).items():
+        backup = slot.backup()
+        out[name] = (backup if backup is not None else slot.tensor).detach()
+    return out
+
+
+def openclip_projection(tower) -> torch.Tensor:
+    """The tower's pooled-output projection as a Linear weight (open_clip applies it as ``x @ P``)."""
+    return tower.text_projection.detach().T
 
 
 def _owners(model) -> dict[int, tuple[torch.nn.Module, str]]:
@@ -149,10 +256,71 @@ class TextEncoderPatches:
         for handle in reversed(self.handles):
             handle.remove()
         self.handles = []
-        for module, state in self.lora_state.items():
-            for attr, value in state.items():
-                if value is _MISSING:
-                    module.__dict__.pop(attr, None)
-                else:
-                    setattr(module, attr, value)
+        _restore_lora_state(self.lora_state)
         self.lora_state = {}
+
+
+class OpenClipPatches:
+    """Erasure patch parts added in place to an open_clip tower (A1111's SDXL bigG) for one job; ``remove()`` restores it
+    bit for bit. Cooperates with the Lora extension as ``TextEncoderPatches`` does (its backups carry the patch while it
+    is on, and are put back exactly)."""
+
+    def __init__(self, tower, pairs):
+        if any(p.dtype in _FP8 for p in tower.parameters()):
+            raise HirmError("the text encoder is stored in fp8 (Settings > Optimizations > FP8 weight); erasure patches need "
+                            "fp16 or fp32 weights: turn FP8 off, or use NLCE only")
+        self.tower, self.pairs, self.slots = tower, list(pairs), openclip_slots(tower)
+        layers = len(tower.transformer.resblocks)
+        for patch, _ in self.pairs:  # every patch is checked before any weight changes
+            enc = patch.encoder
+            if (enc.get("hidden_size"), enc.get("num_layers")) != (int(tower.ln_final.weight.shape[0]), layers):
+                raise PatchMismatchError(f"erasure patch '{', '.join(patch.concepts)}' is for {patch.family} (width "
+                                         f"{enc.get('hidden_size')}, {enc.get('num_layers')} layers), not this model's bigG; "
+                                         "use a patch trained on this model")
+            for name, delta in patch.deltas.items():
+                if name not in self.slots or self.slots[name].tensor.shape != delta.shape:
+                    raise PatchMismatchError(f"patch tensor {name} does not fit this model's bigG; use a patch trained on this model")
+        self.originals: dict[str, torch.Tensor] = {}
+        self.lora_state: dict[torch.nn.Module, dict[str, object]] = {}
+
+    def apply(self) -> "OpenClipPatches":
+        touched = {n for patch, _ in self.pairs for n in patch.deltas}
+        modules = {self.slots[n].module for n in touched} - {None}
+        self.lora_state = {m: {a: m.__dict__.get(a, _MISSING) for a in LORA_ATTRS} for m in modules}
+        try:
+            with torch.no_grad():
+                for patch, strength in self.pairs:
+                    for name, delta in patch.deltas.items():
+                        slot = self.slots[name]
+                        self.originals.setdefault(name, slot.tensor.detach().clone())
+                        new = (slot.tensor.float() + strength * delta.to(slot.tensor.device).float()).to(slot.tensor.dtype)
+                        if not torch.isfinite(new).all():
+                            raise PatchMismatchError(f"erasure patch '{', '.join(patch.concepts)}' at strength {strength:g} gives "
+                                                     "NaN or Inf weights; lower the strength")
+                        slot.tensor.copy_(new)
+                        slot.add_to_backup(delta, strength)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def forget(self) -> None:
+        """The weights were reloaded from a file: drop what would be written back."""
+        self.originals, self.lora_state = {}, {}
+
+    def remove(self) -> None:
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                self.slots[name].tensor.copy_(original)
+        self.originals = {}
+        _restore_lora_state(self.lora_state)
+        self.lora_state = {}
+
+
+def _restore_lora_state(state: dict) -> None:
+    for module, attrs in state.items():
+        for attr, value in attrs.items():
+            if value is _MISSING:
+                module.__dict__.pop(attr, None)
+            else:
+                setattr(module, attr, value)

@@ -26,7 +26,7 @@ from .errors import HirmError
 from .patch import META_PREFIX, ErasurePatch, check_finite
 
 EXPORT_FORMAT = "hirm-diffusers-lora"
-PREFIX = {"clip-l": "text_encoder", "clip-g": "text_encoder_2"}
+COMPONENT_PREFIX = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 
 
 def is_export_file(path: str) -> bool:
@@ -45,17 +45,39 @@ def to_diffusers_lora(patch: ErasurePatch, rank: int | None = None, dtype: torch
     """(tensors, safetensors metadata, {layer: relative error of its weight difference}) for ``patch``.
 
     ``text_encoder``: the pipeline component the LoRA targets; by default ``text_encoder_2`` for a
-    CLIP-G patch and ``text_encoder`` for any other.
+    CLIP-G patch and ``text_encoder`` for any other. An SDXL patch (both encoders) targets both, its
+    clip_l part ``text_encoder`` and its clip_g part ``text_encoder_2``.
     """
-    prefix = text_encoder or PREFIX.get(patch.family, "text_encoder")
-    if prefix not in ("text_encoder", "text_encoder_2"):
-        raise HirmError(f"a diffusers LoRA targets text_encoder or text_encoder_2, not {prefix!r}")
+    if text_encoder not in (None, "text_encoder", "text_encoder_2"):
+        raise HirmError(f"a diffusers LoRA targets text_encoder or text_encoder_2, not {text_encoder!r}")
+    if patch.parts and text_encoder is not None:
+        raise HirmError("this patch changes both SDXL encoders; its LoRA targets text_encoder and text_encoder_2: leave "
+                        "--text-encoder out")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise HirmError(f"--rank must be a whole number of at least 1, not {rank!r}; leave it out for the exact full rank")
-    layers = sorted({name.rsplit(".", 1)[0] for name in patch.deltas})
+    tensors, errors, targets = {}, {}, []
+    for component in patch.components:
+        part = patch.part(component)
+        prefix = text_encoder or COMPONENT_PREFIX[component]
+        targets.append(prefix)
+        part_tensors, part_errors = _lora_factors(part.deltas, prefix, rank, dtype)
+        tensors.update(part_tensors)
+        errors.update({(f"{prefix}.{k}" if patch.parts else k): v for k, v in part_errors.items()})
+    check_finite(tensors, f"the LoRA in {str(dtype).replace('torch.', '')}", "nothing was written: export with --dtype fp32")
+    meta = {"format": "pt", META_PREFIX + "format": EXPORT_FORMAT,
+            META_PREFIX + "source": json.dumps({"concepts": patch.concepts, "method": patch.method, "family": patch.family,
+                                                "text_encoder": "+".join(targets),
+                                                "base_fingerprint": patch.metadata.get("base_fingerprint"),
+                                                "rank": rank or "full", "max_relative_error": max(errors.values(), default=0.0)})}
+    return tensors, meta, errors
+
+
+def _lora_factors(deltas: Mapping[str, torch.Tensor], prefix: str, rank: int | None,
+                  dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """PEFT LoRA tensors (``prefix.<layer>.lora_A/B``) for one encoder's deltas, and {layer: its relative error}."""
     tensors, errors = {}, {}
-    for layer in layers:
-        dw = patch.deltas.get(layer + ".weight")
+    for layer in sorted({name.rsplit(".", 1)[0] for name in deltas}):
+        dw = deltas.get(layer + ".weight")
         if dw is None or dw.dim() != 2:
             raise HirmError(f"{layer} has no weight difference a LoRA can carry; only linear layers can be exported")
         dw = dw.detach().to("cpu", torch.float32)
@@ -73,16 +95,10 @@ def to_diffusers_lora(patch: ErasurePatch, rank: int | None = None, dtype: torch
         key = f"{prefix}.{layer}"
         tensors[key + ".lora_A.weight"] = a.to(dtype).contiguous()
         tensors[key + ".lora_B.weight"] = b.to(dtype).contiguous()
-        db = patch.deltas.get(layer + ".bias")
+        db = deltas.get(layer + ".bias")
         tensors[key + ".lora_B.bias"] = (db.detach().to("cpu", torch.float32) if db is not None
                                          else torch.zeros(out_features)).to(dtype).contiguous()
-    check_finite(tensors, f"the LoRA in {str(dtype).replace('torch.', '')}", "nothing was written: export with --dtype fp32")
-    meta = {"format": "pt", META_PREFIX + "format": EXPORT_FORMAT,
-            META_PREFIX + "source": json.dumps({"concepts": patch.concepts, "method": patch.method, "family": patch.family,
-                                                "text_encoder": prefix,
-                                                "base_fingerprint": patch.metadata.get("base_fingerprint"),
-                                                "rank": rank or "full", "max_relative_error": max(errors.values(), default=0.0)})}
-    return tensors, meta, errors
+    return tensors, errors
 
 
 def export_diffusers_lora(patch: ErasurePatch, path: str, rank: int | None = None, dtype: torch.dtype = torch.float32,

@@ -31,6 +31,7 @@ TAGS = ("hirm", "concept-erasure", "safety-patch", "lora", "text-to-image", "sta
 _SERVES = {
     "clip-l": "SD 1.x (text encoder), SDXL (`clip_l`), SD3 and Flux (`clip_l`; Flux uses only its pooled vector)",
     "clip-g": "SDXL (`clip_g`, the OpenCLIP bigG encoder), SD3 (`clip_g`)",
+    "clip-l+clip-g": "SDXL and its fine-tunes (both text encoders, `clip_l` and `clip_g`); on SD 1.x and Flux its `clip_l` half",
 }
 
 

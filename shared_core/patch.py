@@ -689,6 +689,43 @@ def patched(model, patches: ErasurePatch | Iterable[tuple[ErasurePatch, float]],
                 h.remove()
 
 
+def pipeline_encoders(pipe) -> dict[str, Any]:
+    """{component: model} of a diffusers pipeline's CLIP text encoders: ``text_encoder`` is CLIP-L (SD1.x, SDXL, SD3,
+    Flux), ``text_encoder_2`` CLIP-G where it is a CLIP (SDXL, SD3; Flux's is T5, left out)."""
+    out = {}
+    for component, name in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+        model = getattr(pipe, name, None)
+        if getattr(getattr(model, "config", None), "model_type", None) in ("clip_text_model", "clip_text_with_projection_model"):
+            out[component] = model
+    return out
+
+
+class PatchNote(UserWarning):
+    """Something a user should know about a patch on a pipeline (a half left out, a half missing)."""
+
+
+@contextlib.contextmanager
+def patched_pipeline(pipe, patches: ErasurePatch | Iterable[tuple[ErasurePatch, float]], strength: float = 1.0):
+    """Context manager: every CLIP text encoder of a diffusers pipeline carries its part of the patch(es) inside the
+    block (SD1.x: ``text_encoder``; SDXL: ``text_encoder`` and ``text_encoder_2``), its own weights after.
+
+    What ``route_parts`` notes (e.g. a CLIP-L patch on SDXL leaves CLIP-G as it was) is issued as a ``PatchNote``
+    warning; a patch none of whose parts fits the pipeline is refused before anything changes.
+    """
+    pairs = [(patches, strength)] if isinstance(patches, ErasurePatch) else list(patches)
+    encoders = pipeline_encoders(pipe)
+    routed = []
+    for patch, s in pairs:
+        parts, notes = route_parts(patch, list(encoders), "this pipeline")
+        for note in notes:
+            warnings.warn(note, PatchNote, stacklevel=3)
+        routed += [(encoders[c], part, s) for c, part in parts.items()]
+    with contextlib.ExitStack() as stack:
+        for model, part, s in routed:
+            stack.enter_context(patched(model, part, s))
+        yield
+
+
 def merged_state_dict(canonical_sd: Mapping[str, torch.Tensor], patches: Iterable[tuple[ErasurePatch, float]],
                       name_map=lambda n: n) -> dict[str, torch.Tensor]:
     """A copy of the changed tensors of a state dict with patches added (for writing files).

@@ -126,7 +126,7 @@ def encode_sdxl(encoders: Mapping[str, tuple], ids: Mapping[str, torch.Tensor], 
         seen = {}
         handle = encoder_layers(model)[-2].register_forward_hook(lambda m, i, o: seen.update(h=o[0] if isinstance(o, tuple) else o))
         try:
-            out = model(input_ids=batch.to(next(model.parameters()).device))
+            out = getattr(model, "text_model", model)(input_ids=batch.to(next(model.parameters()).device))  # unprojected pooled
         finally:
             handle.remove()
         return seen["h"].float().cpu(), out.pooler_output

@@ -34,9 +34,10 @@ def encode(model, input_ids: torch.Tensor, batch_size: int = 16, done=None) -> t
 
     ``done()`` (optional) is called after each batch (progress for hosts)."""
     device = next(model.parameters()).device
+    runner = getattr(model, "text_model", model)  # a CLIPTextModelWithProjection's own output is projected: use its encoder
     hidden, pooled = [], []
     for i in range(0, input_ids.shape[0], batch_size):
-        out = model(input_ids=input_ids[i : i + batch_size].to(device))
+        out = runner(input_ids=input_ids[i : i + batch_size].to(device))
         hidden.append(out.last_hidden_state.float().cpu())
         pooled.append(out.pooler_output.float().cpu())
         if done is not None:

@@ -157,7 +157,7 @@ BAD = {
     "SD2.x": (lambda m, d: (sd2(m), script_args(patches=[("cat.safetensors", 1.0)])), "SD2.x model"),
     "missing file": (lambda m, d: (m, script_args(patches=[("nope.safetensors", 1.0)])), "not in"),
     "CLIP-G patch": (lambda m, d: (m, script_args(patches=[(write_patch(d, "g.safetensors", text_model(m), family="clip-g"), 1.0)])),
-                     "CLIP-G patches"),
+                     "is for clip-g but the loaded checkpoint .* has clip_l"),
     "other encoder": (lambda m, d: (m, script_args(patches=[(write_patch(d, "w.safetensors", text_model(Sd1Model(text_width=64))), 1.0)])),
                       "use a patch trained on this encoder"),
     "NLCE without concepts": (lambda m, d: (m, script_args(nlce=True, concepts=" \n, ")), "no concept is given"),

@@ -250,6 +250,85 @@ def text_model(sd_model):
     return sd_model.cond_stage_model.wrapped.transformer
 
 
+# ---------------------------------------------------------------------------------------------- SDXL's OpenCLIP bigG
+
+
+class ResidualAttentionBlock(torch.nn.Module):
+    """open_clip.transformer.ResidualAttentionBlock: ln_1, a torch MultiheadAttention (fused in_proj), ln_2, mlp (c_fc, c_proj)."""
+
+    def __init__(self, width, heads, mlp_width):
+        super().__init__()
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads)
+        self.mlp = torch.nn.Sequential()
+        self.mlp.add_module("c_fc", torch.nn.Linear(width, mlp_width))
+        self.mlp.add_module("gelu", torch.nn.GELU())
+        self.mlp.add_module("c_proj", torch.nn.Linear(mlp_width, width))
+
+    def forward(self, x, attn_mask=None):  # x: (tokens, batch, width), as open_clip 2.20 runs it
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenClipTextTower(torch.nn.Module):
+    """The text half of an open_clip CLIP as sgm's FrozenOpenCLIPEmbedder2 holds it (``model``): token_embedding,
+    positional_embedding, transformer.resblocks, ln_final, text_projection (applied as ``x @ P``)."""
+
+    def __init__(self, canonical: dict, heads: int = 1):
+        super().__init__()
+        width = canonical["text_model.final_layer_norm.weight"].shape[0]
+        layers = 1 + max(int(k.split(".")[3]) for k in canonical if k.startswith("text_model.encoder.layers."))
+        mlp = canonical["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+        self.token_embedding = torch.nn.Embedding(*canonical["text_model.embeddings.token_embedding.weight"].shape)
+        self.positional_embedding = torch.nn.Parameter(canonical["text_model.embeddings.position_embedding.weight"].clone())
+        self.transformer = torch.nn.Module()
+        self.transformer.resblocks = torch.nn.ModuleList([ResidualAttentionBlock(width, heads, mlp) for _ in range(layers)])
+        self.ln_final = torch.nn.LayerNorm(width)
+        self.text_projection = torch.nn.Parameter(torch.randn(width, width, generator=torch.Generator().manual_seed(7)) * width ** -0.5)
+        self.register_buffer("attn_mask", torch.full((77, 77), float("-inf")).triu_(1), persistent=False)
+        with torch.no_grad():
+            self.token_embedding.weight.copy_(canonical["text_model.embeddings.token_embedding.weight"])
+            self.ln_final.weight.copy_(canonical["text_model.final_layer_norm.weight"])
+            self.ln_final.bias.copy_(canonical["text_model.final_layer_norm.bias"])
+            for i, block in enumerate(self.transformer.resblocks):
+                c = lambda n: canonical[f"text_model.encoder.layers.{i}.{n}"]  # noqa: E731
+                for kind in ("weight", "bias"):
+                    getattr(block.attn, f"in_proj_{kind}").copy_(torch.cat([c(f"self_attn.{x}_proj.{kind}") for x in "qkv"]))
+                    getattr(block.attn.out_proj, kind).copy_(c(f"self_attn.out_proj.{kind}"))
+                    getattr(block.ln_1, kind).copy_(c(f"layer_norm1.{kind}"))
+                    getattr(block.ln_2, kind).copy_(c(f"layer_norm2.{kind}"))
+                    getattr(block.mlp.c_fc, kind).copy_(c(f"mlp.fc1.{kind}"))
+                    getattr(block.mlp.c_proj, kind).copy_(c(f"mlp.fc2.{kind}"))
+        self.requires_grad_(False)
+
+    def layer_outputs(self, tokens):
+        """sgm FrozenOpenCLIPEmbedder2.encode_with_transformer: every layer's output (batch, tokens, width)."""
+        x = (self.token_embedding(tokens) + self.positional_embedding).permute(1, 0, 2)
+        outs = []
+        for block in self.transformer.resblocks:
+            x = block(x, attn_mask=self.attn_mask)
+            outs.append(x.permute(1, 0, 2))
+        return outs
+
+
+class FrozenOpenCLIPEmbedder2(torch.nn.Module):
+    """sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2 (layer "penultimate", returns the pooled vector too)."""
+
+    def __init__(self, tower):
+        super().__init__()
+        self.model, self.layer, self.legacy = tower, "penultimate", False
+
+
+def hijacked_bigg(tower):
+    """What sd_hijack does to SDXL's bigG embedder: the token embedding wrapped (EmbeddingsWithFixes, key clip_g), the
+    embedder inside FrozenOpenCLIPEmbedder2WithCustomWords (``wrapped``)."""
+    tower.token_embedding = EmbeddingsWithFixes(tower.token_embedding, SimpleNamespace(fixes=None), "clip_g")
+    hijacked = torch.nn.Module()
+    hijacked.wrapped = FrozenOpenCLIPEmbedder2(tower)
+    return hijacked
+
+
 # ---------------------------------------------------------------------------------------------- patches
 
 

@@ -82,10 +82,10 @@ def test_bad_training_input_is_one_line(tmp_path):
     with pytest.raises(HirmError, match=r"the loaded checkpoint 'tiny-sd15.safetensors \[0123456789\]' is an SD2.x model .*"
                                         "'Stable Diffusion checkpoint' menu"):
         training.train(sd2, **settings(tmp_path))
-    refiner = Sd1Model()
-    refiner.cond_stage_model = None
-    with pytest.raises(HirmError, match=r"'tiny-sd15.safetensors \[0123456789\]' has no CLIP-L text encoder .*refiner"):
-        training.train(refiner, **settings(tmp_path))
+    no_text = Sd1Model()
+    no_text.cond_stage_model = None
+    with pytest.raises(HirmError, match=r"'tiny-sd15.safetensors \[0123456789\]' has no CLIP text encoder HiRM can train"):
+        training.train(no_text, **settings(tmp_path))
     with pytest.raises(HirmError, match="no Stable Diffusion model is loaded; pick a checkpoint"):
         training.train(None, **settings(tmp_path))
 
