@@ -32,7 +32,7 @@ from . import library, xyz
 from .nlce_runtime import A1111Nlce, Patched, uncond_tensors
 from .settings import ErasureSettings
 from .webui_model import (PICK_ANOTHER, OpenClipPatches, TextEncoderPatches, check_model, checkpoint_name, clean_weights,
-                          clip_l, family, forge_clip_state, is_forge, openclip_weights, text_encoders)
+                          family, forge_clip_state, is_forge, openclip_weights, text_encoders)
 
 log = logging.getLogger("hirm-erasure")
 COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
@@ -210,10 +210,12 @@ class A1111Job(Job):
                 self.notes += [n for part, _ in pairs if (n := base_mismatch_note(part, signature, f"this model's {c}"))]
                 self.encoder_patches.append((TextEncoderPatches if c == "clip_l" else OpenClipPatches)(encoders[c], pairs))
         if self.config is not None:
-            if family(self.model) != "sd1":
-                raise NlceError(f"NLCE supports SD1.x models; this is {family(self.model).upper()} (its cross-attention reads "
-                                "other text rows than CLIP-L's): turn NLCE off or load an SD1.x model")
-            weights = weights.get("clip_l") or clean_weights(clip_l(self.model))
+            if family(self.model) not in ("sd1", "sdxl") or "clip_l" not in encoders:
+                raise NlceError(f"NLCE supports SD1.x and SDXL base models; {checkpoint_name(self.model)} is not one (an SDXL "
+                                "refiner's UNet reads CLIP-G alone): turn NLCE off or load an SD1.x or SDXL model")
+            for c, encoder in encoders.items():
+                if c not in weights:
+                    weights[c] = clean_weights(encoder) if c == "clip_l" else openclip_weights(encoder)
             self.nlce = A1111Nlce(self.model, self.concept_set(weights), self.config, lambda: uncond_tensors(self.p),
                                   self._check_attention)
 
@@ -267,14 +269,14 @@ class ForgeJob(Job):
             self.notes += notes
         if self.config is not None:
             blocks = patcher.cross_attention_blocks(objects.unet.model.diffusion_model)
-            if family(self.model) != "sd1" or not blocks:
-                raise NlceError("NLCE supports SD1.x models (a UNet with cross-attention reading CLIP-L's 768-wide rows); "
-                                "turn NLCE off or load an SD1.x model")
-            self.cs = self.concept_set(patcher.encoder_weights(state))
+            if family(self.model) not in ("sd1", "sdxl") or not blocks:
+                raise NlceError(f"NLCE supports SD1.x and SDXL models (a UNet with cross-attention); {checkpoint_name(self.model)} "
+                                "has none: turn NLCE off or load an SD1.x or SDXL model")
+            self.cs = self.concept_set({c: w for c, (w, _) in patcher.model_encoders(state).items()})
             width = next(iter(blocks.values())).to_k.in_features
             if width != self.cs.width:
-                raise NlceError(f"this UNet's cross-attention reads {width}-wide rows but CLIP-L gives {self.cs.width}; "
-                                "NLCE supports SD1.x models")
+                raise NlceError(f"this UNet's cross-attention reads {width}-wide rows but the text encoders give {self.cs.width}; "
+                                "NLCE supports SD1.x and SDXL base models")
 
     def _replace(self, attribute: str, clone) -> None:
         objects = self.p.sd_model.forge_objects

@@ -2,8 +2,9 @@
 
 A1111 replaces ``CrossAttention.forward`` on the class with its chosen attention optimisation,
 so NLCE sets an instance ``forward`` on every ``*attn2`` module of ``sd_model.model.diffusion_model``
-(SD1.x: ``forward(x, context=None, mask=None)`` with ``to_q``, ``to_k``, ``to_v``, ``to_out``,
-``heads``). The diffusion model's own ``forward`` is wrapped to start each UNet pass (and to run
+(SD1.x: ``forward(x, context=None, mask=None)``; SDXL's sgm module also takes ``additional_tokens``
+and ``n_times_crossframe_attn_in_self``, passed as None / 0; both with ``to_q``, ``to_k``, ``to_v``,
+``to_out``, ``heads``). The diffusion model's own ``forward`` is wrapped to start each UNet pass (and to run
 the dry pass of the ``faithful`` schedule), and ``sd_model.get_learned_conditioning`` is watched
 to learn where the words of each prompt are in its conditioning rows.
 """
@@ -97,8 +98,8 @@ class A1111Nlce:
         gating = nlce.gating_layer(self.attention)
         width = self.attention[gating].to_k.in_features
         if width != concepts.width:
-            raise NlceError(f"this UNet's cross-attention reads {width}-wide text rows but CLIP-L gives {concepts.width}; "
-                            "NLCE supports SD1.x models")
+            raise NlceError(f"this UNet's cross-attention reads {width}-wide text rows but the text encoders give "
+                            f"{concepts.width}; NLCE supports SD1.x and SDXL base models")
         self.sd_model, self.dm, self.gating = sd_model, dm, gating
         self.session = nlce.NlceSession(concepts, config)
         self.uncond, self.check = uncond, check
@@ -132,7 +133,7 @@ class A1111Nlce:
             rows = out.get("crossattn") if isinstance(out, dict) else out
             texts = [texts] if isinstance(texts, str) else list(texts)
             if isinstance(rows, torch.Tensor) and rows.ndim == 3 and rows.shape[0] == len(texts):
-                encoder = getattr(self.sd_model, "cond_stage_model", None)
+                encoder = self._tokenising_embedder()
                 for text, r in zip(texts, rows):
                     self.recorded.append((r, prompt_rows_mask(encoder, text, r.shape[0])))
                 self.recorded = self.recorded[-64:]
@@ -153,8 +154,11 @@ class A1111Nlce:
 
         def make(original):
             def forward(x, context=None, mask=None, **kwargs):
-                if context is None or kwargs:  # not the SD1.x cross-attention call NLCE knows
+                if context is None:  # not a cross-attention call
                     return original(x, context=context, mask=mask, **kwargs)
+                if any(v is not None and v != 0 for v in kwargs.values()):  # sgm (SDXL) passes additional_tokens=None
+                    raise NlceError(f"NLCE cannot run with this cross-attention call ({', '.join(kwargs)}); turn off the "
+                                    "extension that passes it")
                 if mask is not None:
                     raise NlceError("NLCE cannot run with an attention mask on the prompt; disable the extension that sets it")
                 if self.latent_hw is None:
@@ -168,6 +172,15 @@ class A1111Nlce:
                 return module.to_out(out.to(x.dtype))
             return forward
         return make
+
+    def _tokenising_embedder(self):
+        """The embedder whose chunking places the words in the conditioning rows: SD1.x's cond_stage_model; SDXL's
+        CLIP-L embedder (bigG's rows sit beside CLIP-L's, chunked the same way)."""
+        conditioner = getattr(self.sd_model, "conditioner", None)
+        for embedder in [getattr(self.sd_model, "cond_stage_model", None), *(getattr(conditioner, "embedders", None) or [])]:
+            if getattr(embedder, "process_texts", None) is not None:
+                return embedder
+        return None
 
     # -- which rows are the prompt's words ---------------------------------------------------------
 

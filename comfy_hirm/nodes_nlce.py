@@ -15,11 +15,12 @@ class NlceGate(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HirmNlceGate", display_name="NLCE Erasure Gate", category=CATEGORY,
-            description="Training-free erasure (NLCE) inside the UNet's cross-attention of SD1.x models, while sampling. "
-                        "The input MODEL is not changed. Apply it after other nodes that patch attention.",
+            description="Training-free erasure (NLCE) inside the UNet's cross-attention of SD1.x and SDXL models, while "
+                        "sampling. The input MODEL is not changed. Apply it after other nodes that patch attention.",
             inputs=[
-                io.Model.Input("model", tooltip="an SD1.x MODEL (other nodes' attention patches are kept)"),
-                io.Clip.Input("clip", tooltip="the CLIP the prompts go through: the concepts are encoded with it"),
+                io.Model.Input("model", tooltip="an SD1.x or SDXL MODEL (other nodes' attention patches are kept)"),
+                io.Clip.Input("clip", tooltip="the CLIP the prompts go through: the concepts are encoded with it (SDXL: both "
+                                              "of its encoders, as the UNet reads them)"),
                 io.String.Input("concepts", multiline=True, default="Van Gogh",
                                 tooltip="concepts to erase, one per line; 'a | b | c' is one concept made of several terms; "
                                         "'nudity' stands for the shipped nudity term list"),
@@ -47,7 +48,7 @@ class NlceGate(io.ComfyNode):
     def execute(cls, model, clip, concepts, neighbors, preset, beta, gamma_source, gamma, suppression, schedule) -> io.NodeOutput:
         config = core.nlce.make_nlce_config(preset, beta=beta, gamma=None if gamma_source else gamma, suppression=suppression,
                                             schedule=schedule)
-        weights = core.patcher.encoder_weights(host.clip_state_dict(clip))
+        weights = {c: w for c, (w, _) in core.patcher.model_encoders(host.clip_state_dict(clip)).items()}
         concept_set = core.hosting.concept_set_for(weights, core.common.split_list(concepts, "concept"), neighbors, config,
                                                    device=host.compute_device())
         patched, _ = core.patcher.install_nlce(model, concept_set, config, model.get_model_object("model_sampling").timestep)

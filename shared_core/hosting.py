@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import torch
 
 from .encoders import KeyLayout, base_signature, build_text_model, host_key, weights_digest
-from .errors import PatchMismatchError
+from .errors import NlceError, PatchMismatchError
 from .patch import ErasurePatch, base_mismatch_note
 
 _TRAINED: OrderedDict = OrderedDict()  # (exact weights digest, HirmConfig) -> patch: the same inputs do not retrain
@@ -83,21 +83,33 @@ def patch_differences(host_state: Mapping[str, torch.Tensor], patch: ErasurePatc
     return out, note
 
 
-def concept_set_for(weights: Mapping[str, torch.Tensor], concepts, neighbors, config, device="cpu"):
-    """NLCE operators for ``concepts`` built with the encoder holding canonical ``weights`` (cached).
+def concept_set_for(weights: Mapping[str, torch.Tensor] | Mapping[str, Mapping[str, torch.Tensor]], concepts, neighbors, config,
+                    device="cpu"):
+    """NLCE operators for ``concepts`` built with a model's text encoders (cached): ``weights`` is one encoder's canonical
+    weights (SD1.x's CLIP-L) or ``{"clip_l": ..., "clip_g": ...}`` (SDXL: the operators live in the 2048-wide rows its
+    UNet reads).
 
     ``neighbors`` is anything ``nlce.neighbor_table`` reads ("auto" mines them, never another erased concept).
     """
     from . import nlce
     from .tokenizer import clip_tokenizer
 
+    by_component = dict(weights) if set(weights) <= {"clip_l", "clip_g"} else {"clip_l": weights}
     operator = tuple(getattr(config, k) for k in nlce.OPERATOR_SETTINGS)
     frozen = lambda x: x if isinstance(x, str) or x is None else tuple(frozen(i) for i in x)  # noqa: E731
     table = tuple(sorted((k, tuple(v)) for k, v in neighbors.items())) if isinstance(neighbors, Mapping) else frozen(neighbors)
-    key = (weights_digest(weights), frozen(list(concepts)), table, operator, str(device))
+    digests = tuple((c, weights_digest(w)) for c, w in sorted(by_component.items()))
+    key = (digests, frozen(list(concepts)), table, operator, str(device))
 
     def make():
-        encode = nlce.clip_row_encoder(build_text_model(weights, device=device), clip_tokenizer())
+        models = {c: build_text_model(w, device=device) for c, w in by_component.items()}
+        if set(models) == {"clip_l", "clip_g"}:
+            encode = nlce.sdxl_row_encoder(models["clip_l"], clip_tokenizer(), models["clip_g"], clip_tokenizer("!"))
+        elif set(models) == {"clip_l"}:
+            encode = nlce.clip_row_encoder(models["clip_l"], clip_tokenizer())
+        else:
+            raise NlceError("NLCE needs CLIP-L (SD1.x) or CLIP-L and CLIP-G together (SDXL); an SDXL refiner's CLIP-G alone "
+                            "is not supported")
         return nlce.build_concept_set(encode, list(concepts), nlce.neighbor_table(encode, concepts, neighbors), config)
 
     return _remember(_OPERATORS, key, make)

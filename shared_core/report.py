@@ -15,7 +15,7 @@ import torch
 
 from .errors import HirmError
 from .patch import ErasurePatch, component_of_family, patched
-from .textenc import encode, tokenize
+from .textenc import encode, layer_rows, tokenize
 
 BATCH = 64  # prompts per encoder call: one or two batched passes for the whole report
 _MEMORY: OrderedDict = OrderedDict()  # (weights digest, prompt) -> (hidden, pooled) of the unpatched encoder
@@ -117,25 +117,13 @@ def encode_sdxl(encoders: Mapping[str, tuple], ids: Mapping[str, torch.Tensor], 
                 done=None) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's text conditioning: (clip_l and clip_g penultimate-layer outputs concatenated (n, 77, 2048), CLIP-G's
     pooled vector through its projection (n, 1280); without a projection, the unprojected pooled vector)."""
-    from .encoders import encoder_layers
-
     (model_l, *_), (model_g, _, *projection) = encoders["clip_l"], encoders["clip_g"]
     projection = projection[0] if projection else None
-
-    def run(model, batch):  # the penultimate layer's output, caught by a hook (no tuple of every layer's states is kept)
-        seen = {}
-        handle = encoder_layers(model)[-2].register_forward_hook(lambda m, i, o: seen.update(h=o[0] if isinstance(o, tuple) else o))
-        try:
-            out = getattr(model, "text_model", model)(input_ids=batch.to(next(model.parameters()).device))  # unprojected pooled
-        finally:
-            handle.remove()
-        return seen["h"].float().cpu(), out.pooler_output
-
     rows, pooled = [], []
     for i in range(0, ids["clip_l"].shape[0], batch_size):
-        (h_l, _), (h_g, p) = run(model_l, ids["clip_l"][i:i + batch_size]), run(model_g, ids["clip_g"][i:i + batch_size])
+        (h_l, _), (h_g, p) = layer_rows(model_l, ids["clip_l"][i:i + batch_size]), layer_rows(model_g, ids["clip_g"][i:i + batch_size])
         rows.append(torch.cat([h_l, h_g], dim=-1))
-        pooled.append((p @ projection.to(p.device, p.dtype).T if projection is not None else p).float().cpu())
+        pooled.append(p @ projection.float().cpu().T if projection is not None else p)
         if done is not None:
             done()
     return torch.cat(rows), torch.cat(pooled)

@@ -43,3 +43,18 @@ def encode(model, input_ids: torch.Tensor, batch_size: int = 16, done=None) -> t
         if done is not None:
             done()
     return torch.cat(hidden), torch.cat(pooled)
+
+
+@torch.no_grad()
+def layer_rows(model, input_ids: torch.Tensor, layer: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the output of transformer layer ``layer`` (SDXL reads the penultimate, -2), the unprojected pooled rows), fp32 on
+    CPU. The layer's output is caught by a hook: no tuple of every layer's states is kept."""
+    from .encoders import encoder_layers
+
+    seen = {}
+    handle = encoder_layers(model)[layer].register_forward_hook(lambda m, i, o: seen.update(h=o[0] if isinstance(o, tuple) else o))
+    try:
+        out = getattr(model, "text_model", model)(input_ids=input_ids.to(next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return seen["h"].float().cpu(), out.pooler_output.float().cpu()

@@ -147,11 +147,6 @@ def sd2(model):
     return model
 
 
-def sdxl(model):
-    model.is_sd1, model.is_sdxl = False, True
-    return model
-
-
 BAD = {
     "no model": (lambda m, d: (None, script_args(patches=[("cat.safetensors", 1.0)])), "no Stable Diffusion model is loaded"),
     "SD2.x": (lambda m, d: (sd2(m), script_args(patches=[("cat.safetensors", 1.0)])), "SD2.x model"),
@@ -161,7 +156,6 @@ BAD = {
     "other encoder": (lambda m, d: (m, script_args(patches=[(write_patch(d, "w.safetensors", text_model(Sd1Model(text_width=64))), 1.0)])),
                       "use a patch trained on this encoder"),
     "NLCE without concepts": (lambda m, d: (m, script_args(nlce=True, concepts=" \n, ")), "no concept is given"),
-    "NLCE on SDXL": (lambda m, d: (sdxl(m), script_args(nlce=True, concepts="cat")), "NLCE supports SD1.x"),
     "gamma out of range": (lambda m, d: (m, script_args(nlce=True, concepts="cat", gamma=3.0)), "out of range"),
     "unknown schedule": (lambda m, d: (m, script_args(nlce=True, concepts="cat", schedule="fast")), "unknown NLCE schedule"),
 }

@@ -5,6 +5,7 @@ computes what a transformers CLIPTextModel with the same weights computes, so th
 The real-A1111 test (tests/test_a1111_server.py) runs the same on a real SDXL checkpoint.
 """
 
+import pytest
 import torch
 from test_a1111_support import OpenClipTextTower, hijacked_bigg, no_job_left  # noqa: F401
 from tiny import canonical_state_dict, random_clip, tiny_config
@@ -73,3 +74,93 @@ def test_the_lora_extensions_tuple_backups_carry_the_patch_and_come_back_as_they
     assert openclip_weights(tower).keys() == openclip_slots(tower).keys()
     patches.remove()
     assert attn.network_weights_backup is backup and fc.network_weights_backup is original_fc
+
+
+# ---------------------------------------------------------------------------------------------- whole jobs on an SDXL model
+
+from test_a1111_support import (Processing, ScriptHooks, SdxlModel, call_hook, run_job, same, script_args,  # noqa: E402
+                                sdxl_text_model, snapshot)
+
+from a1111_extension import jobs, training  # noqa: E402
+from a1111_extension.webui_model import text_encoders  # noqa: E402
+from shared_core import nlce  # noqa: E402
+from shared_core.encoders import canonical_parameters  # noqa: E402
+from shared_core.hirm import train_model_patch  # noqa: E402
+from shared_core.hosting import concept_set_for  # noqa: E402
+from shared_core.patch import load_patch, save_patch  # noqa: E402
+from shared_core.tokenizer import clip_tokenizer as tokenizer  # noqa: E402
+
+
+def sdxl_patch(model, folder, name="cat.safetensors"):
+    """An SDXL patch (both halves) trained on the stand-in's own encoders, saved in the patch folder."""
+    from shared_core.encoders import build_text_model
+
+    encoders = text_encoders(model)
+    twin_g = build_text_model(openclip_weights(encoders["clip_g"]))  # a transformers CLIP holding the tower's weights
+    patch = train_model_patch({"clip_l": (encoders["clip_l"], tokenizer()), "clip_g": (twin_g, tokenizer("!"))},
+                              concepts=["cat"], steps=2, report=False)
+    save_patch(patch, str(folder / name))
+    return name
+
+
+def test_an_sdxl_patch_job_changes_both_encoders_while_sampling_and_then_leaves_the_model_bit_identical(tmp_path):
+    model = SdxlModel()
+    name = sdxl_patch(model, tmp_path)
+    patch = load_patch(str(tmp_path / name))
+    encoders = text_encoders(model)
+    now = {"clip_l": lambda: canonical_parameters(encoders["clip_l"]), "clip_g": lambda: openclip_weights(encoders["clip_g"])}
+    want = {c: {k: v.detach() + patch.part(c).deltas[k].float() if k in patch.part(c).deltas else v.detach().clone()
+                for k, v in now[c]().items()} for c in now}
+    seen = {}
+    before = snapshot(model)
+    run_job(ScriptHooks(jobs.Env(str(tmp_path))), Processing(model), script_args(patches=[(name, 1.0)]),
+            before_sample=lambda p: seen.update({c: {k: v.detach().clone() for k, v in f().items()} for c, f in now.items()}))
+    assert not call_hook.reported
+    for c in now:
+        assert all(torch.allclose(seen[c][k], want[c][k], atol=1e-6) for k in want[c]), c
+    assert same(snapshot(model), before)
+
+
+def test_nlce_on_the_sdxl_model_reads_its_2048_style_rows_erases_and_restores(tmp_path):
+    model = SdxlModel()
+    encoders = text_encoders(model)
+    weights = {"clip_l": canonical_parameters(encoders["clip_l"]), "clip_g": openclip_weights(encoders["clip_g"])}
+    cs = concept_set_for(weights, ["cat"], None, nlce.make_nlce_config(live_floor=0.1))
+    assert cs.family == "sdxl" and cs.width == 80
+    rows = nlce.sdxl_row_encoder(*[m for c in ("clip_l", "clip_g") for m in (
+        __import__("shared_core.encoders", fromlist=["x"]).build_text_model(weights[c]), tokenizer("!" if c == "clip_g" else "<|endoftext|>"))])
+    conditioning = model.get_learned_conditioning(["a cat"])["crossattn"][0]
+    torch.testing.assert_close(rows(["a cat"])[0], conditioning[:4], atol=1e-4, rtol=1e-4)  # the rows the UNet reads
+    before = snapshot(model)
+    plain = run_job(ScriptHooks(jobs.Env(str(tmp_path))), Processing(model), script_args()).samples[0]
+    p = run_job(ScriptHooks(jobs.Env(str(tmp_path))), Processing(model),
+                script_args(nlce=True, concepts="cat", neighbors="dog", beta=1.0, gamma=1.0))
+    assert not call_hook.reported
+    assert not torch.equal(p.samples[0], plain) and p.extra_generation_params.get("Erasure NLCE") == "cat"
+    assert same(snapshot(model), before)
+
+
+def test_the_training_tab_trains_both_sdxl_encoders_in_one_patch(tmp_path):
+    model = SdxlModel()
+    path, report = training.train(model, concepts="cat", method="random", anchor="", preset="object", steps=2, seed=42,
+                                  name="xl-cat", overwrite=False, folder=str(tmp_path))
+    patch = load_patch(path)
+    assert patch.components == ["clip_l", "clip_g"] and "pooled (CLIP-G)" in report
+
+
+def test_on_an_sdxl_refiner_a_clip_l_patch_and_nlce_are_refused_in_one_line(tmp_path):
+    from shared_core.errors import HirmError
+
+    refiner = SdxlModel()
+    refiner.conditioner.embedders = torch.nn.ModuleList([refiner.conditioner.embedders[1]])
+    refiner.cond_stage_model = refiner.conditioner.embedders[0]  # sd_hijack: one text model
+    assert list(text_encoders(refiner)) == ["clip_g"]
+    from test_a1111_support import make_patch
+
+    save_patch(make_patch(sdxl_text_model(SdxlModel())), str(tmp_path / "l.safetensors"))
+    for args, message in ((script_args(patches=[("l.safetensors", 1.0)]), "is for .* but the loaded checkpoint .* has clip_g"),
+                          (script_args(nlce=True, concepts="cat"), "NLCE supports SD1.x and SDXL base models")):
+        before = snapshot(refiner)
+        with pytest.raises(HirmError, match=message) as raised:
+            run_job(ScriptHooks(jobs.Env(str(tmp_path))), Processing(refiner), args)
+        assert "\n" not in str(raised.value) and same(snapshot(refiner), before)

@@ -68,11 +68,21 @@ class CrossAttention(torch.nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
+class SgmCrossAttention(CrossAttention):
+    """sgm.modules.attention.CrossAttention (SDXL): the same projections; its forward also takes ``additional_tokens``
+    and ``n_times_crossframe_attn_in_self``, which SDXL's BasicTransformerBlock passes as None / 0."""
+
+    def forward(self, x, context=None, mask=None, additional_tokens=None, n_times_crossframe_attn_in_self=0):
+        assert additional_tokens is None and not n_times_crossframe_attn_in_self
+        return super().forward(x, context=context, mask=mask)
+
+
 class BasicTransformerBlock(torch.nn.Module):
-    def __init__(self, dim, context_dim):
+    def __init__(self, dim, context_dim, sgm=False):
         super().__init__()
+        self.sgm = sgm
         self.attn1 = CrossAttention(dim)
-        self.attn2 = CrossAttention(dim, context_dim)
+        self.attn2 = (SgmCrossAttention if sgm else CrossAttention)(dim, context_dim)
         self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
         self.n_heads, self.d_head = self.attn2.heads, dim // self.attn2.heads
 
@@ -91,13 +101,15 @@ class BasicTransformerBlock(torch.nn.Module):
         if key in replace:  # Forge/ComfyUI: between the projections and to_out
             out = replace[key](self.attn2.to_q(n), self.attn2.to_k(context), self.attn2.to_v(value), extra)
             return x + self.attn2.to_out(out)
+        if self.sgm:  # sgm's BasicTransformerBlock: self.attn2(self.norm2(x), context=context, additional_tokens=...)
+            return x + self.attn2(n, context=context, additional_tokens=None)
         return x + self.attn2(n, context=context)
 
 
 class SpatialTransformer(torch.nn.Module):
-    def __init__(self, channels, context_dim):
+    def __init__(self, channels, context_dim, sgm=False):
         super().__init__()
-        self.transformer_blocks = torch.nn.ModuleList([BasicTransformerBlock(channels, context_dim)])
+        self.transformer_blocks = torch.nn.ModuleList([BasicTransformerBlock(channels, context_dim, sgm)])
 
     def forward(self, x, context, transformer_options=None):
         b, c, h, w = x.shape
@@ -118,18 +130,19 @@ class TinyUNet(torch.nn.Module):
     """SD1.x's LDM UNet layout (input_blocks / middle_block / output_blocks, attn2 at 1, 1/2, 1/4, 1/8
     of the latent) with tiny, random layers; ``forward(x, timesteps=None, context=None, y=None)``."""
 
-    def __init__(self, context_dim=WIDTH, seed=0):
+    def __init__(self, context_dim=WIDTH, seed=0, sgm=False):
         super().__init__()
         torch.manual_seed(seed)
         c = CHANNELS
 
         def block(has_attn):
-            return torch.nn.ModuleList([torch.nn.Conv2d(c, c, 3, padding=1)] + ([SpatialTransformer(c, context_dim)] if has_attn else []))
+            return torch.nn.ModuleList([torch.nn.Conv2d(c, c, 3, padding=1)]
+                                       + ([SpatialTransformer(c, context_dim, sgm)] if has_attn else []))
 
         self.conv_in = torch.nn.Conv2d(4, c, 3, padding=1)
         self.time = torch.nn.Linear(1, c)
         self.input_blocks = torch.nn.ModuleList([block(i in _INPUT_ATTN) for i in range(12)])
-        self.middle_block = torch.nn.ModuleList([torch.nn.Conv2d(c, c, 3, padding=1), SpatialTransformer(c, context_dim)])
+        self.middle_block = torch.nn.ModuleList([torch.nn.Conv2d(c, c, 3, padding=1), SpatialTransformer(c, context_dim, sgm)])
         self.output_blocks = torch.nn.ModuleList([block(i in _OUTPUT_ATTN) for i in range(12)])
         self.conv_out = torch.nn.Conv2d(c, 4, 3, padding=1)
 
@@ -256,13 +269,13 @@ def text_model(sd_model):
 class ResidualAttentionBlock(torch.nn.Module):
     """open_clip.transformer.ResidualAttentionBlock: ln_1, a torch MultiheadAttention (fused in_proj), ln_2, mlp (c_fc, c_proj)."""
 
-    def __init__(self, width, heads, mlp_width):
+    def __init__(self, width, heads, mlp_width, activation=None):
         super().__init__()
         self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
         self.attn = torch.nn.MultiheadAttention(width, heads)
         self.mlp = torch.nn.Sequential()
         self.mlp.add_module("c_fc", torch.nn.Linear(width, mlp_width))
-        self.mlp.add_module("gelu", torch.nn.GELU())
+        self.mlp.add_module("gelu", activation or torch.nn.GELU())
         self.mlp.add_module("c_proj", torch.nn.Linear(mlp_width, width))
 
     def forward(self, x, attn_mask=None):  # x: (tokens, batch, width), as open_clip 2.20 runs it
@@ -275,7 +288,7 @@ class OpenClipTextTower(torch.nn.Module):
     """The text half of an open_clip CLIP as sgm's FrozenOpenCLIPEmbedder2 holds it (``model``): token_embedding,
     positional_embedding, transformer.resblocks, ln_final, text_projection (applied as ``x @ P``)."""
 
-    def __init__(self, canonical: dict, heads: int = 1):
+    def __init__(self, canonical: dict, heads: int = 1, activation=None):
         super().__init__()
         width = canonical["text_model.final_layer_norm.weight"].shape[0]
         layers = 1 + max(int(k.split(".")[3]) for k in canonical if k.startswith("text_model.encoder.layers."))
@@ -283,7 +296,7 @@ class OpenClipTextTower(torch.nn.Module):
         self.token_embedding = torch.nn.Embedding(*canonical["text_model.embeddings.token_embedding.weight"].shape)
         self.positional_embedding = torch.nn.Parameter(canonical["text_model.embeddings.position_embedding.weight"].clone())
         self.transformer = torch.nn.Module()
-        self.transformer.resblocks = torch.nn.ModuleList([ResidualAttentionBlock(width, heads, mlp) for _ in range(layers)])
+        self.transformer.resblocks = torch.nn.ModuleList([ResidualAttentionBlock(width, heads, mlp, activation) for _ in range(layers)])
         self.ln_final = torch.nn.LayerNorm(width)
         self.text_projection = torch.nn.Parameter(torch.randn(width, width, generator=torch.Generator().manual_seed(7)) * width ** -0.5)
         self.register_buffer("attn_mask", torch.full((77, 77), float("-inf")).triu_(1), persistent=False)
@@ -327,6 +340,81 @@ def hijacked_bigg(tower):
     hijacked = torch.nn.Module()
     hijacked.wrapped = FrozenOpenCLIPEmbedder2(tower)
     return hijacked
+
+
+class HijackedClipForSDXL(HijackedClip):
+    """sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords: the same chunking, rows from the penultimate layer
+    (sgm's FrozenCLIPEmbedder with layer "hidden", layer_idx -2), not layer-normed."""
+
+    def forward(self, texts):
+        batch, _ = self.process_texts(texts)
+        n = max(len(c) for c in batch)
+        empty = PromptChunk([self.id_start] + [self.id_end] * 76)
+        return torch.hstack([self.wrapped.transformer(input_ids=torch.tensor([(c[i] if i < len(c) else empty).tokens for c in batch]),
+                                                      output_hidden_states=True).hidden_states[-2] for i in range(n)])
+
+
+def bigg_rows(embedder, process_texts, texts):
+    """FrozenOpenCLIPEmbedder2WithCustomWords: the same 77-token chunks (open_clip's tokenizer gives CLIP's ids; it pads
+    with 0), the penultimate layer's rows, and the pooled vector (end token after ln_final, times the projection)."""
+    tower = embedder.wrapped.model
+    batch, _ = process_texts(texts)
+    start, end = batch[0][0].tokens[0], 49407
+    n = max(len(c) for c in batch)
+    chunks, pooled = [], None
+    for i in range(n):
+        ids = torch.tensor([(c[i].tokens if i < len(c) else [start, end] + [end] * 75) for c in batch])
+        first_end = (ids == end).int().argmax(dim=1)
+        padded = torch.where(torch.arange(77)[None] > first_end[:, None], torch.zeros_like(ids), ids)
+        outs = tower.layer_outputs(padded)
+        chunks.append(outs[-2])
+        if pooled is None:
+            pooled = tower.ln_final(outs[-1])[torch.arange(ids.shape[0]), first_end] @ tower.text_projection
+    return torch.hstack(chunks), pooled
+
+
+class Conditioner(torch.nn.Module):
+    """sgm's GeneralConditioner as A1111 hijacks it: ``embedders`` (CLIP-L, bigG)."""
+
+    def __init__(self, embedders):
+        super().__init__()
+        self.embedders = torch.nn.ModuleList(embedders)
+
+
+class SdxlModel(torch.nn.Module):
+    """The DiffusionEngine surface A1111 code uses for SDXL: ``conditioner`` (also ``cond_stage_model``, as sd_hijack
+    sets it with two text models), ``model.diffusion_model`` with sgm cross-attention reading both encoders' rows side
+    by side, ``get_learned_conditioning`` returning {"crossattn", "vector"} (sd_models_xl)."""
+
+    is_sd1, is_sd2, is_sdxl = False, False, True
+
+    def __init__(self, seed=0, l_width=WIDTH, g_width=48):
+        super().__init__()
+        self.sd_checkpoint_info = SimpleNamespace(name="tiny-sdxl.safetensors", title="tiny-sdxl.safetensors [abcdef0123]")
+        clip = random_clip(tiny_config(hidden=l_width), seed)
+        clip_l = HijackedClipForSDXL(clip)
+        embeddings = text_module(clip).embeddings
+        embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding, SimpleNamespace(fixes=None))
+        # bigG's activation is gelu; the core infers it from the 1280 width, and at this tiny width it infers CLIP-L's
+        # quick_gelu, so the stand-in's tower uses that (the real-A1111 test runs the real 1280-wide tower)
+        quick_gelu = random_clip(tiny_config(hidden=g_width), seed + 1)
+        tower = OpenClipTextTower({k: v.detach() for k, v in canonical_parameters(quick_gelu).items()},
+                                  activation=quick_gelu.text_model.encoder.layers[0].mlp.activation_fn
+                                  if hasattr(quick_gelu, "text_model") else quick_gelu.encoder.layers[0].mlp.activation_fn)
+        self.conditioner = Conditioner([clip_l, hijacked_bigg(tower)])
+        self.cond_stage_model = self.conditioner
+        self.chunker = clip_l.process_texts  # open_clip's tokenizer gives the same ids and chunks
+        self.model = torch.nn.Module()
+        self.model.diffusion_model = TinyUNet(l_width + g_width, seed, sgm=True)
+
+    def get_learned_conditioning(self, texts):
+        *clip_l, bigg = self.conditioner.embedders  # a refiner has bigG alone
+        rows_g, pooled = bigg_rows(bigg, self.chunker, texts)
+        return {"crossattn": torch.cat([clip_l[0](texts), rows_g], dim=-1) if clip_l else rows_g, "vector": pooled}
+
+
+def sdxl_text_model(sd_model):
+    return sd_model.conditioner.embedders[0].wrapped.transformer
 
 
 # ---------------------------------------------------------------------------------------------- patches
@@ -452,6 +540,8 @@ class Processing:
     @torch.no_grad()
     def setup_conds(self):
         uc = self._conds(self.negative_prompts, self.cached_uc)
+        if isinstance(uc, dict):  # SDXL: prompt_parser keeps one {"crossattn", "vector"} per prompt
+            uc = [{k: v[i] for k, v in uc.items()} for i in range(len(self.negative_prompts))]
         self.uc = [[ScheduledPromptConditioning(len(self.timesteps), u)] for u in uc]
         self.c = self._conds(self.prompts, self.cached_c)
 
@@ -459,6 +549,12 @@ class Processing:
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         g = torch.Generator().manual_seed(self.seed)
         x = torch.randn(1, 4, self.size, self.size, generator=g)
+        extra = {}
+        if isinstance(conditioning, dict):  # SDXL: the sampler cats "crossattn" and "vector" of cond and uncond
+            extra = {"y": torch.cat([conditioning["vector"], torch.stack([s[0].cond["vector"] for s in unconditional_conditioning])])}
+            conditioning = conditioning["crossattn"]
+            unconditional_conditioning = [[ScheduledPromptConditioning(s[0].end_at_step, s[0].cond["crossattn"])]
+                                          for s in unconditional_conditioning]
         uc = torch.stack([s[0].cond for s in unconditional_conditioning])
         n = max(conditioning.shape[1], uc.shape[1])  # pad_cond_uncond: empty chunks at the end
         pad = lambda t: torch.cat([t, t[:, -1:].expand(-1, n - t.shape[1], -1)], 1) if t.shape[1] < n else t  # noqa: E731
@@ -468,7 +564,7 @@ class Processing:
                 break
             if step == self.fail_at_step:
                 raise RuntimeError("CUDA out of memory (simulated)")
-            out = dm(torch.cat([x, x]), torch.full((2,), t), context=torch.cat([pad(conditioning), pad(uc)]))
+            out = dm(torch.cat([x, x]), torch.full((2,), t), context=torch.cat([pad(conditioning), pad(uc)]), **extra)
             cond, uncond = out.chunk(2)
             x = x - 0.3 * (uncond + 5.0 * (cond - uncond))
         self.samples.append(x)

@@ -188,3 +188,109 @@ def test_training_an_sd1_clip_alone_is_unchanged_by_the_multi_encoder_path():
     two = train_model_patch({"clip_l": (model, tok)}, concepts=["cat"], steps=2, report=False)
     assert not one.parts and one.deltas.keys() == two.deltas.keys()
     assert all(torch.equal(one.deltas[k], two.deltas[k]) for k in one.deltas)
+
+
+# ---------------------------------------------------------------------------------------------- NLCE on SDXL
+
+LOW = {"live_floor": 0.1}  # tiny random encoders give small rows; let the ratio rule decide
+SDXL_GATING = "down_blocks.2.attentions.1.transformer_blocks.0.attn2"
+
+
+def render_xl(pipe, prompt="a photo of a cat", steps=3, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, height=16, width=16, generator=g, output_type="pt", **kw).images
+
+
+@pytest.fixture(scope="module")
+def xl():
+    return tiny_sdxl_pipeline(seed=2)
+
+
+def test_nlce_operators_live_in_the_rows_the_sdxl_unet_reads(xl):
+    from shared_core.nlce import apply_nlce, sdxl_row_encoder
+
+    with apply_nlce(xl, ["cat"], ["dog"], **LOW) as h:
+        cs = h.concept_set
+    assert cs.family == "sdxl" and cs.width == L_WIDTH + G_WIDTH and cs.live_floor_scale > 0
+    encode = sdxl_row_encoder(xl.text_encoder, xl.tokenizer, xl.text_encoder_2, xl.tokenizer_2)
+    rows = encode(["a cat"])[0]  # start, two words, end
+    embeds = xl.encode_prompt("a cat", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    torch.testing.assert_close(rows, embeds[0, :4], atol=1e-5, rtol=1e-5)  # exactly what the pipeline feeds its UNet
+
+
+def test_nlce_on_sdxl_erases_in_the_conditional_half_leaves_the_added_conditioning_and_comes_off_bit_exact(xl):
+    from shared_core.nlce import apply_nlce
+
+    seen = []
+    hook = xl.unet.add_embedding.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    try:
+        before = render_xl(xl)
+        with apply_nlce(xl, ["cat"], ["dog"], **LOW) as h:
+            erased = render_xl(xl)
+            passes = [d for d in h.diagnostics if d["live_tokens"] is not None]
+        after = render_xl(xl)
+    finally:
+        hook.remove()
+    assert not torch.equal(before, erased) and torch.equal(before, after)
+    assert all(d["live_tokens"][0] == [] and d["live_tokens"][1] for d in passes)  # [negative, prompt]: the prompt only
+    assert all(d["gate"] is not None for d in passes[1:])
+    steps = len(seen) // 3
+    assert all(torch.equal(seen[i], seen[steps + i]) for i in range(steps))  # SDXL's added conditioning: untouched
+
+
+def test_both_schedules_sample_sdxl_and_agree_on_the_first_gate_without_stage_one(xl):
+    from shared_core.nlce import apply_nlce
+
+    gates = {}
+    for schedule in ("single-pass", "faithful"):
+        with apply_nlce(xl, ["cat"], schedule=schedule, stage1=False, record_maps=True, **LOW) as h:
+            assert torch.isfinite(render_xl(xl, steps=2)).all()
+        gates[schedule] = next(d["gate_map"] for d in h.diagnostics if d["gate"] is not None)
+    assert torch.allclose(gates["single-pass"], gates["faithful"], atol=1e-6)
+
+
+def test_operator_files_say_their_family_and_refuse_another(xl, tmp_path):
+    from shared_core.nlce import ConceptSet, NlceError, apply_nlce
+
+    with apply_nlce(xl, ["cat"], **LOW) as h:
+        path = h.concept_set.save(str(tmp_path / "xl.nlce.safetensors"))
+        erased = render_xl(xl)
+    loaded = ConceptSet.load(path)
+    assert loaded.family == "sdxl" and loaded.live_floor_scale == h.concept_set.live_floor_scale
+    with apply_nlce(xl, concept_set=loaded):
+        assert torch.equal(render_xl(xl), erased)
+    sd1 = tiny_pipeline(text_width=L_WIDTH + G_WIDTH, unet_width=L_WIDTH + G_WIDTH)  # as wide as SDXL's context: still refused
+    with pytest.raises(NlceError, match="built for SDXL .* but this pipeline is SD1.x"):
+        apply_nlce(sd1, concept_set=loaded)
+    with apply_nlce(tiny_pipeline(), ["cat"], **LOW) as h:
+        sd1_ops = h.concept_set
+    with pytest.raises(NlceError, match="built for SD1.x .* but this pipeline is SDXL"):
+        apply_nlce(xl, concept_set=sd1_ops)
+
+
+def test_the_default_gating_layer_of_the_sdxl_unet_is_at_one_32nd_of_the_image():
+    """SDXL's deepest cross-attention level works at 1/32 of the image (32 x 32 at 1024 px), like SD1.x's gating layer."""
+    from diffusers import UNet2DConditionModel
+
+    from shared_core.nlce import gating_layer
+    from shared_core.nlce.diffusers import cross_attention_names
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                                    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                                    projection_class_embeddings_input_dim=2816)
+    assert gating_layer(cross_attention_names(unet)) == SDXL_GATING + ".processor"
+
+
+def test_nlce_refuses_an_sdxl_refiner_pipeline(xl):
+    from types import SimpleNamespace
+
+    from shared_core.nlce import NlceError, apply_nlce
+
+    refiner = SimpleNamespace(unet=xl.unet, text_encoder=None, text_encoder_2=xl.text_encoder_2, tokenizer=None,
+                              tokenizer_2=xl.tokenizer_2)
+    with pytest.raises(NlceError, match="does not support an SDXL refiner"):
+        apply_nlce(refiner, ["cat"])

@@ -64,7 +64,9 @@ def tiny_sdxl_pipeline(seed=0):
 
     from shared_core.encoders import canonical_parameters
 
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_config(hidden=G_WIDTH)).eval()
+    config_2 = tiny_config(hidden=G_WIDTH)
+    config_2.projection_dim = G_WIDTH  # the pooled vector the added conditioning reads
+    text_encoder_2 = CLIPTextModelWithProjection(config_2).eval()
     donor = random_clip(tiny_config(hidden=G_WIDTH), seed + 1)  # the same widened random layers as the other encoder
     with torch.no_grad():
         for name, p in canonical_parameters(text_encoder_2).items():

@@ -174,11 +174,13 @@ def install_nlce(patcher, concept_set, config, sigma_to_timestep: Callable):
     """
     blocks = cross_attention_blocks(patcher.model.diffusion_model)
     if not blocks:
-        raise NlceError("this model has no UNet cross-attention (Flux and SD3 use joint attention); NLCE needs an SD1.x model")
+        raise NlceError("this model has no UNet cross-attention (Flux and SD3 use joint attention); NLCE needs an SD1.x or "
+                        "SDXL model")
     width = next(iter(blocks.values())).to_k.in_features
     if width != concept_set.width:
         raise NlceError(f"this UNet's cross-attention reads {width}-wide text rows but the concept operators are "
-                        f"{concept_set.width} wide; NLCE supports SD1.x models (768-wide CLIP-L text)")
+                        f"{concept_set.width} wide ({concept_set.family}); use the CLIP that came with this model (SD1.x: 768, "
+                        "SDXL: 2048 wide)")
     gating = gating_layer(blocks)
     state = PatcherNlce(concept_set, config, sigma_to_timestep, gating, blocks[gating].to_k)
     clone = patcher.clone()

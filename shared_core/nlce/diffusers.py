@@ -15,7 +15,7 @@ import torch
 from ..errors import NlceError
 from .config import OPERATOR_SETTINGS, derive_nlce_config, make_nlce_config
 from .mining import neighbor_table
-from .operators import ConceptSet, build_concept_set, clip_row_encoder, prompt_token_mask
+from .operators import ConceptSet, build_concept_set, clip_row_encoder, prompt_token_mask, sdxl_row_encoder
 from .driver import cross_attention, gating_layer as default_gating_layer, run_unet_pass
 from .session import NlceSession, spatial_shape_for
 
@@ -215,9 +215,26 @@ def _check_unet(unet, names: list[str], gating_layer: str | None) -> str:
     return name
 
 
+def pipeline_family(pipe) -> str:
+    """"sd1" (one CLIP-L whose output the UNet reads) or "sdxl" (CLIP-L and CLIP-G side by side); NlceError otherwise."""
+    from ..patch import pipeline_encoders
+
+    encoders = pipeline_encoders(pipe)
+    width = pipe.unet.config.cross_attention_dim
+    widths = {c: int(m.config.hidden_size) for c, m in encoders.items()}
+    if set(widths) == {"clip_l", "clip_g"} and widths["clip_l"] + widths["clip_g"] == width:
+        return "sdxl"
+    if set(widths) == {"clip_l"} and widths["clip_l"] == width:
+        return "sd1"
+    if set(widths) == {"clip_g"}:
+        raise NlceError("NLCE does not support an SDXL refiner (its UNet reads CLIP-G alone); use it on the SDXL base model")
+    raise NlceError(f"the UNet's cross-attention reads {width}-wide rows that are not this pipeline's CLIP encoders "
+                    f"({', '.join(f'{c} {w}' for c, w in widths.items()) or 'none'}); NLCE supports SD1.x and SDXL pipelines")
+
+
 def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet | None = None, preset: str | None = None,
                gating_layer: str | None = None, record_maps: bool = False, mine_top_k: int = 8, **settings) -> NlceHandle:
-    """Erase ``concepts`` from a diffusers SD pipeline at sampling time; returns a handle (``remove()``).
+    """Erase ``concepts`` from a diffusers SD1.x or SDXL pipeline at sampling time; returns a handle (``remove()``).
 
     ``neighbors``: None, a list, {concept: list}, or "auto" (mined offline from the CLIP vocabulary).
     ``concept_set``: operators built or loaded earlier (instead of ``concepts``); its settings are the
@@ -234,16 +251,16 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
         raise NlceError("NLCE is already applied to this pipeline; call remove() on its handle first")
     gating_layer = _check_unet(unet, cross_attention_names(unet), gating_layer)
     width = unet.config.cross_attention_dim
+    family = pipeline_family(pipe)
     if concept_set is None:
         config = make_nlce_config(preset, **settings)
-        te, tok = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
-        if te is None or tok is None:
-            raise NlceError("the pipeline has no text_encoder/tokenizer to encode the concepts with; pass concept_set=")
-        te_width = getattr(te.config, "hidden_size", width)
-        if te_width != width:
-            raise NlceError(f"the text encoder is {te_width} wide but the UNet's cross-attention expects {width}; "
-                            "NLCE needs the pipeline's own text encoder (SDXL's concatenated text is not supported)")
-        encode = clip_row_encoder(te, tok)
+        tokenizers = (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
+        if family == "sdxl":
+            encode = sdxl_row_encoder(pipe.text_encoder, tokenizers[0], pipe.text_encoder_2, tokenizers[1])
+        elif tokenizers[0] is None:
+            raise NlceError("the pipeline has no tokenizer to encode the concepts with; pass concept_set=")
+        else:
+            encode = clip_row_encoder(pipe.text_encoder, tokenizers[0])
         concept_set = build_concept_set(encode, concepts, neighbor_table(encode, concepts, neighbors, mine_top_k), config)
     else:
         if concepts or neighbors:
@@ -252,9 +269,10 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
         changed = [k for k in OPERATOR_SETTINGS if getattr(config, k) != getattr(concept_set.config, k)]
         if changed:
             raise NlceError(f"{', '.join(changed)} are built into the concept set's operators; build a new concept set to change them")
+    concept_set.check_family(family, "this pipeline")
     if concept_set.width != width:
-        raise NlceError(f"the text encoder is {concept_set.width} wide but the UNet's cross-attention expects {width}; "
-                        "use operators built with the pipeline's own text encoder")
+        raise NlceError(f"the concept operators are {concept_set.width} wide but the UNet's cross-attention expects {width}; "
+                        "use operators built with the pipeline's own text encoders")
     handle = NlceHandle(pipe, concept_set, NlceSession(concept_set, config, record_maps), gating_layer)
     handle._install()
     return handle

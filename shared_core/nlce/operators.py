@@ -18,18 +18,44 @@ from ..files import atomic_write, write_safetensors
 from .config import NlceConfig, make_nlce_config
 
 FORMAT = "hirm-nlce-operators"
-VERSION = 1
+VERSION = 2  # 2: the model family the operators were built for, and the live-floor scale; 1 (SD1.x) still read
+FAMILIES = {"sd1": "SD1.x (CLIP-L's final output, 768 wide)", "sdxl": "SDXL (CLIP-L and CLIP-G penultimate rows, 2048 wide)"}
 Encoder = Callable[[list[str]], list[torch.Tensor]]
 
 
 def clip_row_encoder(text_model, tokenizer, device=None) -> Encoder:
-    """``encode(texts)`` -> per text, its real-token rows (start, words, end) of the final-layer-norm output, fp32.
+    """``encode(texts)`` -> per text, its real-token rows (start, words, end) of the final-layer-norm output, fp32:
+    what an SD1.x UNet cross-attends to.
 
     The encoder runs where ``text_model`` lives (it is never moved); rows are returned on
     ``device`` (default CPU). A text longer than 77 tokens is refused.
     """
+    from ..textenc import encode
+
+    def rows(texts, ids):
+        return encode(text_model, ids, batch_size=64)[0]
+
+    return _row_encoder(rows, tokenizer, text_model, "sd1", device)
+
+
+def sdxl_row_encoder(clip_l, tokenizer_l, clip_g, tokenizer_g, device=None) -> Encoder:
+    """``encode(texts)`` -> per text, its real-token rows of what SDXL's UNet cross-attends to: CLIP-L's and CLIP-G's
+    penultimate-layer outputs side by side (768 + 1280 = 2048 wide), fp32. ``encode.reference`` gives the same texts'
+    rows as an SD1.x model would read them from this CLIP-L (for ``live_floor_scale``)."""
+    from ..textenc import layer_rows, tokenize
+
+    def rows(texts, ids):
+        ids_g = tokenize(tokenizer_g, texts)[:, : ids.shape[1]]  # bigG's own tokenizer (it pads with "!")
+        return torch.cat([layer_rows(clip_l, ids)[0], layer_rows(clip_g, ids_g)[0]], dim=-1)
+
+    encode = _row_encoder(rows, tokenizer_l, clip_l, "sdxl", device)
+    encode.reference = clip_row_encoder(clip_l, tokenizer_l, device)
+    return encode
+
+
+def _row_encoder(rows: Callable[[list[str], torch.Tensor], torch.Tensor], tokenizer, text_model, family: str, device) -> Encoder:
     from ..encoders import text_module
-    from ..textenc import encode, real_token_mask, tokenize
+    from ..textenc import real_token_mask, tokenize
 
     def encode_rows(texts: list[str]) -> list[torch.Tensor]:
         try:
@@ -38,11 +64,12 @@ def clip_row_encoder(text_model, tokenizer, device=None) -> Encoder:
             raise NlceError(str(e)) from None
         mask = real_token_mask(tokenizer, ids)
         # attention is causal: rows up to the end token do not depend on the padding after it
-        hidden, _ = encode(text_model, ids[:, : int(mask.sum(1).max())], batch_size=64)
+        hidden = rows(list(texts), ids[:, : int(mask.sum(1).max())])
         return [hidden[i][mask[i][: hidden.shape[1]]].to(device or "cpu") for i in range(len(texts))]
 
     encode_rows.tokenizer = tokenizer
     encode_rows.token_embedding = text_module(text_model).embeddings.token_embedding.weight.detach()
+    encode_rows.family = family
     return encode_rows
 
 
@@ -120,24 +147,38 @@ def concept_terms(entry) -> tuple[str, list[str]]:
     return f" {TERM_SEPARATOR} ".join(terms), terms
 
 class ConceptSet:
-    """Operators of one or more erased concepts (bases and weights), built once and reused."""
+    """Operators of one or more erased concepts (bases and weights), built once and reused.
+
+    ``family`` says which model's text rows the operators live in (``FAMILIES``); ``live_floor_scale``
+    multiplies the live-token floor: 1 for SD1.x, whose rows are CLIP-L's final layer-normed output
+    (the scale the reference's floors were set in); on SDXL, whose penultimate rows are not
+    layer-normed, the ratio of the concept's own word rows there to the same rows as SD1.x reads them.
+    """
 
     def __init__(self, concepts: list[str], neighbors: dict[str, list[str]], bases: list[tuple[torch.Tensor, torch.Tensor]],
                  neighbor_bases: list[tuple[torch.Tensor, torch.Tensor] | None], config: NlceConfig,
-                 terms: dict[str, list[str]] | None = None):
+                 terms: dict[str, list[str]] | None = None, family: str = "sd1", live_floor_scale: float = 1.0):
         self.concepts, self.neighbors, self.config = list(concepts), dict(neighbors), config
         self.terms = {c: list((terms or {}).get(c) or [c]) for c in self.concepts}  # the texts whose rows made each subspace
         self.bases, self.neighbor_bases = bases, neighbor_bases
         self.width = bases[0][0].shape[0]
+        self.family, self.live_floor_scale = family, float(live_floor_scale)
         self._cache: dict = {}
 
     def __repr__(self) -> str:
-        return f"ConceptSet({self.concepts}, width={self.width})"
+        return f"ConceptSet({self.concepts}, {self.family}, width={self.width})"
 
     def to(self, device=None, dtype=None) -> "ConceptSet":
         mv = lambda t: t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
         return ConceptSet(self.concepts, self.neighbors, [(mv(b), mv(w)) for b, w in self.bases],
-                          [None if nb is None else (mv(nb[0]), mv(nb[1])) for nb in self.neighbor_bases], self.config, self.terms)
+                          [None if nb is None else (mv(nb[0]), mv(nb[1])) for nb in self.neighbor_bases], self.config, self.terms,
+                          self.family, self.live_floor_scale)
+
+    def check_family(self, family: str, where: str = "this model") -> None:
+        """Refuse operators built for another model family (NlceError, one line)."""
+        if family != self.family:
+            raise NlceError(f"these NLCE operators were built for {FAMILIES.get(self.family, self.family)}, but {where} is "
+                            f"{FAMILIES.get(family, family)}; build them with this model's text encoders")
 
     def concept_projector(self, i: int) -> torch.Tensor:
         """``P_F`` of concept ``i`` (d x d)."""
@@ -172,7 +213,8 @@ class ConceptSet:
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
         meta = {"format": FORMAT, "format_version": str(VERSION), "concepts": json.dumps(self.concepts),
                 "terms": json.dumps(self.terms), "neighbors": json.dumps(self.neighbors),
-                "config": json.dumps(self.config.to_dict()), "width": str(self.width)}
+                "config": json.dumps(self.config.to_dict()), "width": str(self.width), "family": self.family,
+                "live_floor_scale": repr(self.live_floor_scale)}
         return atomic_write(path, lambda f: write_safetensors(f, tensors, meta), overwrite=overwrite, is_ours=is_operator_file,
                             what="NLCE operator file")
 
@@ -190,12 +232,16 @@ class ConceptSet:
             raise NlceError(f"{path}: not a readable safetensors file ({type(e).__name__}); save it again with ConceptSet.save") from None
         if meta.get("format") != FORMAT:
             raise NlceError(f"{path}: not an NLCE operator file (format {meta.get('format')!r}); pass a file written by ConceptSet.save")
-        if meta.get("format_version") != str(VERSION):
-            raise NlceError(f"{path}: NLCE operator format version {meta.get('format_version')} is not supported (this tool reads {VERSION})")
+        if meta.get("format_version") not in ("1", str(VERSION)):
+            raise NlceError(f"{path}: NLCE operator format version {meta.get('format_version')} is not supported (this tool reads "
+                            f"1 to {VERSION})")
         try:
             concepts, neighbors = json.loads(meta["concepts"]), json.loads(meta["neighbors"])
             terms = json.loads(meta.get("terms", "{}"))
             config, width = NlceConfig.from_dict(json.loads(meta["config"])), int(meta["width"])
+            family, scale = meta.get("family", "sd1"), float(meta.get("live_floor_scale", "1.0"))  # version 1: SD1.x only
+            if family not in FAMILIES or not (scale > 0 and scale < float("inf")):
+                raise ValueError(f"family {family!r}, live-floor scale {scale!r}")
             bases = [(tensors[f"concept.{i}.basis"], tensors[f"concept.{i}.weights"]) for i in range(len(concepts))]
             nbases = [(tensors[f"neighbor.{i}.basis"], tensors[f"neighbor.{i}.weights"]) if f"neighbor.{i}.basis" in tensors else None
                       for i in range(len(concepts))]
@@ -206,7 +252,7 @@ class ConceptSet:
                 raise NlceError(f"{path}: damaged NLCE operator file (bad shapes or values); save it again")
         if not concepts:
             raise NlceError(f"{path}: the NLCE operator file holds no concept")
-        return cls(concepts, neighbors, bases, nbases, config, terms)
+        return cls(concepts, neighbors, bases, nbases, config, terms, family, scale)
 
 
 def is_operator_file(path: str) -> bool:
@@ -268,6 +314,8 @@ def build_concept_set(encode: Encoder, concepts, neighbors=None, config: NlceCon
         clash = [n for n in ns if _key(n) in erased]
         if clash:
             raise NlceError(f"neighbour {clash[0]!r} is itself a concept to erase; remove it from the neighbours")
+    family = getattr(encode, "family", "sd1")
+    scale = _live_floor_scale(encode, [t for c in names for t in terms[c]]) if family != "sd1" else 1.0
     bases, nbases = [], []
     for c in names:
         rows = _rows(encode, terms[c], config.drop_start_row)
@@ -275,4 +323,13 @@ def build_concept_set(encode: Encoder, concepts, neighbors=None, config: NlceCon
         ns = table[c]
         nbases.append(subspace(_rows(encode, ns, config.drop_start_row), config.neighbor_rank, True, config.neighbor_a)
                       if ns else None)
-    return ConceptSet(names, table, bases, nbases, config, terms)
+    return ConceptSet(names, table, bases, nbases, config, terms, family, scale)
+
+
+def _live_floor_scale(encode: Encoder, texts: list[str]) -> float:
+    """How much longer the concept's word rows are in ``encode``'s space than as SD1.x reads them (CLIP-L's final
+    layer-normed output, ``encode.reference``): the median row norm of the words (not start, not end) in each."""
+    def word_norms(rows):
+        return torch.cat([r[1:-1] if r.shape[0] > 2 else r for r in rows]).norm(dim=-1)
+
+    return float(word_norms(encode(texts)).median() / word_norms(encode.reference(texts)).median())

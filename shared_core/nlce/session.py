@@ -159,7 +159,7 @@ class NlceSession:
         x = context.float()
         scores = torch.einsum("bsd,cde->bcse", x, self._concept_projectors(x.device)).norm(dim=-1)  # (B, C, S)
         candidates = (tokens & cond[:, None])[:, None, :].expand_as(scores)
-        live = live_token_mask(scores, candidates, cfg.live_ratio, cfg.live_floor)
+        live = live_token_mask(scores, candidates, cfg.live_ratio, cfg.live_floor * cs.live_floor_scale)
         active = live.any(dim=-1).cpu()  # (B, C)
         out = context
         if cfg.stage1 and self.intervening:
