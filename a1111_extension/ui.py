@@ -72,7 +72,7 @@ def accordion(elem_id) -> tuple[list, list, list[str]]:
                 slots.append(gr.Slider(label=f"patch {i} strength", minimum=0.0, maximum=2.0, step=0.05, value=D[f"strength_{i}"],
                                        elem_id=elem_id(f"strength_{i}")))
         refresh = gr.Button(value="Refresh patch list", elem_id=elem_id("refresh"))
-        use_nlce = gr.Checkbox(label="NLCE: erase concepts in the UNet's cross-attention while sampling (SD1.x, no training)",
+        use_nlce = gr.Checkbox(label="NLCE: erase concepts in the UNet's cross-attention while sampling (SD1.x, SDXL; no training)",
                                value=D["nlce"], elem_id=elem_id("nlce"))
         concepts = gr.Textbox(label="NLCE concepts to erase (one per line)", lines=2, value=D["concepts"],
                               elem_id=elem_id("concepts"))

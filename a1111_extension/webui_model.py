@@ -3,7 +3,9 @@
 Only attribute access on the objects the webui hands over (``p.sd_model``); nothing here imports
 the webui. A1111 holds CLIP-L as a transformers ``CLIPTextModel`` at
 ``cond_stage_model.wrapped.transformer`` (SD1.x) or ``conditioner.embedders[0].wrapped.transformer``
-(SDXL); Forge holds its text encoders behind ``forge_objects.clip`` (a patcher, never modified here).
+(SDXL), and SDXL's bigG as an open_clip model at ``conditioner.embedders[1].wrapped.model`` (a
+refiner's ``embedders[0]``); Forge holds its text encoders behind ``forge_objects.clip`` (a
+patcher, never modified here).
 """
 
 from __future__ import annotations
@@ -57,20 +59,6 @@ def _transformers_clip(embedder):
     inner = getattr(getattr(embedder, "wrapped", embedder), "transformer", None)
     config = getattr(inner, "config", None)
     return inner if getattr(config, "model_type", None) == "clip_text_model" else None
-
-
-def clip_l(sd_model):
-    """The transformers CLIPTextModel that is CLIP-L in an A1111 SD1.x / SDXL model."""
-    check_model(sd_model)
-    embedders = [getattr(sd_model, "cond_stage_model", None)]
-    conditioner = getattr(sd_model, "conditioner", None)
-    embedders += list(getattr(conditioner, "embedders", None) or [])
-    for embedder in embedders:  # SDXL: embedders[0] is CLIP-L (transformers), embedders[1] OpenCLIP bigG (not)
-        model = _transformers_clip(embedder) if embedder is not None else None
-        if model is not None:
-            return model
-    raise HirmError(f"{checkpoint_name(sd_model)} has no CLIP-L text encoder (an SDXL refiner has only OpenCLIP bigG); "
-                    f"erasure patches need one: {PICK_ANOTHER}")
 
 
 def openclip_tower(embedder):

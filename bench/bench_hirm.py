@@ -11,6 +11,13 @@ transformers) and one forward pass over the report's prompts (``report_floor_sec
 
     python bench/bench_hirm.py            # table
     python bench/bench_hirm.py --json     # machine-readable
+    python bench/bench_hirm.py --family sdxl   # both SDXL encoders (CLIP-L + OpenCLIP bigG), one patch
+
+SDXL: the floor is the sum of both encoders' floors (each ``steps`` x forward+backward with its
+layer 0 trainable). Then, on the text SDXL's UNet reads (both encoders' penultimate rows, 2048
+wide, and CLIP-G's projected pooled vector), the same training is compared three ways: the patch
+on both encoders, its CLIP-L half alone, its CLIP-G half alone: which moves the target most and
+the non-targets least (random weights: read it as the mechanics, not a quality claim).
 """
 
 from __future__ import annotations
@@ -37,6 +44,64 @@ def clip_l():
                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                             bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
     return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+def clip_g():
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(1)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                            bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+
+
+def floor_seconds(model, steps: int) -> float:
+    import torch
+
+    from shared_core.encoders import encoder_layers, text_module
+    from shared_core.textenc import tokenize
+    from shared_core.tokenizer import clip_tokenizer
+
+    ids = tokenize(clip_tokenizer(), ["Van Gogh"])
+    for p in encoder_layers(model)[0].parameters():
+        p.requires_grad_(True)
+    run = text_module(model) if hasattr(model, "text_projection") else model
+    with torch.enable_grad():
+        run(input_ids=ids).last_hidden_state.square().mean().backward()  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            run(input_ids=ids).last_hidden_state.square().mean().backward()
+        seconds = time.perf_counter() - start
+    for p in encoder_layers(model)[0].parameters():
+        p.requires_grad_(False)
+    return seconds
+
+
+def sdxl(steps: int) -> dict:
+    """Both SDXL encoders: training against the floor; both halves vs CLIP-L alone vs CLIP-G alone on what the UNet reads."""
+    import torch
+
+    from shared_core.hirm import train_model_patch
+    from shared_core.report import TextView, view_report
+    from shared_core.tokenizer import clip_tokenizer
+
+    l_model, g_model = clip_l(), clip_g()
+    floor = floor_seconds(l_model, steps) + floor_seconds(g_model, steps)
+    encoders = {"clip_l": (l_model, clip_tokenizer()), "clip_g": (g_model, clip_tokenizer("!"), g_model.text_projection.weight.detach())}
+    start = time.perf_counter()
+    patch = train_model_patch(encoders, concepts=["Van Gogh"], preset="style", steps=steps, report=False)
+    train = time.perf_counter() - start
+    view = TextView(encoders)
+    keys = ("target_cosine_mean", "target_pooled_cosine_mean", "nontarget_drift_mean", "neighbor_drift_mean")
+    compared = {}
+    for label, part in (("both", patch), ("clip_l only", patch.part("clip_l")), ("clip_g only", patch.part("clip_g"))):
+        report = view_report(view, part.with_deltas(lambda d: d.to(torch.float16)), neighbors=None)
+        compared[label] = {k: report[k] for k in keys}
+    return {"floor_seconds": round(floor, 2), "train_seconds": round(train, 2), "ratio": round(train / floor, 3),
+            "peak_mb": round(peak_mb()), "patch_tensors": patch.tensor_count(), "compared": compared}
 
 
 def peak_mb() -> float:
@@ -146,7 +211,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="style preset, random method: 40")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--part", choices=("floor", "train", "command", "imports"), help=argparse.SUPPRESS)
+    ap.add_argument("--family", choices=("clip-l", "sdxl"), default="clip-l")
     args = ap.parse_args()
+    if args.family == "sdxl":
+        import torch
+
+        result = sdxl(args.steps) | {"threads": torch.get_num_threads()}
+        print(json.dumps(result, indent=2))
+        return
     if args.part:
         import torch
 

@@ -1,4 +1,4 @@
-"""``hirm nlce``: render a diffusers SD1.x pipeline with and without NLCE erasure, side by side."""
+"""``hirm nlce``: render a diffusers SD1.x or SDXL pipeline with and without NLCE erasure, side by side."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ import os
 from .errors import EncoderSourceError, HirmError
 from .files import atomic_write
 
-NO_MODEL = ("no model given: pass a diffusers SD1.x model folder (e.g. ./stable-diffusion-v1-5) or a Hub id "
-            "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)")
+NO_MODEL = ("no model given: pass a diffusers SD1.x or SDXL model folder (e.g. ./stable-diffusion-v1-5) or a Hub id "
+            "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0)")
 
 
 def add_parser(subparsers) -> None:
     from .nlce import NLCE_PRESETS
     from .nlce.config import setting_help as h
 
-    n = subparsers.add_parser("nlce", help="render with and without NLCE erasure (diffusers SD1.x), one grid PNG",
+    n = subparsers.add_parser("nlce", help="render with and without NLCE erasure (diffusers SD1.x / SDXL), one grid PNG",
                               description="Erase concepts at sampling time (no training) and save a side-by-side grid: "
                                           "left without, right with the erasure (same seed).")
-    n.add_argument("model", nargs="?", help="diffusers SD1.x model folder or Hub id")
+    n.add_argument("model", nargs="?", help="diffusers SD1.x or SDXL model folder or Hub id")
     n.add_argument("--concept", action="append", help="concept to erase (repeat for several); 'a | b | c' is ONE concept made "
                    "of several terms; 'nudity' stands for the shipped nudity term list")
     n.add_argument("--concept-terms", action="append", metavar="FILE",
@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     n.add_argument("--prompt", action="append", help="prompt to render (repeat for several rows)")
     n.add_argument("--negative-prompt", default=None)
     n.add_argument("--patch", action="append",
-                   help="also apply a HiRM patch (FILE or FILE:STRENGTH) to the text encoder for the erased column")
+                   help="also apply a HiRM patch (FILE or FILE:STRENGTH) to the text encoders for the erased column")
     n.add_argument("--preset", choices=sorted(NLCE_PRESETS), help="settings of the reference code for this kind of concept")
     n.add_argument("--schedule", choices=("single-pass", "faithful"), help=h("schedule", False))
     n.add_argument("--beta", type=float, help=h("beta"))
@@ -84,7 +84,7 @@ def _check_args(args) -> None:
 
 def _load_pipeline(model: str, device: str):
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoPipelineForText2Image
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if os.path.isfile(model):
@@ -93,20 +93,21 @@ def _load_pipeline(model: str, device: str):
     if not os.path.isdir(model) and "/" not in model:
         raise EncoderSourceError(f"{model}: no such folder; {NO_MODEL}")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        pipe = AutoPipelineForText2Image.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as e:
         raise EncoderSourceError(f"{model}: cannot load a Stable Diffusion pipeline ({str(e).splitlines()[0][:160]}); "
-                                 "pass an SD1.x diffusers folder, or connect once to download a Hub id") from None
-    return pipe.to(device)
+                                 "pass an SD1.x or SDXL diffusers folder, or connect once to download a Hub id") from None
+    return pipe.to(device=device, dtype=dtype)  # diffusers renamed from_pretrained's dtype argument; .to() takes it everywhere
 
 
 def _concept_set(args, concepts, pipe, config):
     """The operators: loaded, or built with the pipeline's text encoder as the erased column will run it."""
-    from .nlce import ConceptSet, build_concept_set, clip_row_encoder, neighbor_table
+    from .nlce import ConceptSet, build_concept_set, neighbor_table
+    from .nlce.diffusers import pipeline_row_encoder
 
     if args.operators:
         return ConceptSet.load(args.operators)
-    encode = clip_row_encoder(pipe.text_encoder, pipe.tokenizer)
+    encode = pipeline_row_encoder(pipe)
     return build_concept_set(encode, concepts, neighbor_table(encode, concepts, args.neighbors or args.neighbor), config)
 
 
@@ -134,7 +135,7 @@ def cmd_nlce(args) -> int:
 
     from .common import parse_patch_arg, resolve_device
     from .nlce import apply_nlce, make_nlce_config
-    from .patch import load_patch, patched
+    from .patch import load_patch, patched_pipeline
 
     _check_args(args)
     settings = {k: v for k, v in (("schedule", args.schedule), ("beta", args.beta), ("gamma", args.gamma),
@@ -152,7 +153,7 @@ def cmd_nlce(args) -> int:
                     height=args.size, width=args.size, generator=g).images[0]
 
     # the erased column first: every check (patches, concepts, settings, model) runs before any image is made
-    with patched(pipe.text_encoder, patches):
+    with patched_pipeline(pipe, patches):
         concept_set = _concept_set(args, concepts, pipe, config)
         prompts = args.prompt or [f"a picture of {concept_set.concepts[0]}"]
         handle = apply_nlce(pipe, concept_set=concept_set, preset=args.preset, **settings)

@@ -234,7 +234,7 @@ def base_encodings(view: TextView, prompts: list[str], ids: Mapping[str, torch.T
     if missing:
         hidden, pooled = view.encode({c: t[missing] for c, t in ids.items()}, done=done)
         for j, i in enumerate(missing):
-            found[i] = (hidden[j], pooled[j])
+            found[i] = (hidden[j].clone(), pooled[j].clone())  # not views: a cached row must not keep its whole batch alive
     with _LOCK:
         for i, p in enumerate(prompts):
             _MEMORY[(digest, p)] = found[i]

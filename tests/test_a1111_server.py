@@ -57,35 +57,38 @@ def job(url, kind="txt2img", erasure=None, prompt="a cat on a sofa", extra=None)
 
 def train_through_the_tab(server, name: str, with_report: bool = False, preset: str = "object", steps: int = 2):
     """The Train button's API (the webui's own gradio_client): its status line (and the report). 0 steps: the preset's."""
-    client = ("import json, sys\nfrom gradio_client import Client\n"
-              f"out = Client(sys.argv[1], verbose=False).predict('tiger', 'random', '', {preset!r}, {steps}, 42, {name!r}, False,"
-              " api_name='/hirm_erasure_train')\nprint(json.dumps(out))")
-    done = subprocess.run([PYTHON, "-c", client, server["url"] + "/"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    status, report = json.loads(done.stdout.strip().splitlines()[-1])
+    status, report = ws.train_via_api(PYTHON, server["url"], name, preset, steps)
     return (status, report) if with_report else status
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def start_server(tmp_path_factory, checkpoint: str, patches=((PATCH, CHECKPOINT, "cat"), (OTHER, CHECKPOINT, "dog"))):
+    """A copy of the A1111 checkout serving ``checkpoint``, with patches (file, trained on, concept) in its patch folder;
+    yields what the tests read. The jobs' ``SETTINGS`` name the checkpoint."""
     missing = [r for r in REPOSITORIES if not os.path.isdir(os.path.join(A1111, "repositories", r))]
     if missing:
         pytest.skip(f"{A1111}/repositories lacks {', '.join(missing)}: see docs/a1111.md for preparing an A1111 checkout")
-    assert os.path.isfile(CHECKPOINT), f"HIRM_SD15_CHECKPOINT={CHECKPOINT} is not a file"
+    assert os.path.isfile(checkpoint), f"{checkpoint} is not a file"
     base = tmp_path_factory.mktemp("a1111-server")
     # live previews would fetch the SDXL preview decoder (vaeapprox-sdxl.pt) from GitHub at the first SDXL job
-    webui = ws.prepare(A1111, base, CHECKPOINT, config={"live_previews_enable": False})
-    patches = webui / "models" / "erasure_patches"
-    ws.train_patch(CHECKPOINT, str(patches / PATCH))
-    (patches / "styles").mkdir()
-    ws.train_patch(CHECKPOINT, str(patches / OTHER), concept="dog")
+    webui = ws.prepare(A1111, base, checkpoint, config={"live_previews_enable": False,
+                                                       "sd_model_checkpoint": os.path.basename(checkpoint)})
+    for name, trained_on, concept in patches:
+        (webui / "models" / "erasure_patches" / name).parent.mkdir(parents=True, exist_ok=True)
+        ws.train_patch(trained_on, str(webui / "models" / "erasure_patches" / name), concept=concept,
+                       every_encoder=trained_on != CHECKPOINT)
     ws.clip_l_hf_cache(base / "hf-home")
     args = ["--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--precision", "full", "--api", "--skip-version-check",
             "--skip-python-version-check", "--log-startup"]
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(base / "hf-home"), "TRANSFORMERS_OFFLINE": "1"}
+    SETTINGS["sd_model_checkpoint"] = os.path.basename(checkpoint)
     with ws.running(PYTHON, webui, args, env, "A1111", ws.free_port()) as (url, log_path):
-        yield {"url": url, "log": log_path, "startup": log_path.read_text(), "webui": webui, "hf_home": base / "hf-home"}
+        yield {"url": url, "log": log_path, "startup": log_path.read_text(), "webui": webui, "hf_home": base / "hf-home",
+               "name": os.path.basename(checkpoint)}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from start_server(tmp_path_factory, CHECKPOINT)
 
 
 def test_a1111_installs_and_loads_the_extension_without_errors(server):
@@ -286,91 +289,3 @@ def test_an_fp8_model_refuses_patches_in_one_line_and_the_model_is_unchanged_aft
         assert ws.image_bytes(again) == ws.image_bytes(plain)
     finally:
         assert ws.post(url + "/sdapi/v1/options", {"fp8_storage": "Disable"})[0] == 200
-
-
-# ---------------------------------------------------------------------------------------------- SDXL (runs last: it loads SDXL)
-
-SDXL = os.environ.get("HIRM_SDXL_CHECKPOINT")
-
-
-def switch_to(server, path: str) -> str:
-    """Make the checkpoint at ``path`` the server's model (linked into models/Stable-diffusion) for the jobs that follow."""
-    name = os.path.basename(path)
-    link = server["webui"] / "models" / "Stable-diffusion" / name
-    if not link.exists():
-        os.symlink(os.path.abspath(path), link)
-        assert ws.post(server["url"] + "/sdapi/v1/refresh-checkpoints", {})[0] == 200
-    started = time.time()
-    status, out = ws.post(server["url"] + "/sdapi/v1/options", {"sd_model_checkpoint": name})
-    assert status == 200, out
-    print(f"{name} loaded in {time.time() - started:.0f} s")
-    SETTINGS["sd_model_checkpoint"] = name
-    return name
-
-
-@pytest.fixture(scope="module")
-def sdxl(server):
-    """The server switched to an SDXL checkpoint (random weights are fine; about 14 GB of memory in fp32), with a
-    CLIP-L patch trained on its CLIP-L."""
-    if not SDXL:
-        pytest.skip("set HIRM_SDXL_CHECKPOINT (a single-file SDXL base checkpoint) to run the SDXL cases")
-    ws.train_patch(SDXL, str(server["webui"] / "models" / "erasure_patches" / "xl-cat.safetensors"))
-    yield switch_to(server, SDXL)
-
-
-def test_sdxl_a_clip_l_patch_changes_the_picture_and_the_model_comes_back_byte_identical(server, sdxl):
-    url = server["url"]
-    _, plain = job(url)
-    status, erased = job(url, erasure=[True, "xl-cat.safetensors", 1.0])
-    assert status == 200, erased
-    assert 'Erasure patches: "xl-cat.safetensors:1"' in json.loads(erased["info"])["infotexts"][0]
-    _, again = job(url)
-    assert pixels(erased) != pixels(plain) and ws.image_bytes(again) == ws.image_bytes(plain)
-    status, out = job(url, kind="img2img", erasure=[True, "xl-cat.safetensors", 1.0],
-                      extra={"init_images": [plain["images"][0]], "denoising_strength": 0.6})
-    assert status == 200, out
-    # a patch trained on an SD1.x checkpoint fits SDXL's CLIP-L too (the same architecture)
-    status, other = job(url, erasure=[True, PATCH, 1.0])
-    assert status == 200 and pixels(other) != pixels(plain), other
-    _, again = job(url)
-    assert ws.image_bytes(again) == ws.image_bytes(plain)
-
-
-def test_sdxl_the_training_tab_trains_on_the_loaded_sdxl_checkpoint(server, sdxl):
-    status = train_through_the_tab(server, "xl-tiger")
-    print(f"SDXL train via gradio api: {status}")
-    assert status == "saved models/erasure_patches/xl-tiger.safetensors", status
-    from shared_core.encoders import load_text_encoder, model_signature, signatures_match
-    from shared_core.patch import read_metadata
-
-    trained = read_metadata(str(server["webui"] / "models" / "erasure_patches" / "xl-tiger.safetensors"))
-    assert signatures_match(trained["base_signature"], model_signature(load_text_encoder(SDXL).model))
-    _, plain = job(server["url"], prompt="a tiger")
-    status, erased = job(server["url"], prompt="a tiger", erasure=[True, "xl-tiger.safetensors", 1.0])
-    assert status == 200 and pixels(erased) != pixels(plain)
-
-
-@pytest.mark.parametrize("variable, refusal", [("HIRM_SD2_CHECKPOINT", "is an SD2.x model"),
-                                               ("HIRM_SDXL_REFINER_CHECKPOINT", "has no CLIP-L text encoder")])
-def test_models_erasure_cannot_serve_are_refused_in_one_line_naming_the_checkpoint(server, variable, refusal):
-    """An SD2.x checkpoint (OpenCLIP-H) and an SDXL refiner (bigG only), random weights: patches, NLCE and the Train tab
-    say in one line which checkpoint cannot be used and where to pick another; plain jobs are untouched."""
-    if not os.environ.get(variable):
-        pytest.skip(f"set {variable} to a single-file checkpoint of that kind")
-    name = switch_to(server, os.environ[variable])
-    url = server["url"]
-    status, plain = job(url)
-    assert status == 200, plain
-    nlce = [True, "None", 1.0, "None", 1.0, "None", 1.0, True, "cat", "", "object", 1.0, 1.0, "single-pass"]
-    for args in ([True, PATCH, 1.0], nlce):
-        status, out = job(url, erasure=args)
-        message = out.get("errors") or out.get("message") or ""
-        print(f"{name} {'patch' if args[1] != 'None' else 'NLCE'}: HTTP {status}: {message}")
-        assert status != 200 and "\n" not in message and "Traceback" not in message, out
-        assert (refusal in message and name in message) if args[1] != "None" else "NLCE" in message, message
-    _, again = job(url)
-    assert ws.image_bytes(again) == ws.image_bytes(plain)
-    line = train_through_the_tab(server, "nothing")
-    print(f"{name} Train tab: {line}")
-    assert refusal in line and name in line and "'Stable Diffusion checkpoint' menu" in line, line
-    assert not (server["webui"] / "models" / "erasure_patches" / "nothing.safetensors").exists()

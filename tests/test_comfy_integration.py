@@ -323,3 +323,63 @@ def test_example_workflows_validate_in_comfyui(pack, tmp_path):
         valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
         assert valid, (os.path.basename(path), error, node_errors)
         assert outputs
+
+
+# ---------------------------------------------------------------------------------------------- SDXL
+
+SDXL = os.environ.get("HIRM_SDXL_CHECKPOINT")
+
+
+@pytest.fixture(scope="module")
+def sdxl(pack):
+    """An SDXL base checkpoint (random weights are fine) as ComfyUI's CheckpointLoaderSimple loads it: MODEL, CLIP."""
+    if not SDXL:
+        pytest.skip("set HIRM_SDXL_CHECKPOINT (a single-file SDXL base checkpoint) for the SDXL cases")
+    import comfy.sd
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(SDXL, output_vae=False, output_clipvision=False)
+    return model, clip
+
+
+def test_sdxl_train_gives_one_patch_for_both_encoders_and_apply_changes_both_halves_of_the_conditioning(pack, sdxl):
+    _, clip = sdxl
+    with torch.inference_mode():
+        plain = encode(pack, clip, "a photo of a cat")[0]
+        patch, report = run(pack, "HirmTrainErasurePatch", clip, "cat", "random", "", "style", False, 1, 5e-5, 0)
+        patched = run(pack, "HirmApplyEncoderPatch", clip, patch, 1.0)[0]
+        erased = encode(pack, patched, "a photo of a cat")[0]
+    assert patch.components == ["clip_l", "clip_g"] and "pooled (CLIP-G)" in report
+    keys = set(patched.patcher.patches)
+    assert any(k.startswith("clip_l.") for k in keys) and any(k.startswith("clip_g.") for k in keys)
+    rows, erased_rows = plain[0], erased[0]
+    assert rows.shape[-1] == 2048
+    assert not torch.allclose(rows[..., :768], erased_rows[..., :768], atol=1e-3)  # CLIP-L's half
+    assert not torch.allclose(rows[..., 768:], erased_rows[..., 768:], atol=1e-3)  # CLIP-G's half
+    assert not torch.allclose(plain[1]["pooled_output"], erased[1]["pooled_output"], atol=1e-4)
+    assert not clip.patcher.patches
+    # saved, the SDXL patch is also a LoRA the stock loader applies to both encoders (keys lora_te1_ / lora_te2_)
+    model, _ = sdxl
+    run(pack, "HirmSaveErasurePatch", patch, "xl-cat", True)
+    with torch.inference_mode():
+        _, by_lora = pack["nodes"].LoraLoader().load_lora(model, clip, "xl-cat.safetensors", 0.0, 1.0)
+        saved = run(pack, "HirmLoadErasurePatch", "xl-cat.safetensors")[0]
+        by_node = run(pack, "HirmApplyEncoderPatch", clip, saved, 1.0)[0]
+        a, b = (encode(pack, c, "a photo of a cat")[0][0] for c in (by_lora, by_node))
+    assert torch.equal(a, b) and not torch.equal(a, rows)
+
+
+def test_nlce_gate_on_an_sdxl_model_erases_in_the_conditional_half_and_leaves_the_model_unchanged(pack, sdxl):
+    model, clip = sdxl
+    options_before = repr(model.model_options)
+    with torch.inference_mode():
+        vanilla = sample_at_t500(pack, model, clip, "cat")
+        gated, used = run(pack, "HirmNlceGate", model, clip, "cat", "dog", "object", 1.0, True, 1.0, "mask", "single-pass")
+        erased = sample_at_t500(pack, gated, clip, "cat")
+        vanilla_again = sample_at_t500(pack, model, clip, "cat")
+    state = gated.model_options["model_function_wrapper"].__self__
+    assert state.session.concepts.family == "sdxl" and state.gating == ("input", 8, 0)
+    assert torch.isfinite(erased).all() and (erased - vanilla).norm() > 0
+    assert torch.equal(vanilla, vanilla_again) and repr(model.model_options) == options_before
+    last = state.session.diagnostics[-1]
+    cond = 1 if last["active"][0] == [] else 0
+    assert last["live_tokens"][1 - cond] == []  # nothing is live in the unconditional half

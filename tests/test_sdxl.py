@@ -294,3 +294,28 @@ def test_nlce_refuses_an_sdxl_refiner_pipeline(xl):
                               tokenizer_2=xl.tokenizer_2)
     with pytest.raises(NlceError, match="does not support an SDXL refiner"):
         apply_nlce(refiner, ["cat"])
+
+
+def test_hirm_nlce_renders_an_sdxl_folder_with_its_both_encoder_patch(xl, tmp_path):
+    import json
+
+    from PIL import Image
+
+    xl.save_pretrained(str(tmp_path / "sdxl"))
+    patch = save_patch(train_model_patch(sdxl_encoders(xl), concepts=["cat"], steps=2, report=False), str(tmp_path / "p.safetensors"))
+    out = tmp_path / "grid.png"
+    assert main(["nlce", str(tmp_path / "sdxl"), "--concept", "cat", "--prompt", "a cat", "--patch", patch, "--steps", "2",
+                 "--size", "16", "--out", str(out)]) == 0
+    record = json.loads(Image.open(out).text["hirm-nlce"])
+    assert record["concepts"] == ["cat"] and Image.open(out).size == (32, 16)
+
+
+def test_pony_style_score_tags_are_concepts_like_any_other_text(xl):
+    from shared_core.nlce import apply_nlce
+
+    tags = "score_9, score_8_up, score_7_up"
+    patch = train_model_patch(sdxl_encoders(xl), concepts=[tags], steps=1, report=False)
+    assert patch.concepts == [tags] and patch.components == ["clip_l", "clip_g"]
+    with apply_nlce(xl, ["score_9", "score_8_up"], **LOW) as h:
+        assert h.concept_set.concepts == ["score_9", "score_8_up"]
+        assert torch.isfinite(render_xl(xl, "score_9, a photo of a cat", steps=1)).all()

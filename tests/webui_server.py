@@ -75,14 +75,32 @@ def prepare(source: str, base, checkpoint: str, config: dict | None = None):
     return webui
 
 
-def train_patch(checkpoint: str, path: str, concept: str = "cat") -> None:
-    """A HiRM patch trained (2 steps) on the checkpoint's CLIP-L with the project's own API."""
-    from shared_core.encoders import load_text_encoder
-    from shared_core.hirm import train_patch as train
+def train_patch(checkpoint: str, path: str, concept: str = "cat", every_encoder: bool = False) -> None:
+    """A HiRM patch trained (2 steps) with the project's own API on the checkpoint's CLIP-L, or on every text encoder it
+    has (SDXL: CLIP-L and CLIP-G, one patch)."""
+    from shared_core.encoders import load_text_encoders
+    from shared_core.hirm import train_model_patch
     from shared_core.patch import save_patch
 
-    enc = load_text_encoder(checkpoint)
-    save_patch(train(enc.model, enc.tokenizer, concepts=[concept], steps=2, report=False), path)
+    encoders = load_text_encoders(checkpoint, None if every_encoder else ["clip_l"])
+    patch = train_model_patch({c: (e.model, e.tokenizer, e.projection) for c, e in encoders.items()}, concepts=[concept],
+                              steps=2, report=False)
+    save_patch(patch, path)
+
+
+def train_via_api(python: str, url: str, name: str, preset: str = "object", steps: int = 2, concept: str = "tiger"):
+    """The Erasure tab's Train button through the webui's own gradio_client (api_name hirm_erasure_train), run with the
+    webui's Python: (status line, report). 0 steps: the preset's."""
+    import subprocess
+
+    client = ("import json, sys\nfrom gradio_client import Client\n"
+              f"out = Client(sys.argv[1], verbose=False).predict({concept!r}, 'random', '', {preset!r}, {steps}, 42, {name!r}, "
+              "False, api_name='/hirm_erasure_train')\nprint(json.dumps(out))")
+    done = subprocess.run([python, "-c", client, url + "/"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    status, report = json.loads(done.stdout.strip().splitlines()[-1])
+    return status, report
 
 
 def free_port() -> int:

@@ -232,6 +232,16 @@ def pipeline_family(pipe) -> str:
                     f"({', '.join(f'{c} {w}' for c, w in widths.items()) or 'none'}); NLCE supports SD1.x and SDXL pipelines")
 
 
+def pipeline_row_encoder(pipe):
+    """The row encoder whose rows are what this pipeline's UNet reads (``clip_row_encoder`` / ``sdxl_row_encoder``)."""
+    tokenizers = (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
+    if pipeline_family(pipe) == "sdxl":
+        return sdxl_row_encoder(pipe.text_encoder, tokenizers[0], pipe.text_encoder_2, tokenizers[1])
+    if tokenizers[0] is None:
+        raise NlceError("the pipeline has no tokenizer to encode the concepts with; pass concept_set=")
+    return clip_row_encoder(pipe.text_encoder, tokenizers[0])
+
+
 def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet | None = None, preset: str | None = None,
                gating_layer: str | None = None, record_maps: bool = False, mine_top_k: int = 8, **settings) -> NlceHandle:
     """Erase ``concepts`` from a diffusers SD1.x or SDXL pipeline at sampling time; returns a handle (``remove()``).
@@ -254,13 +264,7 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
     family = pipeline_family(pipe)
     if concept_set is None:
         config = make_nlce_config(preset, **settings)
-        tokenizers = (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
-        if family == "sdxl":
-            encode = sdxl_row_encoder(pipe.text_encoder, tokenizers[0], pipe.text_encoder_2, tokenizers[1])
-        elif tokenizers[0] is None:
-            raise NlceError("the pipeline has no tokenizer to encode the concepts with; pass concept_set=")
-        else:
-            encode = clip_row_encoder(pipe.text_encoder, tokenizers[0])
+        encode = pipeline_row_encoder(pipe)
         concept_set = build_concept_set(encode, concepts, neighbor_table(encode, concepts, neighbors, mine_top_k), config)
     else:
         if concepts or neighbors:
