@@ -109,26 +109,14 @@ def peak_mb() -> float:
 
 
 def part_floor(steps: int) -> dict:
-    import torch
-
-    from shared_core.encoders import encoder_layers
-    from shared_core.textenc import tokenize
+    from shared_core.report import BATCH, report_prompt_count
+    from shared_core.textenc import encode, tokenize
     from shared_core.tokenizer import clip_tokenizer
 
     model = clip_l()
-    ids = tokenize(clip_tokenizer(), ["Van Gogh"])
-    for p in encoder_layers(model)[0].parameters():
-        p.requires_grad_(True)
-    with torch.enable_grad():
-        model(input_ids=ids).last_hidden_state.square().mean().backward()  # warm-up
-        start = time.perf_counter()
-        for _ in range(steps):
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ids).last_hidden_state.square().mean().backward()
-        seconds = time.perf_counter() - start
+    seconds = floor_seconds(model, steps)
     # the report's own floor: one forward pass (batches of report.BATCH) over as many 77-token prompts as it measures
-    from shared_core.report import BATCH, report_prompt_count
-    from shared_core.textenc import encode
+    ids = tokenize(clip_tokenizer(), ["Van Gogh"])
 
     n = report_prompt_count(clip_tokenizer(), ["Van Gogh"], None, "style")
     many = ids.expand(n, -1).clone()

@@ -4,7 +4,7 @@
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny import canonical_state_dict, random_clip, tiny_clip, tiny_config
+from tiny import canonical_state_dict, openclip_state_dict, random_clip, tiny_clip, tiny_config
 
 from shared_core.encoders import (
     base_signature, build_text_model, canonical_parameters, encoder_architecture, load_text_encoder, model_signature, signatures_match,
@@ -123,22 +123,7 @@ def test_architecture_of_clip_l():
 
 def test_sdxl_bigg_in_openclip_layout_loads_as_clip_g(tmp_path, reference):
     """SDXL single files hold bigG as an OpenCLIP tower (fused in_proj); --component clip_g reads it."""
-    sd = canonical_state_dict(reference[0])
-    p = "conditioner.embedders.1.model."
-    out = {p + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
-           p + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
-           p + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
-           p + "ln_final.bias": sd["text_model.final_layer_norm.bias"]}
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    for i in range(3):
-        base = f"text_model.encoder.layers.{i}."
-        for hf, oc in names.items():
-            for kind in ("weight", "bias"):
-                out[f"{p}transformer.resblocks.{i}.{oc}.{kind}"] = sd[base + hf + "." + kind]
-        for kind in ("weight", "bias"):
-            out[f"{p}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
-                [sd[f"{base}self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")])
+    out = openclip_state_dict(canonical_state_dict(reference[0]), "conditioner.embedders.1.model.")
     path = tmp_path / "sdxl.safetensors"
     save_file(out | canonical_state_dict(random_clip(tiny_config(), seed=9), "conditioner.embedders.0.transformer."), str(path))
     loaded = load_text_encoder(str(path), component="clip_g")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny import canonical_state_dict, random_clip, same_weights, snapshot, tiny_config
+from tiny import canonical_state_dict, openclip_state_dict, random_clip, same_weights, snapshot, tiny_config
 from tiny_pipeline import G_WIDTH, L_WIDTH, sdxl_encoders, tiny_pipeline, tiny_sdxl_pipeline
 
 from shared_core.adapters import patcher
@@ -109,22 +109,8 @@ def sdxl_single_file(pipe, path):
     """An SDXL single file as people have them: CLIP-L under conditioner.embedders.0.transformer, bigG as an OpenCLIP
     tower (fused q/k/v) under conditioner.embedders.1.model with its text_projection (applied as x @ P)."""
     sd = canonical_state_dict(pipe.text_encoder, "conditioner.embedders.0.transformer.")
-    g = canonical_state_dict(pipe.text_encoder_2)
-    p = "conditioner.embedders.1.model."
-    sd.update({p + "token_embedding.weight": g["text_model.embeddings.token_embedding.weight"],
-               p + "positional_embedding": g["text_model.embeddings.position_embedding.weight"],
-               p + "ln_final.weight": g["text_model.final_layer_norm.weight"], p + "ln_final.bias": g["text_model.final_layer_norm.bias"],
-               p + "text_projection": pipe.text_encoder_2.text_projection.weight.detach().T.contiguous()})
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
-             "mlp.fc2": "mlp.c_proj"}
-    for i in range(pipe.text_encoder_2.config.num_hidden_layers):
-        base = f"text_model.encoder.layers.{i}."
-        for hf, oc in names.items():
-            for kind in ("weight", "bias"):
-                sd[f"{p}transformer.resblocks.{i}.{oc}.{kind}"] = g[base + hf + "." + kind]
-        for kind in ("weight", "bias"):
-            sd[f"{p}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
-                [g[f"{base}self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")])
+    sd.update(openclip_state_dict(canonical_state_dict(pipe.text_encoder_2), "conditioner.embedders.1.model."))
+    sd["conditioner.embedders.1.model.text_projection"] = pipe.text_encoder_2.text_projection.weight.detach().T.contiguous()
     sd["model.diffusion_model.out.0.weight"] = torch.ones(3)  # a UNet tensor, carried over untouched
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path

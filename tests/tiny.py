@@ -55,3 +55,25 @@ def snapshot(model):
 def same_weights(model, snap) -> bool:
     now = model.state_dict()
     return now.keys() == snap.keys() and all(torch.equal(now[k], snap[k]) for k in snap)
+
+
+def openclip_state_dict(canonical: dict, prefix: str) -> dict:
+    """A canonical CLIP state dict in the layout SDXL single files keep bigG in (an OpenCLIP text tower behind
+    ``prefix``: fused q/k/v ``attn.in_proj_*``, ``ln_1``/``ln_2``, ``mlp.c_fc``/``c_proj``), written out by hand so that
+    the core's own mapping is checked against it."""
+    out = {prefix + "token_embedding.weight": canonical["text_model.embeddings.token_embedding.weight"],
+           prefix + "positional_embedding": canonical["text_model.embeddings.position_embedding.weight"],
+           prefix + "ln_final.weight": canonical["text_model.final_layer_norm.weight"],
+           prefix + "ln_final.bias": canonical["text_model.final_layer_norm.bias"]}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
+             "mlp.fc2": "mlp.c_proj"}
+    layers = 1 + max(int(k.split(".")[3]) for k in canonical if k.startswith("text_model.encoder.layers."))
+    for i in range(layers):
+        base = f"text_model.encoder.layers.{i}."
+        for hf, oc in names.items():
+            for kind in ("weight", "bias"):
+                out[f"{prefix}transformer.resblocks.{i}.{oc}.{kind}"] = canonical[base + hf + "." + kind]
+        for kind in ("weight", "bias"):
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [canonical[f"{base}self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")])
+    return out
