@@ -9,7 +9,7 @@ import sys
 import tempfile
 import warnings
 
-from . import __version__, cli_hub, cli_nlce
+from . import __version__, cli_eval, cli_hub, cli_nlce
 from .common import parse_patch_arg, resolve_device, slug
 from .errors import HirmError
 from .files import atomic_folder, atomic_write, check_target
@@ -520,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     cli_nlce.add_parser(sub)
+    cli_eval.add_parser(sub)
     cli_hub.add_parsers(sub)
     return ap
 
@@ -551,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hirm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hirm: interrupted; nothing was written", file=sys.stderr)
+        print(f"hirm: interrupted; {getattr(args.func, 'interrupted', 'nothing was written')}", file=sys.stderr)
         return 130
 
 

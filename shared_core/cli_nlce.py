@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 
-from .errors import EncoderSourceError, HirmError
+from .errors import HirmError
 from .files import atomic_write
+from .pipelines import NO_MODEL
 
-NO_MODEL = ("no model given: pass a diffusers SD1.x or SDXL model folder (e.g. ./stable-diffusion-v1-5) or a Hub id "
-            "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0)")
 
 
 def add_parser(subparsers) -> None:
@@ -82,24 +80,6 @@ def _check_args(args) -> None:
         check_target(args.save_operators, args.force, is_operator_file, "NLCE operator file")
 
 
-def _load_pipeline(model: str, device: str):
-    import torch
-    from diffusers import AutoPipelineForText2Image
-
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    if os.path.isfile(model):
-        raise EncoderSourceError(f"{model}: hirm nlce needs a diffusers model folder or Hub id, not a single file; "
-                                 "convert it once with diffusers' convert_original_stable_diffusion_to_diffusers.py")
-    if not os.path.isdir(model) and "/" not in model:
-        raise EncoderSourceError(f"{model}: no such folder; {NO_MODEL}")
-    try:
-        pipe = AutoPipelineForText2Image.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise EncoderSourceError(f"{model}: cannot load a Stable Diffusion pipeline ({str(e).splitlines()[0][:160]}); "
-                                 "pass an SD1.x or SDXL diffusers folder, or connect once to download a Hub id") from None
-    return pipe.to(device=device, dtype=dtype)  # diffusers renamed from_pretrained's dtype argument; .to() takes it everywhere
-
-
 def _concept_set(args, concepts, pipe, config):
     """The operators: loaded, or built with the pipeline's text encoder as the erased column will run it."""
     from .nlce import ConceptSet, build_concept_set, neighbor_table
@@ -136,6 +116,7 @@ def cmd_nlce(args) -> int:
     from .common import parse_patch_arg, resolve_device
     from .nlce import apply_nlce, make_nlce_config
     from .patch import load_patch, patched_pipeline
+    from .pipelines import load_pipeline
 
     _check_args(args)
     settings = {k: v for k, v in (("schedule", args.schedule), ("beta", args.beta), ("gamma", args.gamma),
@@ -144,8 +125,7 @@ def cmd_nlce(args) -> int:
     concepts = _concepts(args)
     patch_args = [parse_patch_arg(p) for p in args.patch or []]
     patches = [(load_patch(f), s) for f, s in patch_args]
-    pipe = _load_pipeline(args.model, resolve_device(args.device))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.model, resolve_device(args.device))
 
     def render(prompt):
         g = torch.Generator(device="cpu").manual_seed(args.seed)

@@ -267,9 +267,9 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]):
 
 
 def _owned(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
-    """``t`` on ``device`` / ``dtype``; a normal copy when ``t`` is an inference tensor (a host's
-    live weights after a generation), which a model outside inference mode cannot hold."""
-    return t.to(device=device, dtype=dtype or t.dtype, copy=t.is_inference())
+    """A copy of ``t`` on ``device`` / ``dtype``, made outside inference mode: the model owns its weights (training
+    changes them; a host's live tensors, inference tensors among them, are never touched)."""
+    return t.to(device=device, dtype=dtype or t.dtype, copy=True)
 
 
 def build_text_model(sd: Mapping[str, torch.Tensor], config=None, device="cpu",

@@ -10,9 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 
 
-def test_there_are_the_three_examples():
-    assert [os.path.basename(f) for f in FILES] == ["hirm_clip_l_patch_flux.json", "hirm_patch_plus_nlce_sd15.json",
-                                                    "hirm_train_apply_sd15.json"]
+def test_there_are_the_four_examples():
+    assert [os.path.basename(f) for f in FILES] == ["hirm_clip_l_patch_flux.json", "hirm_compare_seeds_sd15.json",
+                                                    "hirm_patch_plus_nlce_sd15.json", "hirm_train_apply_sd15.json"]
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
@@ -51,6 +51,17 @@ def test_the_sd15_examples_save_the_original_beside_the_erased_image(name):
     assert not any(t.startswith("Hirm") for t in upstream(original))
     assert {"HirmApplyEncoderPatch"} <= upstream(erased)
     assert any(links[lid][1] == stitch["id"] for lid in links) and "SaveImage" in {nodes[links[l][1]]["type"] for l in stitch["outputs"][0]["links"]}
+
+
+def test_the_seed_comparison_samples_each_seed_without_and_with_the_erasure_into_one_saved_image():
+    graph = json.load(open(os.path.join(ROOT, "example_workflows", "hirm_compare_seeds_sd15.json")))
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    samplers = [n for n in nodes.values() if n["type"] == "KSampler"]
+    seeds = sorted(n["widgets_values"][0] for n in samplers)
+    assert seeds == [0, 0, 1, 1] and all(n["widgets_values"][1] == "fixed" for n in samplers)
+    by_model = {n["id"]: nodes[next(l[1] for l in graph["links"] if l[0] == n["inputs"][0]["link"])]["type"] for n in samplers}
+    assert sorted(by_model.values()) == ["CheckpointLoaderSimple"] * 2 + ["HirmNlceGate"] * 2
+    assert [n["type"] for n in nodes.values()].count("SaveImage") == 1
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)

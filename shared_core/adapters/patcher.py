@@ -32,17 +32,13 @@ def components(clip_sd: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def encoder_weights(clip_sd: Mapping[str, torch.Tensor], component: str = "clip_l") -> dict[str, torch.Tensor]:
-    """Canonical copy of one text encoder of a patcher CLIP's state dict (``clip.get_sd()``).
-
-    The copy is made outside inference mode, so that a model built from it can be trained and
-    nothing done to it reaches the CLIP's own tensors.
-    """
+    """One text encoder of a patcher CLIP's state dict (``clip.get_sd()``) under canonical names: the CLIP's own
+    tensors, detached (``build_text_model`` copies them, so nothing done to a model built from them reaches the CLIP)."""
     prefix = PATCHER_LAYOUTS[component].prefix
     if not any(k.startswith(prefix) for k in clip_sd):
         raise HirmError(f"this CLIP has no {component} text encoder (it has {', '.join(components(clip_sd)) or 'nothing'}); "
                         "use the CLIP of an SD1.x, SDXL or Flux model")
-    with torch.inference_mode(False):
-        own = {k: v.detach().clone() for k, v in clip_sd.items() if k.startswith(component + ".")}
+    own = {k: v.detach() for k, v in clip_sd.items() if k.startswith(component + ".")}
     _, canon = extract_text_encoder(own, component, source=f"the CLIP's {component}")
     return canon
 
@@ -59,9 +55,7 @@ def model_encoders(clip_sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[dict[
     out = {}
     for c in found:
         projection = text_projection(clip_sd, PATCHER_LAYOUTS[c].prefix) if c == "clip_g" else None
-        with torch.inference_mode(False):
-            projection = None if projection is None else projection.detach().clone()
-        out[c] = (encoder_weights(clip_sd, c), projection)
+        out[c] = (encoder_weights(clip_sd, c), None if projection is None else projection.detach())
     return out
 
 

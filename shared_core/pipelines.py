@@ -1,0 +1,51 @@
+"""Loading a diffusers text-to-image pipeline from what a user has (a model folder, a Hub id, a single file)."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import EncoderSourceError
+
+NO_MODEL = ("no model given: pass a diffusers SD1.x or SDXL model folder (e.g. ./stable-diffusion-v1-5), a Hub id "
+            "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0) or a single-file "
+            "checkpoint")
+
+
+def load_pipeline(model: str, device: str):
+    """An SD1.x / SDXL pipeline on ``device`` (fp16 on CUDA, fp32 elsewhere), progress bars off.
+
+    A single file is read with diffusers' ``from_single_file``, which needs the model type's configuration from the Hub
+    once (then from the cache); offline without it, the message says to use a diffusers folder.
+    """
+    import diffusers
+    import torch
+    import transformers
+    from diffusers import AutoPipelineForText2Image
+
+    diffusers.utils.logging.disable_progress_bar()  # loading bars: the commands draw their own for the work
+    transformers.utils.logging.disable_progress_bar()
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    if os.path.isfile(model):
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        from .encoders import load_state_dict_file, text_components
+
+        xl = "clip_g" in text_components(load_state_dict_file(model).keys())
+        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        try:
+            pipe = cls.from_single_file(model, **({} if xl else {"safety_checker": None, "requires_safety_checker": False}))
+        except Exception as e:  # diffusers raises several kinds (config not cached offline, unknown layout)
+            raise EncoderSourceError(f"{model}: diffusers cannot read it as a single-file {'SDXL' if xl else 'SD1.x'} checkpoint "
+                                     f"({str(e).splitlines()[0][:160]}); offline it needs the model type's config in the "
+                                     "Hugging Face cache: convert the file to a diffusers folder once instead") from None
+    elif os.path.isdir(model) or "/" in model:
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError) as e:
+            raise EncoderSourceError(f"{model}: cannot load a Stable Diffusion pipeline ({str(e).splitlines()[0][:160]}); "
+                                     "pass an SD1.x or SDXL diffusers folder, or connect once to download a Hub id") from None
+    else:
+        raise EncoderSourceError(f"{model}: no such file or folder; {NO_MODEL}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)  # diffusers renamed from_pretrained's dtype argument; .to() takes it everywhere
