@@ -108,23 +108,27 @@ def _umask_mode() -> int:
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None], *, overwrite: bool = False,
                  is_ours: Callable[[str], bool] | None = None, what: str = "file",
-                 force_hint: str = "pass --force to replace it") -> str:
+                 force_hint: str = "pass --force to replace it", durable: bool = True, sweep: bool = True) -> str:
     """Write ``path`` atomically: ``write(f)`` fills a binary file object; the file appears only when complete.
 
     See the module docstring for the rule on existing paths. Any OS error (a read-only folder, a
-    full disk) is one ``WriteRefused`` line, and nothing is left behind.
+    full disk) is one ``WriteRefused`` line, and nothing is left behind. ``durable=False`` skips the
+    fsyncs (the write stays atomic for a killed process, not for a power cut: for many small files
+    that can be made again, such as an evaluation's images); ``sweep=False`` leaves the folder's
+    stale temporaries to a caller that swept them once.
     """
     check_target(path, overwrite, is_ours, what, force_hint)
     parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)
-        sweep_stale_temporaries(parent)
+        if sweep:
+            sweep_stale_temporaries(parent)
         try:
-            _write_unnamed(path, parent, write, overwrite)
+            _write_unnamed(path, parent, write, overwrite, durable)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.EXDEV) or not hasattr(os, "O_TMPFILE"):
                 raise
-            _write_named(path, parent, write, overwrite)
+            _write_named(path, parent, write, overwrite, durable)
     except WriteRefused:
         raise
     except FileExistsError:
@@ -134,14 +138,15 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], *, overwrite: boo
     return path
 
 
-def _write_unnamed(path: str, parent: str, write, overwrite: bool) -> None:
+def _write_unnamed(path: str, parent: str, write, overwrite: bool, durable: bool = True) -> None:
     if not hasattr(os, "O_TMPFILE"):
         raise OSError(errno.EOPNOTSUPP, "no unnamed temporary files")
     fd = os.open(parent, os.O_TMPFILE | os.O_WRONLY, _umask_mode())
     with os.fdopen(fd, "wb") as f:
         write(f)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
         source = f"/proc/self/fd/{f.fileno()}"
         if not overwrite or not os.path.exists(path):
             os.link(source, path, follow_symlinks=True)  # fails if the name appeared meanwhile: never clobbers
@@ -153,17 +158,19 @@ def _write_unnamed(path: str, parent: str, write, overwrite: bool) -> None:
             except BaseException:
                 os.unlink(tmp)
                 raise
-    _fsync_folder(parent)
+    if durable:
+        _fsync_folder(parent)
 
 
-def _write_named(path: str, parent: str, write, overwrite: bool) -> None:
+def _write_named(path: str, parent: str, write, overwrite: bool, durable: bool = True) -> None:
     tmp = os.path.join(parent, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{os.path.splitext(path)[1]}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _umask_mode())
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -173,7 +180,8 @@ def _write_named(path: str, parent: str, write, overwrite: bool) -> None:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_folder(parent)
+    if durable:
+        _fsync_folder(parent)
 
 
 def atomic_folder(path: str, write: Callable[[str], None], what: str = "folder") -> str:

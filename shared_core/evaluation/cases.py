@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from ..errors import HirmError
-from ..files import atomic_write
+from ..files import atomic_write, sweep_stale_temporaries
 from .suites import Prompt
 
 DEFENCES = ("none", "patch", "nlce", "both")
@@ -86,6 +86,7 @@ class Store:
                 if held.get("fingerprint") != self.fingerprint:
                     raise HirmError(f"--out {self.folder} holds an evaluation with other settings; give a new folder name "
                                     "(or rerun with the same settings to resume it)")
+                sweep_stale_temporaries(self.cases)  # what a killed run left (case writes do not sweep each time)
                 return self
         os.makedirs(self.cases, exist_ok=True)
         body = json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "settings": self.settings}, indent=2,
@@ -104,11 +105,12 @@ class Store:
         return os.path.isfile(self.path(case, "json"))
 
     def save(self, case: Case, image, record: dict) -> None:
-        """The case's PNG, then its record (the record marks it done)."""
-        atomic_write(self.path(case, "png"), lambda f: image.save(f, format="PNG"), overwrite=True,
-                     is_ours=lambda p: True, what="case image")
+        """The case's PNG, then its record (the record marks it done). Atomic, not fsynced: a power cut may lose a case,
+        which the next run renders again; the folder's stale temporaries were swept when it was opened."""
+        fast = dict(overwrite=True, is_ours=lambda p: True, durable=False, sweep=False)
+        atomic_write(self.path(case, "png"), lambda f: image.save(f, format="PNG"), what="case image", **fast)
         body = json.dumps({"case": asdict(case), **record}, sort_keys=True).encode()
-        atomic_write(self.path(case, "json"), lambda f: f.write(body), overwrite=True, is_ours=lambda p: True, what="case record")
+        atomic_write(self.path(case, "json"), lambda f: f.write(body), what="case record", **fast)
 
     def record(self, case: Case) -> dict:
         return _read_json(self.path(case, "json"))
