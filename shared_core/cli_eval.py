@@ -158,17 +158,17 @@ def cmd_eval(args) -> int:
     patches = [(load_patch(p["file"]), p["strength"]) for p in settings["patches"]]  # every file checked before rendering
     shard = _shard(args.shard)
     index, count, barrier, is_main = process_slot(shard)
-    store = Store(args.out, settings)
-    if is_main:
-        store.open()
-    barrier()
-    store.open()
+    store = Store(args.out, settings).open(create=False)  # a folder that cannot be used is said before any loading
     device = resolve_device(args.device)
     if shard is None and count > 1:
         from accelerate import PartialState
 
         device = str(PartialState().device)
     pipe = load_pipeline(args.model, device)
+    if is_main:
+        store.open()
+    barrier()
+    store.open()
     family = pipeline_family(pipe)
     neighbors = settings["neighbors"]
     if neighbors == "auto":

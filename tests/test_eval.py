@@ -226,3 +226,17 @@ def test_the_report_page_renders_in_a_real_headless_browser(sd1, tmp_path):
     assert image.size == (1200, 1600) and colours and len(colours) > 50  # text, tables, plots and images, not a blank page
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page  # self-contained
+
+
+def test_a_single_file_that_diffusers_cannot_read_offline_is_one_line(sd1, tmp_path, capsys, monkeypatch):
+    from tiny import canonical_state_dict, random_clip, tiny_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    single = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(canonical_state_dict(random_clip(tiny_config()), "cond_stage_model.transformer."), str(single))
+    assert main(["eval", str(single), "--concept", "cat", "--nlce", "--out", str(tmp_path / "eval"), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "single-file SD1.x checkpoint" in err[0] and "diffusers folder" in err[0]
+    assert not (tmp_path / "eval").exists()  # nothing is made before the model loads

@@ -69,8 +69,9 @@ class Store:
         self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.cases = os.path.join(folder, "cases")
 
-    def open(self) -> "Store":
-        """Claim the folder: a new one, or one an earlier run of the same settings left (the run then resumes)."""
+    def open(self, create: bool = True) -> "Store":
+        """Claim the folder: a new one, or one an earlier run of the same settings left (the run then resumes).
+        ``create=False`` only checks that it could (before a model is loaded), creating nothing."""
         marker = os.path.join(self.folder, "eval.json")
         if os.path.lexists(self.folder):
             if not os.path.isdir(self.folder) or os.path.islink(self.folder):
@@ -86,8 +87,11 @@ class Store:
                 if held.get("fingerprint") != self.fingerprint:
                     raise HirmError(f"--out {self.folder} holds an evaluation with other settings; give a new folder name "
                                     "(or rerun with the same settings to resume it)")
-                sweep_stale_temporaries(self.cases)  # what a killed run left (case writes do not sweep each time)
+                if create:
+                    sweep_stale_temporaries(self.cases)  # what a killed run left (case writes do not sweep each time)
                 return self
+        if not create:
+            return self
         os.makedirs(self.cases, exist_ok=True)
         body = json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "settings": self.settings}, indent=2,
                           sort_keys=True, default=str).encode()
