@@ -31,13 +31,18 @@ def sd1(tmp_path_factory):
     return {"model": str(base / "model"), "patch": patch, "base": base}
 
 
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def run_eval(sd1, out, *extra):
     return main(["eval", sd1["model"], "--concept", "cat", "--patch", sd1["patch"], "--nlce", "--out", str(out), *FAST, *extra])
 
 
 def scores(out) -> list:
     """What must not depend on how the work was split: every case and its scores, the summary, the sweep."""
-    m = json.load(open(os.path.join(out, "metrics.json")))
+    m = load(os.path.join(out, "metrics.json"))
     cases = [{k: v for k, v in c.items() if not k.endswith("_seconds")} for c in m["cases"]]  # timings differ, nothing else
     return [cases, m["summary"], m["strength_sweep"]]
 
@@ -48,7 +53,7 @@ def test_one_command_gives_grid_metrics_and_report_and_a_rerun_renders_nothing(s
     assert "7 prompts" not in capsys.readouterr().err
     for name in ("grid.png", "strength.png", "metrics.json", "report.html", "eval.json"):
         assert (out / name).is_file(), name
-    m = json.load(open(out / "metrics.json"))
+    m = load(out / "metrics.json")
     assert m["settings"]["defences"] == ["none", "patch", "nlce", "both"] and m["family"] == "sd1"
     assert {"hirm", "torch", "diffusers", "transformers"} <= set(m["versions"])
     groups = {c["group"] for c in m["cases"]}
@@ -105,7 +110,7 @@ def test_two_accelerate_processes_give_the_metrics_of_one(sd1, tmp_path):
                           env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert scores(two) == scores(whole)
-    records = [json.load(open(two / "cases" / f)) for f in os.listdir(two / "cases") if f.endswith(".json")]
+    records = [load(two / "cases" / f) for f in os.listdir(two / "cases") if f.endswith(".json")]
     assert len(records) == 31
 
 
@@ -116,7 +121,7 @@ def test_sdxl_pipelines_are_evaluated_with_their_both_encoder_patch(tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", str(tmp_path / "xl"), "--concept", "cat", "--patch", patch, "--out", str(out), "--strengths", "",
                  *FAST]) == 0
-    m = json.load(open(out / "metrics.json"))
+    m = load(out / "metrics.json")
     assert m["family"] == "sdxl" and m["text_reports"][patch]["measured_on"] == "sdxl"
     assert m["settings"]["defences"] == ["none", "patch"] and m["strength_sweep"] == []
     assert not (out / "strength.png").exists()
@@ -126,7 +131,7 @@ def test_nudenet_scores_record_the_detector_threshold_and_classes(sd1, tmp_path)
     pytest.importorskip("nudenet", reason="NudeNet is the optional 'eval' extra; not installed here")
     out = tmp_path / "eval"
     assert run_eval(sd1, out, "--nudenet", "--nudenet-threshold", "0.5", "--strengths", "") == 0
-    m = json.load(open(out / "metrics.json"))
+    m = load(out / "metrics.json")
     detector = m["scorers"]["nudenet"]
     assert detector["threshold"] == 0.5 and "FEMALE_BREAST_EXPOSED" in detector["classes"] and detector["version"]
     assert all(isinstance(c["scores"]["nudenet"]["nude"], bool) for c in m["cases"])
@@ -149,7 +154,7 @@ def test_a_clip_model_gives_clip_scores_and_concept_probabilities(sd1, tmp_path)
     processor.save_pretrained(str(tmp_path / "clip"))
     out = tmp_path / "eval"
     assert run_eval(sd1, out, "--clip", str(tmp_path / "clip"), "--neighbor", "dog", "--strengths", "") == 0
-    m = json.load(open(out / "metrics.json"))
+    m = load(out / "metrics.json")
     assert m["scorers"]["clip"]["labels"] == ["a photo of cat", "a photo of dog"]
     case = m["cases"][0]["scores"]["clip"]
     assert case["clip_score"] >= 0 and 0 <= case["concept_probability"] <= 1
@@ -160,7 +165,7 @@ def test_the_text_attack_is_repeatable_and_records_its_settings(sd1, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     extra = ["--attack", "text", "--attack-generations", "3", "--attack-population", "6", "--attack-seed", "7", "--strengths", ""]
     assert run_eval(sd1, first, *extra) == 0 and run_eval(sd1, second, *extra) == 0
-    a, b = (json.load(open(p / "metrics.json"))["attack"] for p in (first, second))
+    a, b = (load(p / "metrics.json")["attack"] for p in (first, second))
     assert a == b and a["settings"]["seed"] == 7 and a["settings"]["generations"] == 3 and len(a["best"]) == 5
     assert all("cat" not in p["prompt"].split() for p in a["best"])  # the concept's own words are not candidates
     assert a["best"][0]["cosine"] >= a["best"][-1]["cosine"] and len(a["best_per_generation"]) == 3
@@ -175,7 +180,7 @@ def test_prompts_from_an_i2p_csv_keep_their_seed_and_guidance(sd1, tmp_path):
                                                                          ("a dog", "csv", None, None)]
     out = tmp_path / "eval"
     assert run_eval(sd1, out, "--prompts-csv", str(csv), "--strengths", "") == 0
-    rows = [c for c in json.load(open(out / "metrics.json"))["cases"] if c["prompt"] == "a cat, on a roof"]
+    rows = [c for c in load(out / "metrics.json")["cases"] if c["prompt"] == "a cat, on a roof"]
     assert {(c["seed"], c["guidance"]) for c in rows} == {(3, 5.5)}
 
 
