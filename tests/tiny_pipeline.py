@@ -56,23 +56,29 @@ def tiny_sdxl_unet(seed=0):
                                 projection_class_embeddings_input_dim=8 * 6 + G_WIDTH).eval()
 
 
-def tiny_sdxl_pipeline(seed=0):
-    """A tiny StableDiffusionXLPipeline: CLIP-L-like and bigG-like encoders (the second with a projection, its
-    tokenizer padding with "!"), the UNet above, random weights."""
-    from diffusers import StableDiffusionXLPipeline
+def clip_with_projection(width, seed):
+    """A CLIPTextModelWithProjection (projection as wide as the model) with ``random_clip``'s widened random layers."""
     from transformers import CLIPTextModelWithProjection
 
     from shared_core.encoders import canonical_parameters
 
-    config_2 = tiny_config(hidden=G_WIDTH)
-    config_2.projection_dim = G_WIDTH  # the pooled vector the added conditioning reads
-    text_encoder_2 = CLIPTextModelWithProjection(config_2).eval()
-    donor = random_clip(tiny_config(hidden=G_WIDTH), seed + 1)  # the same widened random layers as the other encoder
+    config = tiny_config(hidden=width)
+    config.projection_dim = width  # the pooled vector the added conditioning reads
+    model = CLIPTextModelWithProjection(config).eval()
+    donor = random_clip(tiny_config(hidden=width), seed)
     with torch.no_grad():
-        for name, p in canonical_parameters(text_encoder_2).items():
+        for name, p in canonical_parameters(model).items():
             p.copy_(canonical_parameters(donor)[name])
+    return model.requires_grad_(False)
+
+
+def tiny_sdxl_pipeline(seed=0):
+    """A tiny StableDiffusionXLPipeline: CLIP-L-like and bigG-like encoders (the second with a projection, its
+    tokenizer padding with "!"), the UNet above, random weights."""
+    from diffusers import StableDiffusionXLPipeline
+
     pipe = StableDiffusionXLPipeline(vae=tiny_vae(seed), text_encoder=random_clip(tiny_config(hidden=L_WIDTH), seed),
-                                     text_encoder_2=text_encoder_2.requires_grad_(False), tokenizer=clip_tokenizer(),
+                                     text_encoder_2=clip_with_projection(G_WIDTH, seed + 1), tokenizer=clip_tokenizer(),
                                      tokenizer_2=clip_tokenizer("!"), unet=tiny_sdxl_unet(seed),
                                      scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1))
     pipe.set_progress_bar_config(disable=True)
@@ -83,3 +89,80 @@ def sdxl_encoders(pipe) -> dict:
     """What ``train_model_patch`` takes for an SDXL pipeline: {component: (encoder, tokenizer, projection)}."""
     return {"clip_l": (pipe.text_encoder, pipe.tokenizer, None),
             "clip_g": (pipe.text_encoder_2, pipe.tokenizer_2, pipe.text_encoder_2.text_projection.weight.detach())}
+
+
+# ---------------------------------------------------------------------------------------------- joint attention (Flux, SD3)
+
+T5_WIDTH = 32
+T5_WORDS = ("a photo of cat dog tiger lion car house painting by van gogh monet picasso the on sofa in field "
+            "red blue an tree bird sky sunset portrait woman man city night river boat").split()
+
+
+def tiny_t5(seed=0, layers=2, width=T5_WIDTH):
+    """A tiny T5 encoder and a word-level tokenizer written here (T5's ids: pad 0, end 1, unknown 2), nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(T5_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        model_max_length=512)
+    torch.manual_seed(seed)
+    model = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_kv=8, d_ff=64, num_layers=layers, num_heads=4,
+                                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)).eval()
+    return model.requires_grad_(False), tokenizer
+
+
+def tiny_flux_pipeline(seed=0):
+    """A tiny FluxPipeline: 2 double-stream and 2 single-stream blocks, a tiny T5 (text rows) and CLIP (pooled vector)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=WIDTH,
+                                         axes_dims_rope=[4, 4, 8]).eval()
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        latent_channels=1, norm_num_groups=4, sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
+    t5, t5_tokenizer = tiny_t5(seed)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=random_clip(tiny_config(), seed),
+                        tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render_flux(pipe, prompt="a photo of cat", steps=2, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, height=16, width=16, generator=g, output_type="pt", max_sequence_length=16,
+                guidance_scale=3.5, **kw).images
+
+
+SD3_T5_WIDTH = 96  # at least CLIP-L + CLIP-G (their rows are zero-padded to T5's width)
+
+
+def tiny_sd3_pipeline(seed=0):
+    """A tiny StableDiffusion3Pipeline: CLIP-L and bigG-like encoders with projections, a tiny T5, two joint blocks."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=SD3_T5_WIDTH, caption_projection_dim=16,
+                                        pooled_projection_dim=L_WIDTH + G_WIDTH, out_channels=4, pos_embed_max_size=16).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        latent_channels=4, norm_num_groups=4, sample_size=16, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    t5, t5_tokenizer = tiny_t5(seed, width=SD3_T5_WIDTH)
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+                                    text_encoder=clip_with_projection(L_WIDTH, seed), tokenizer=clip_tokenizer(),
+                                    text_encoder_2=clip_with_projection(G_WIDTH, seed + 1), tokenizer_2=clip_tokenizer("!"),
+                                    text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render_sd3(pipe, prompt="a photo of cat", steps=2, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, height=16, width=16, generator=g, output_type="pt", max_sequence_length=16,
+                guidance_scale=3.0, **kw).images

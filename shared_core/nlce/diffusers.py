@@ -244,7 +244,8 @@ def pipeline_row_encoder(pipe):
 
 def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet | None = None, preset: str | None = None,
                gating_layer: str | None = None, record_maps: bool = False, mine_top_k: int = 8, **settings) -> NlceHandle:
-    """Erase ``concepts`` from a diffusers SD1.x or SDXL pipeline at sampling time; returns a handle (``remove()``).
+    """Erase ``concepts`` from a diffusers SD1.x or SDXL pipeline (Flux and SD3: experimental, docs/nlce-joint-attention.md)
+    at sampling time; returns a handle (``remove()``).
 
     ``neighbors``: None, a list, {concept: list}, or "auto" (mined offline from the CLIP vocabulary).
     ``concept_set``: operators built or loaded earlier (instead of ``concepts``); its settings are the
@@ -253,10 +254,15 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
     ``gating_layer``: a diffusers attn2 module name (default: ``driver.gating_layer``'s choice).
     Everything is validated before the pipeline is touched.
     """
+    from .joint import apply_joint, joint_family
+
+    if joint_family(pipe) is not None:  # Flux / SD3: experimental (docs/nlce-joint-attention.md)
+        return apply_joint(pipe, concepts, neighbors, concept_set=concept_set, preset=preset, gating_layer=gating_layer,
+                           record_maps=record_maps, mine_top_k=mine_top_k, settings=settings)
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(unet, "attn_processors"):
-        raise NlceError("this pipeline has no UNet with cross-attention (NLCE works on SD1.x-style UNets; "
-                        "Flux/SD3 transformers are not supported)")
+        raise NlceError("this pipeline has no UNet with cross-attention or joint-attention transformer NLCE knows "
+                        "(it works on SD1.x, SDXL, and experimentally on Flux and SD3)")
     if unet in _INSTALLED:
         raise NlceError("NLCE is already applied to this pipeline; call remove() on its handle first")
     gating_layer = _check_unet(unet, cross_attention_names(unet), gating_layer)

@@ -19,7 +19,8 @@ from .config import NlceConfig, make_nlce_config
 
 FORMAT = "hirm-nlce-operators"
 VERSION = 2  # 2: the model family the operators were built for, and the live-floor scale; 1 (SD1.x) still read
-FAMILIES = {"sd1": "SD1.x (CLIP-L's final output, 768 wide)", "sdxl": "SDXL (CLIP-L and CLIP-G penultimate rows, 2048 wide)"}
+FAMILIES = {"sd1": "SD1.x (CLIP-L's final output, 768 wide)", "sdxl": "SDXL (CLIP-L and CLIP-G penultimate rows, 2048 wide)",
+            "flux": "Flux (T5 rows, 4096 wide)", "sd3": "SD3 (CLIP-L and CLIP-G rows, then T5 rows, 4096 wide)"}
 Encoder = Callable[[list[str]], list[torch.Tensor]]
 
 
@@ -280,13 +281,21 @@ def _neighbors_for(concepts: list[str], neighbors) -> dict[str, list[str]]:
     return {c: list(neighbors) for c in concepts}
 
 
+def _words(encode: Encoder, rows: torch.Tensor) -> torch.Tensor:
+    """A text's word rows among its real rows: ``encode.word_rows`` where the encoder says (T5 has no start row; SD3's
+    context has two segments), else all but the first (start) and the last (end)."""
+    pick = getattr(encode, "word_rows", None)
+    return pick(rows) if pick is not None else rows[1:-1]
+
+
 def _rows(encode: Encoder, texts: list[str], drop_start_row: bool) -> torch.Tensor:
-    """The real-token rows of ``texts`` stacked (n, d); without each text's start row when asked."""
+    """The real-token rows of ``texts`` stacked (n, d); without each text's start row(s) when asked."""
     rows = encode(texts)
     for text, r in zip(texts, rows):
-        if r.shape[0] < 3:  # start + end only
+        if _words(encode, r).shape[0] < 1:
             raise NlceError(f"{text!r} has no real tokens after tokenising; give words the tokenizer knows")
-    return torch.cat([r[1:] if drop_start_row else r for r in rows])
+    drop = getattr(encode, "without_start", lambda r: r[1:])
+    return torch.cat([drop(r) if drop_start_row else r for r in rows])
 
 
 def build_concept_set(encode: Encoder, concepts, neighbors=None, config: NlceConfig | None = None) -> ConceptSet:
@@ -329,7 +338,7 @@ def build_concept_set(encode: Encoder, concepts, neighbors=None, config: NlceCon
 def _live_floor_scale(encode: Encoder, texts: list[str]) -> float:
     """How much longer the concept's word rows are in ``encode``'s space than as SD1.x reads them (CLIP-L's final
     layer-normed output, ``encode.reference``): the median row norm of the words (not start, not end) in each."""
-    def word_norms(rows):
-        return torch.cat([r[1:-1] if r.shape[0] > 2 else r for r in rows]).norm(dim=-1)
+    def word_norms(rows, coder):
+        return torch.cat([_words(coder, r) for r in rows]).norm(dim=-1)
 
-    return float(word_norms(encode(texts)).median() / word_norms(encode.reference(texts)).median())
+    return float(word_norms(encode(texts), encode).median() / word_norms(encode.reference(texts), encode.reference).median())

@@ -273,6 +273,70 @@ class NlceSession:
             out = probs.to(vh.dtype) @ vh
         return self._scrubbed(out.transpose(1, 2).reshape(B, N, C), g)
 
+    # -- joint attention (Flux, SD3; docs/nlce-joint-attention.md) --------------------------------------
+
+    def joint_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice, prepared: PreparedContext,
+                     spatial_shape: tuple[int, int], is_gating_block: bool) -> torch.Tensor | None:
+        """One joint-attention block (q, k, v: batch, heads, tokens, dim; the text tokens at ``text``): stages 2 and 3
+        on the image queries. Returns the attention output (batch, heads, tokens, dim), or None when this block has
+        nothing to change (the host then runs its own attention, unchanged).
+
+        The gate comes out of the block's own softmax without materialising it: extra value channels (1 on the text
+        keys; 1 on each concept's live keys) ride along the attention call. The gate is the softmax restricted to the
+        text keys, as a UNet's cross-attention has it: sum over a concept's live keys / sum over all text keys, mean
+        over its live keys and the heads, max over concepts. Stages 2 ('scale') and 3 remove the live keys' share of
+        each image query's output (their values ride along too); text queries are never changed.
+        """
+        cfg = self.config
+        if not (prepared.has_live and (cfg.stage2 or cfg.stage3)):
+            return None
+        gate_here = is_gating_block and (self.dry or (self.intervening and cfg.schedule == "single-pass"))
+        if not gate_here and not (self.intervening and self._gate_to_use(q.shape[0]) is not None):
+            return None
+        B, H, L, D = q.shape
+        T = text.stop - text.start
+        by_concept = torch.zeros(B, prepared.live_by_concept.shape[1], L, dtype=torch.bool, device=q.device)
+        by_concept[:, :, text] = prepared.live_by_concept.to(q.device)[:, :, :T]
+        live = by_concept.any(dim=1)  # (B, L)
+        image = torch.ones(L, dtype=torch.bool, device=q.device)
+        image[text] = False
+        if gate_here:
+            channels = torch.cat([(~image)[None, :, None].expand(B, L, 1), by_concept.transpose(1, 2)], dim=-1)
+            out = F.scaled_dot_product_attention(q, k, torch.cat([v, channels[:, None].to(v.dtype).expand(B, H, L, -1)], -1))
+            shares = out[..., D:].float()[:, :, image]  # (B, H, image tokens, 1 + concepts)
+            within_text = shares[..., 1:] / shares[..., :1].clamp(min=torch.finfo(torch.float32).tiny)
+            per_concept = within_text.mean(dim=1) / by_concept.sum(-1)[:, None, :].clamp(min=1)  # (B, image tokens, C)
+            gate = per_concept.amax(dim=-1).reshape(B, 1, *spatial_shape)
+            self._record_gate(gate, prepared, "dry pass" if self.dry else "this pass", overwrite=True)
+            if self.dry:
+                self._dry_gate = gate
+                return out[..., :D]
+            self._gate = gate
+        else:
+            source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
+            self._record_gate(self._gate_to_use(B), prepared, source, overwrite=False)
+        g = self._gate_to_use(B).reshape(B, -1).to(torch.float32)  # (B, image tokens)
+        mask = None
+        if cfg.stage2 and cfg.suppression == "mask":
+            blocked = torch.zeros(B, L, L, dtype=torch.bool, device=q.device)
+            blocked[:, image] = (g > cfg.gate_threshold)[:, :, None] & live[:, None, :]
+            mask = ~blocked[:, None] if bool(blocked.any()) else None
+        want_live = cfg.stage3 or (cfg.stage2 and cfg.suppression == "scale")
+        values = torch.cat([v, v * live[:, None, :, None].to(v.dtype)], dim=-1) if want_live else v
+        out = F.scaled_dot_product_attention(q, k, values, attn_mask=mask)
+        if not want_live:
+            return out
+        o, c = out[..., :D].clone(), out[..., D:]  # c: the live text tokens' share of each query's output
+        gi = g[:, None, :, None].to(o.dtype)  # (B, 1, image tokens, 1)
+        c_img = c[:, :, image]
+        if cfg.stage2 and cfg.suppression == "scale":  # their probabilities times (1 - G), not renormalised
+            o[:, :, image] -= gi * c_img
+            c_img = (1 - gi) * c_img
+        if cfg.stage3:
+            keep = gi if cfg.scrub == "soft" else (gi > cfg.scrub_threshold).to(o.dtype)
+            o[:, :, image] -= keep * c_img
+        return o
+
     def scrub(self, out: torch.Tensor, prepared: PreparedContext, spatial_shape: tuple[int, int], is_gating_layer: bool, *,
               q: torch.Tensor, k: torch.Tensor, heads: int, scale: float | None = None,
               gate_key: torch.Tensor | None = None) -> torch.Tensor:
