@@ -170,3 +170,51 @@ def test_the_block_matches_the_explicit_attention_matrix(text_first, suppression
     assert torch.allclose(out, expected, atol=1e-6)
     # a later block in the same pass uses that gate
     assert torch.allclose(session.joint_attend(q, k, v, text, prepared, (4, 4), is_gating_block=False), expected, atol=1e-6)
+
+
+def test_the_low_rank_scores_and_stage1_equal_the_reference_matrices():
+    pipe = tiny_flux_pipeline()
+    with apply_nlce(pipe, ["cat", "house"], {"cat": ["dog"], "house": ["car"]}, gamma=0.7, **LOW) as h:
+        session = h.session
+        x = torch.randn(2, 9, session.concepts.width)
+        full = torch.einsum("bsd,cde->bcse", x, session._concept_projectors(x.device)).norm(dim=-1)
+        assert session._low_rank and torch.allclose(session._low_rank_scores(x), full, atol=1e-5)
+        for active in ((0,), (1,), (0, 1)):
+            assert torch.allclose(session._low_rank_stage1(x[0], active), x[0] @ session._operator(active, x.device), atol=1e-5)
+
+
+def test_the_processors_compute_the_blocks_own_attention_when_the_math_is_plain(case, monkeypatch):
+    """Projections, q/k norms, rotary embedding, token order and output projections as the model's own processors:
+    with stages 2 and 3 replaced by plain attention, the picture is the vanilla one (to rounding)."""
+    import torch.nn.functional as F
+
+    _, pipe, render = case
+    before = render(pipe, PROMPT)
+    with apply_nlce(pipe, ["cat"], ["dog"], t_max=1000.0, stage1=False, **LOW) as h:
+        calls = []
+
+        def plain(q, k, v, *args):
+            calls.append(q.shape)
+            return F.scaled_dot_product_attention(q, k, v)
+
+        monkeypatch.setattr(h.session, "joint_acts", lambda *a: True)
+        monkeypatch.setattr(h.session, "joint_attend", plain)
+        after = render(pipe, PROMPT)
+    assert len(calls) == 2 * len([n for n in pipe.transformer.attn_processors if n.endswith(".attn.processor")])
+    assert torch.allclose(after, before, atol=1e-5)
+
+
+def test_hirm_nlce_renders_a_flux_folder(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from shared_core.cli import main
+
+    tiny_flux_pipeline().save_pretrained(str(tmp_path / "flux"))
+    out = tmp_path / "grid.png"
+    assert main(["nlce", str(tmp_path / "flux"), "--concept", "cat", "--neighbor", "dog", "--prompt", PROMPT, "--steps", "2",
+                 "--size", "16", "--out", str(out)]) == 0
+    with Image.open(out) as grid:
+        record, size = json.loads(grid.text["hirm-nlce"]), grid.size
+    assert record["concepts"] == ["cat"] and size == (32, 16)

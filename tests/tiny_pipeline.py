@@ -98,20 +98,28 @@ T5_WORDS = ("a photo of cat dog tiger lion car house painting by van gogh monet 
             "red blue an tree bird sky sunset portrait woman man city night river boat").split()
 
 
-def tiny_t5(seed=0, layers=2, width=T5_WIDTH):
-    """A tiny T5 encoder and a word-level tokenizer written here (T5's ids: pad 0, end 1, unknown 2), nothing downloaded."""
+def t5_word_tokenizer():
+    """A word-level tokenizer with T5's special ids (pad 0, end 1, unknown 2) over ``T5_WORDS``, written here."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(T5_WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                        model_max_length=512)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512)
+
+
+def tiny_t5(seed=0, layers=2, width=T5_WIDTH, **config):
+    """A T5 encoder (tiny unless ``config`` says otherwise: d_ff, num_heads, d_kv, vocab_size) and ``t5_word_tokenizer``;
+    random weights, nothing downloaded."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = t5_word_tokenizer()
     torch.manual_seed(seed)
-    model = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_kv=8, d_ff=64, num_layers=layers, num_heads=4,
-                                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)).eval()
+    config = {"vocab_size": len(tokenizer), "d_kv": 8, "d_ff": 64, "num_heads": 4, "relative_attention_num_buckets": 8, **config}
+    model = T5EncoderModel(T5Config(d_model=width, num_layers=layers, feed_forward_proj="gated-gelu", **config)).eval()
     return model.requires_grad_(False), tokenizer
 
 

@@ -233,7 +233,12 @@ def pipeline_family(pipe) -> str:
 
 
 def pipeline_row_encoder(pipe):
-    """The row encoder whose rows are what this pipeline's UNet reads (``clip_row_encoder`` / ``sdxl_row_encoder``)."""
+    """The row encoder whose rows are what this pipeline's denoiser reads (``clip_row_encoder`` / ``sdxl_row_encoder``;
+    Flux / SD3: ``joint.joint_row_encoder``)."""
+    from .joint import JOINT_TEXT_ROWS, joint_family, joint_row_encoder
+
+    if (family := joint_family(pipe)) is not None:
+        return joint_row_encoder(pipe, family, JOINT_TEXT_ROWS[family])
     tokenizers = (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
     if pipeline_family(pipe) == "sdxl":
         return sdxl_row_encoder(pipe.text_encoder, tokenizers[0], pipe.text_encoder_2, tokenizers[1])

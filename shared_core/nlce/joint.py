@@ -18,6 +18,7 @@ from .driver import run_unet_pass
 from .operators import clip_row_encoder
 
 _INSTALLED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # transformer -> its JointHandle
+JOINT_TEXT_ROWS = {"flux": 512, "sd3": 256}  # the pipelines' default max_sequence_length: the concepts are encoded so
 
 
 def joint_family(pipe) -> str | None:
@@ -43,11 +44,10 @@ def _clip_lengths(tokenizer, texts) -> list[int]:
 
 def joint_row_encoder(pipe, family: str, length: int):
     """``encode(texts)`` -> per text its real rows of the context the transformer reads, from ``pipe.encode_prompt``.
-    Flux: T5's words, then its end row (T5 has no start row). SD3: CLIP's start row and words, T5's words, then CLIP's
-    end row and T5's end row (both segments' rows of the 4096-wide context; the two end rows last, so the word rows
-    are ``r[1:-2]``). ``encode.reference``: the same words as SD1.x reads them from the pipeline's CLIP-L (the
-    live-token floor's scale); ``tokenizer`` / ``token_embedding``: CLIP-L's, for mining neighbours."""
-    from ..encoders import text_module
+    Flux: T5's words, then its end row (T5 has no start row). SD3: ``sd3_layout`` (both segments' rows of the 4096-wide
+    context, the end rows last)."""
+
+    t5_in_context = family == "flux" or pipe.text_encoder_3 is not None  # SD3 without T5: zero rows, not words
 
     def encode(texts):
         texts = list(texts)
@@ -58,15 +58,30 @@ def joint_row_encoder(pipe, family: str, length: int):
             embeds = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
                                         max_sequence_length=length)[0]
         out = []
-        for i, (c, t) in enumerate(zip(_clip_lengths(pipe.tokenizer, texts), _t5_lengths(pipe.tokenizer_3, texts, length))):
-            clip, t5 = embeds[i, :c], embeds[i, 77: 77 + t]
-            out.append(torch.cat([clip[:-1], t5[:-1], clip[-1:], t5[-1:]]).float().cpu())
+        for i, c in enumerate(_clip_lengths(pipe.tokenizer, texts)):
+            t = _t5_lengths(pipe.tokenizer_3, [texts[i]], length)[0] if t5_in_context else 0
+            out.append(sd3_layout(embeds[i, :c], embeds[i, 77: 77 + t]).float().cpu())
         return out
 
-    encode.tokenizer, encode.family = pipe.tokenizer, family
-    encode.token_embedding = text_module(pipe.text_encoder).embeddings.token_embedding.weight.detach()
-    encode.reference = clip_row_encoder(pipe.text_encoder, pipe.tokenizer)
-    encode.word_rows = (lambda r: r[:-1]) if family == "flux" else (lambda r: r[1:-2])
+    return describe_joint_encoder(encode, family, lambda: t5_in_context, pipe.tokenizer, pipe.text_encoder)
+
+
+def sd3_layout(clip_rows: torch.Tensor, t5_rows: torch.Tensor) -> torch.Tensor:
+    """One SD3 text's real rows for NLCE: CLIP's start row and words, T5's words, then the end rows (CLIP's, T5's)."""
+    return torch.cat([clip_rows[:-1], t5_rows[:-1], clip_rows[-1:], t5_rows[-1:]])
+
+
+def describe_joint_encoder(encode, family: str, t5_in_context, clip_tokenizer, clip_model):
+    """``encode`` with what NLCE reads about its rows: which are words (``word_rows``; ``t5_in_context()``: whether
+    SD3's rows end with T5's end row too), which is a start row (``without_start``), CLIP-L's vocabulary
+    (``tokenizer``, ``token_embedding``: mining neighbours) and CLIP-L's SD1.x rows (``reference``: the live floor's
+    scale)."""
+    from ..encoders import text_module
+
+    encode.tokenizer, encode.family = clip_tokenizer, family
+    encode.token_embedding = text_module(clip_model).embeddings.token_embedding.weight.detach()
+    encode.reference = clip_row_encoder(clip_model, clip_tokenizer)
+    encode.word_rows = (lambda r: r[:-1]) if family == "flux" else (lambda r: r[1: -1 - bool(t5_in_context())])
     encode.without_start = (lambda r: r) if family == "flux" else (lambda r: r[1:])
     return encode
 
@@ -76,8 +91,9 @@ def prompt_words(pipe, family: str, prompts: list[str], rows: int) -> torch.Tens
     padding). Flux: T5's rows; SD3: CLIP's 77, then T5's."""
     words = torch.zeros(len(prompts), rows, dtype=torch.bool)
     t5, offset = (pipe.tokenizer_2, 0) if family == "flux" else (pipe.tokenizer_3, 77)
-    for i, n in enumerate(_t5_lengths(t5, prompts, rows - offset)):
-        words[i, offset: offset + n - 1] = True
+    if family == "flux" or pipe.text_encoder_3 is not None:
+        for i, n in enumerate(_t5_lengths(t5, prompts, rows - offset)):
+            words[i, offset: offset + n - 1] = True
     if family == "sd3":
         for i, n in enumerate(_clip_lengths(pipe.tokenizer, prompts)):
             words[i, 1: n - 1] = True
@@ -100,7 +116,8 @@ class JointProcessor:
         original = self.handle.original_processors[self.name]
         handle, session = self.handle, self.handle.session
         prepared = handle.prepared
-        if prepared is None or attention_mask is not None:
+        if (prepared is None or attention_mask is not None
+                or not session.joint_acts(prepared, self.is_gating_block, hidden_states.shape[0])):
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **kwargs)
         B = hidden_states.shape[0]
         heads = attn.heads
@@ -127,8 +144,6 @@ class JointProcessor:
         shape = handle.image_grid if handle.image_grid and handle.image_grid[0] * handle.image_grid[1] == image_tokens \
             else (1, image_tokens)
         out = session.joint_attend(q, k, v, text, prepared, shape, self.is_gating_block)
-        if out is None:  # nothing to change in this block: its own processor, unchanged
-            return original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **kwargs)
         out = out.transpose(1, 2).reshape(B, -1, heads * out.shape[-1]).to(q.dtype)
         if encoder_hidden_states is None:  # Flux single block: the block applies its own output projection
             return out
@@ -148,8 +163,8 @@ class JointProcessor:
 class JointHandle(NlceHandle):
     """What ``apply_joint`` installed on a Flux / SD3 pipeline; ``remove()`` restores it exactly."""
 
-    def __init__(self, pipe, concept_set, session, gating_block: str, family: str, length: int):
-        self.pipe, self.concept_set, self.session, self.family, self.length = pipe, concept_set, session, family, length
+    def __init__(self, pipe, concept_set, session, gating_block: str, family: str):
+        self.pipe, self.concept_set, self.session, self.family = pipe, concept_set, session, family
         self.unet = pipe.transformer  # the denoiser (NlceHandle's name for it)
         self.gating_layer = gating_block
         self.original_processors = dict(self.unet.attn_processors)
@@ -283,10 +298,9 @@ def apply_joint(pipe, concepts, neighbors, *, concept_set, preset, gating_layer,
     family = joint_family(pipe)
     if transformer in _INSTALLED:
         raise NlceError("NLCE is already applied to this pipeline; call remove() on its handle first")
-    length = 512 if family == "flux" else 256
     if concept_set is None:
         config = make_nlce_config(preset, **settings)
-        encode = joint_row_encoder(pipe, family, length)
+        encode = joint_row_encoder(pipe, family, JOINT_TEXT_ROWS[family])
         concept_set = build_concept_set(encode, concepts, neighbor_table(encode, concepts, neighbors, mine_top_k), config)
     else:
         if concepts or neighbors:
@@ -300,7 +314,7 @@ def apply_joint(pipe, concepts, neighbors, *, concept_set, preset, gating_layer,
     if concept_set.width != width:
         raise NlceError(f"the concept operators are {concept_set.width} wide but the transformer reads {width}-wide text rows; "
                         "use operators built with the pipeline's own text encoders")
-    handle = JointHandle(pipe, concept_set, NlceSession(concept_set, config, record_maps), "", family, length)
+    handle = JointHandle(pipe, concept_set, NlceSession(concept_set, config, record_maps), "", family)
     blocks = [n for n, kind in handle.blocks().items() if kind != "single"]
     if not blocks:
         raise NlceError("this transformer has no joint-attention blocks NLCE can act on")
@@ -311,5 +325,6 @@ def apply_joint(pipe, concepts, neighbors, *, concept_set, preset, gating_layer,
         if gating not in handle.blocks():
             raise NlceError(f"gating block {gating_layer!r} is not a joint-attention block of this transformer (e.g. {blocks[0]})")
     handle.gating_layer = gating
+    handle.session.warm(transformer.device)
     handle._install()
     return handle

@@ -74,6 +74,16 @@ def _masked_attention(qh, kh, vh, blocked, scale):
     return out
 
 
+def _attend_sets(q: torch.Tensor, k: torch.Tensor, values: list[torch.Tensor], mask=None) -> list[torch.Tensor]:
+    """Attention of ``q`` over ``k`` for several value sets (each batch, heads, keys, dim) in ONE call: the sets ride
+    along as extra heads, so each keeps the head size the fast kernels need (a wider value would leave them)."""
+    if len(values) == 1:
+        return [F.scaled_dot_product_attention(q, k, values[0], attn_mask=mask)]
+    n, H = len(values), q.shape[1]
+    out = F.scaled_dot_product_attention(q.repeat(1, n, 1, 1), k.repeat(1, n, 1, 1), torch.cat(values, dim=1), attn_mask=mask)
+    return list(out.split(H, dim=1))
+
+
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(batch, n, heads*dh) -> (batch, heads, n, dh)."""
     return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
@@ -97,6 +107,10 @@ class NlceSession:
         self._prepared: dict = {}
         self._ops: dict = {}
         self._projectors: dict = {}
+        # 4096-wide rows (Flux, SD3): scores and stage 1 through the bases, never a d x d matrix; SD1.x / SDXL keep the
+        # reference's matrices bit for bit
+        self._low_rank = getattr(concept_set, "family", None) in ("flux", "sd3")
+        self._low_rank_bases: dict = {}
 
     # -- passes --------------------------------------------------------------------------------
 
@@ -141,6 +155,41 @@ class NlceSession:
             self._ops[key] = m.T.contiguous()  # rows: x' = x P_multi^T
         return self._ops[key]
 
+    def warm(self, device) -> None:
+        """Build what stage 1 and the live-token scores use on ``device`` now, so that the first sampling pass does
+        not pay for it."""
+        if self._low_rank:
+            self._bases(device)
+            return
+        n = len(self.concepts.concepts)
+        self._concept_projectors(device)
+        for active in {tuple(range(n)), *((i,) for i in range(n))}:
+            self._operator(active, device)
+
+    def _bases(self, device) -> list:
+        """Per concept (basis (d, r), weights (r,), neighbour basis and weights or None) on ``device``."""
+        if device not in self._low_rank_bases:
+            cs = self.concepts
+            mv = lambda pair: None if pair is None else tuple(t.to(device, torch.float32) for t in pair)  # noqa: E731
+            self._low_rank_bases[device] = [(*mv(cs.bases[i]), mv(cs.neighbor_bases[i])) for i in range(len(cs.concepts))]
+        return self._low_rank_bases[device]
+
+    def _low_rank_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S) ``||P_F x||`` through each concept's basis (d x r) instead of its d x d projector."""
+        return torch.stack([((x @ b) * w).norm(dim=-1) for b, w, _ in self._bases(x.device)], dim=1)
+
+    def _low_rank_stage1(self, x: torch.Tensor, active: tuple[int, ...]) -> torch.Tensor:
+        """``x P_multi^T`` for rows ``x`` (S, d), each operator applied as ``x - beta y + gamma y P_N`` with
+        ``y = x P_F`` through the bases (the last concept of ``active`` first, as the product says)."""
+        cfg = self.config
+        for i in reversed(active):
+            b, w, neighbors = self._bases(x.device)[i]
+            y = ((x @ b) * w) @ b.T
+            x = x - cfg.beta * y
+            if neighbors is not None and cfg.gamma:
+                x = x + cfg.gamma * (((y @ neighbors[0]) * neighbors[1]) @ neighbors[0].T)
+        return x
+
     def _concept_projectors(self, device) -> torch.Tensor:
         if device not in self._projectors:
             cs = self.concepts
@@ -157,7 +206,10 @@ class NlceSession:
         cond = torch.as_tensor(cond, dtype=torch.bool, device=context.device).reshape(B)
         tokens = infer_token_mask(context) if token_mask is None else token_mask.to(context.device, torch.bool)
         x = context.float()
-        scores = torch.einsum("bsd,cde->bcse", x, self._concept_projectors(x.device)).norm(dim=-1)  # (B, C, S)
+        if self._low_rank:
+            scores = self._low_rank_scores(x)
+        else:
+            scores = torch.einsum("bsd,cde->bcse", x, self._concept_projectors(x.device)).norm(dim=-1)  # (B, C, S)
         candidates = (tokens & cond[:, None])[:, None, :].expand_as(scores)
         live = live_token_mask(scores, candidates, cfg.live_ratio, cfg.live_floor * cs.live_floor_scale)
         active = live.any(dim=-1).cpu()  # (B, C)
@@ -167,7 +219,7 @@ class NlceSession:
             rows = []
             for b in range(B):
                 idx = tuple(int(i) for i in torch.nonzero(active[b]).flatten()) or tuple(range(len(cs.concepts)))
-                rows.append(x[b] @ self._operator(idx, x.device))
+                rows.append(self._low_rank_stage1(x[b], idx) if self._low_rank else x[b] @ self._operator(idx, x.device))
             out = torch.stack(rows).to(context.dtype)
         prepared = PreparedContext(out, live.any(dim=1), live, scores, bool(active.any()))
         self._prepared[key] = prepared
@@ -275,24 +327,32 @@ class NlceSession:
 
     # -- joint attention (Flux, SD3; docs/nlce-joint-attention.md) --------------------------------------
 
+    def joint_acts(self, prepared: PreparedContext, is_gating_block: bool, batch: int) -> bool:
+        """Whether ``joint_attend`` changes anything in this block (else a host runs its own attention)."""
+        cfg = self.config
+        if not (prepared.has_live and (cfg.stage2 or cfg.stage3)):
+            return False
+        if is_gating_block and (self.dry or (self.intervening and cfg.schedule == "single-pass")):
+            return True
+        return self.intervening and self._gate_to_use(batch) is not None
+
     def joint_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice, prepared: PreparedContext,
                      spatial_shape: tuple[int, int], is_gating_block: bool) -> torch.Tensor | None:
         """One joint-attention block (q, k, v: batch, heads, tokens, dim; the text tokens at ``text``): stages 2 and 3
         on the image queries. Returns the attention output (batch, heads, tokens, dim), or None when this block has
         nothing to change (the host then runs its own attention, unchanged).
 
-        The gate comes out of the block's own softmax without materialising it: extra value channels (1 on the text
-        keys; 1 on each concept's live keys) ride along the attention call. The gate is the softmax restricted to the
-        text keys, as a UNet's cross-attention has it: sum over a concept's live keys / sum over all text keys, mean
-        over its live keys and the heads, max over concepts. Stages 2 ('scale') and 3 remove the live keys' share of
-        each image query's output (their values ride along too); text queries are never changed.
+        What NLCE needs besides the output comes out of the block's own softmax without materialising it: further
+        value sets ride along the same attention call as extra heads (``_attend_sets``): the live keys' values (their
+        share of each query's output) and, at the gating block, indicators (1 on every text key; 1 on each concept's
+        live keys). The gate is the softmax restricted to the text keys, as a UNet's cross-attention has it: a
+        concept's live share / the text share, mean over its live keys and the heads, max over concepts. Stages 2
+        ('scale') and 3 remove the live keys' share of an image query's output; text queries are never changed.
         """
         cfg = self.config
-        if not (prepared.has_live and (cfg.stage2 or cfg.stage3)):
+        if not self.joint_acts(prepared, is_gating_block, q.shape[0]):
             return None
         gate_here = is_gating_block and (self.dry or (self.intervening and cfg.schedule == "single-pass"))
-        if not gate_here and not (self.intervening and self._gate_to_use(q.shape[0]) is not None):
-            return None
         B, H, L, D = q.shape
         T = text.stop - text.start
         by_concept = torch.zeros(B, prepared.live_by_concept.shape[1], L, dtype=torch.bool, device=q.device)
@@ -301,16 +361,20 @@ class NlceSession:
         image = torch.ones(L, dtype=torch.bool, device=q.device)
         image[text] = False
         if gate_here:
-            channels = torch.cat([(~image)[None, :, None].expand(B, L, 1), by_concept.transpose(1, 2)], dim=-1)
-            out = F.scaled_dot_product_attention(q, k, torch.cat([v, channels[:, None].to(v.dtype).expand(B, H, L, -1)], -1))
-            shares = out[..., D:].float()[:, :, image]  # (B, H, image tokens, 1 + concepts)
+            C = by_concept.shape[1]
+            marks = torch.zeros(B, L, D * -(-(1 + C) // D), dtype=v.dtype, device=v.device)  # 1 + C channels, padded
+            marks[:, :, 0] = (~image).to(v.dtype)
+            marks[:, :, 1: 1 + C] = by_concept.transpose(1, 2).to(v.dtype)
+            sets = [marks[:, None, :, i: i + D].expand(B, H, L, D) for i in range(0, marks.shape[-1], D)]
+            outs = _attend_sets(q, k, ([v] if self.dry else []) + sets)
+            shares = torch.cat(outs[1:] if self.dry else outs, dim=-1)[..., : 1 + C].float()[:, :, image]
             within_text = shares[..., 1:] / shares[..., :1].clamp(min=torch.finfo(torch.float32).tiny)
             per_concept = within_text.mean(dim=1) / by_concept.sum(-1)[:, None, :].clamp(min=1)  # (B, image tokens, C)
             gate = per_concept.amax(dim=-1).reshape(B, 1, *spatial_shape)
             self._record_gate(gate, prepared, "dry pass" if self.dry else "this pass", overwrite=True)
             if self.dry:
                 self._dry_gate = gate
-                return out[..., :D]
+                return outs[0]
             self._gate = gate
         else:
             source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
@@ -321,12 +385,10 @@ class NlceSession:
             blocked = torch.zeros(B, L, L, dtype=torch.bool, device=q.device)
             blocked[:, image] = (g > cfg.gate_threshold)[:, :, None] & live[:, None, :]
             mask = ~blocked[:, None] if bool(blocked.any()) else None
-        want_live = cfg.stage3 or (cfg.stage2 and cfg.suppression == "scale")
-        values = torch.cat([v, v * live[:, None, :, None].to(v.dtype)], dim=-1) if want_live else v
-        out = F.scaled_dot_product_attention(q, k, values, attn_mask=mask)
-        if not want_live:
-            return out
-        o, c = out[..., :D].clone(), out[..., D:]  # c: the live text tokens' share of each query's output
+        if not (cfg.stage3 or (cfg.stage2 and cfg.suppression == "scale")):
+            return _attend_sets(q, k, [v], mask)[0]
+        o, c = _attend_sets(q, k, [v, v * live[:, None, :, None].to(v.dtype)], mask)  # c: the live keys' share
+        o = o.clone()
         gi = g[:, None, :, None].to(o.dtype)  # (B, 1, image tokens, 1)
         c_img = c[:, :, image]
         if cfg.stage2 and cfg.suppression == "scale":  # their probabilities times (1 - G), not renormalised
