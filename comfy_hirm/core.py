@@ -7,9 +7,9 @@ sibling package ``..shared_core``; with ``pip install`` (tests, the CLI) it is t
 
 try:
     from ..shared_core import common, encoders, hirm, hosting, hub, nlce, patch as patches, report  # noqa: F401
-    from ..shared_core.adapters import patcher  # noqa: F401
+    from ..shared_core.adapters import joint_patcher, patcher  # noqa: F401
     from ..shared_core.errors import HirmError, NlceError, PatchMismatchError  # noqa: F401
 except ImportError:  # not inside a ComfyUI custom_nodes package
     from shared_core import common, encoders, hirm, hosting, hub, nlce, patch as patches, report  # noqa: F401
-    from shared_core.adapters import patcher  # noqa: F401
+    from shared_core.adapters import joint_patcher, patcher  # noqa: F401
     from shared_core.errors import HirmError, NlceError, PatchMismatchError  # noqa: F401

@@ -15,10 +15,12 @@ class NlceGate(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HirmNlceGate", display_name="NLCE Erasure Gate", category=CATEGORY,
-            description="Training-free erasure (NLCE) inside the UNet's cross-attention of SD1.x and SDXL models, while "
-                        "sampling. The input MODEL is not changed. Apply it after other nodes that patch attention.",
+            description="Training-free erasure (NLCE) inside the UNet's cross-attention of SD1.x and SDXL models (Flux and "
+                        "SD3: experimental, in their joint attention), while sampling. The input MODEL is not changed. "
+                        "Apply it after other nodes that patch attention.",
             inputs=[
-                io.Model.Input("model", tooltip="an SD1.x or SDXL MODEL (other nodes' attention patches are kept)"),
+                io.Model.Input("model", tooltip="an SD1.x or SDXL MODEL; Flux or SD3 experimentally (other nodes' attention "
+                                                "patches are kept)"),
                 io.Clip.Input("clip", tooltip="the CLIP the prompts go through: the concepts are encoded with it (SDXL: both "
                                               "of its encoders, as the UNet reads them)"),
                 io.String.Input("concepts", multiline=True, default="Van Gogh",
@@ -49,8 +51,15 @@ class NlceGate(io.ComfyNode):
         config = core.nlce.make_nlce_config(preset, beta=beta, gamma=None if gamma_source else gamma, suppression=suppression,
                                             schedule=schedule)
         weights = {c: w for c, (w, _) in core.patcher.model_encoders(host.clip_state_dict(clip)).items()}
-        concept_set = core.hosting.concept_set_for(weights, core.common.split_list(concepts, "concept"), neighbors, config,
-                                                   device=host.compute_device())
-        patched, _ = core.patcher.install_nlce(model, concept_set, config, model.get_model_object("model_sampling").timestep)
+        names = core.common.split_list(concepts, "concept")
+        timestep = model.get_model_object("model_sampling").timestep
+        family = core.joint_patcher.joint_model_family(model)
+        if family is None:
+            concept_set = core.hosting.concept_set_for(weights, names, neighbors, config, device=host.compute_device())
+            patched, _ = core.patcher.install_nlce(model, concept_set, config, timestep)
+        else:  # Flux / SD3: experimental (docs/nlce-joint-attention.md)
+            concept_set = core.joint_patcher.joint_concept_set(clip, weights["clip_l"], family, names, neighbors, config,
+                                                               device=host.compute_device())
+            patched, _ = core.joint_patcher.install_joint_nlce(model, concept_set, config, timestep)
         text = "\n".join(f"{c}: {', '.join(ns) or '(no neighbours)'}" for c, ns in concept_set.neighbors.items())
         return io.NodeOutput(patched, text, ui=ui.PreviewText(text))

@@ -290,17 +290,140 @@ def test_nlce_gate_keeps_another_packs_attention_replace_and_says_so(pack, clip,
     assert other.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 7, 0)] is foreign
 
 
-def test_nlce_gate_refuses_a_model_without_cross_attention(pack, clip):
+TINY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+             "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+             "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True}
+TINY_T5 = {"d_model": 64, "d_ff": 128, "num_heads": 4, "d_kv": 16, "num_layers": 2}  # ComfyUI's t5xxl_model_config option
+
+
+def patcher_for(model_class, config):
+    import comfy.model_management as mm
     import comfy.model_patcher
+
+    model = model_class(config).get_model({})  # ComfyUI leaves the weights uninitialised: random ones, seeded
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+@pytest.fixture(scope="module")
+def flux(pack):
+    """A Flux MODEL (2 double + 2 single blocks, 64 wide) and its CLIP (CLIP-L; a T5 64 wide through ComfyUI's own
+    ``t5xxl_model_config`` option, with ComfyUI's T5 tokenizer), as ComfyUI's loaders build them."""
+    import comfy.sd
+    import comfy.supported_models
+    from transformers import T5Config, T5EncoderModel
+
+    from test_comfy_server import random_clip_sd
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", **TINY_T5)).state_dict()
+    clip = comfy.sd.load_text_encoder_state_dicts([random_clip_sd(768, 12, 3072), t5], clip_type=comfy.sd.CLIPType.FLUX,
+                                                  model_options={"t5xxl_model_config": TINY_T5})
+    return patcher_for(comfy.supported_models.Flux, TINY_FLUX), clip
+
+
+def sample_flux(pack, model, clip, prompt, seed=0):
+    """One Euler step of ComfyUI's sampler from sigma 0.5 (timestep 500, inside NLCE's window) to 0, guidance 3.5."""
+    import comfy.sample
+
+    pos = pack["nodes"].CLIPTextEncode().encode(clip, prompt)[0]
+    pos = [[c, {**o, "guidance": 3.5}] for c, o in pos]
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", pos, encode(pack, clip, ""),
+                               torch.zeros(1, 16, 16, 16), sigmas=torch.tensor([0.5, 0.0]), seed=seed)
+
+
+@pytest.mark.parametrize("schedule", ["single-pass", "faithful"])
+def test_nlce_gate_on_flux_erases_in_the_joint_attention_and_leaves_the_input_model_unchanged(pack, flux, schedule):
+    model, clip = flux
+    options_before = repr(model.model_options)
+    with torch.inference_mode():
+        vanilla = sample_flux(pack, model, clip, "a photo of a cat")
+        gated, used = run(pack, "HirmNlceGate", model, clip, "cat", "dog\ntiger", "object", 1.0, True, 1.0, "mask", schedule)
+        erased = sample_flux(pack, gated, clip, "a photo of a cat")
+        vanilla_again = sample_flux(pack, model, clip, "a photo of a cat")
+    assert torch.isfinite(erased).all() and used == "cat: dog, tiger"
+    assert (erased - vanilla).norm() > 0.001 * vanilla.norm()
+    assert torch.equal(vanilla, vanilla_again) and repr(model.model_options) == options_before
+    state = gated.model_options["model_function_wrapper"].__self__
+    assert state.session.concepts.family == "flux" and state.gating == ("double_block", 1)
+    passes = state.session.diagnostics
+    assert [(p["dry"], p["intervened"]) for p in passes] == ([(True, False)] if schedule == "faithful" else []) + [(False, True)]
+    assert passes[-1]["active"] == [["cat"]] and passes[-1]["gate"]["shape"] == [8, 8]  # 16x16 latent in 2x2 patches
+
+
+def test_nlce_gate_on_flux_with_every_stage_off_samples_bit_identically(pack, flux):
+    import dataclasses
+
+    model, clip = flux
+    with torch.inference_mode():
+        vanilla = sample_flux(pack, model, clip, "a photo of a cat")
+        gated = run(pack, "HirmNlceGate", model, clip, "cat", "dog", "object", 1.0, True, 1.0, "mask", "single-pass")[0]
+        state = gated.model_options["model_function_wrapper"].__self__
+        state.session.config = dataclasses.replace(state.session.config, stage1=False, stage2=False, stage3=False)
+        assert torch.equal(sample_flux(pack, gated, clip, "a photo of a cat"), vanilla)
+
+
+@pytest.fixture(scope="module")
+def sd3(pack):
+    """An SD3.5-style MODEL (2 joint blocks 128 wide, the second with its own image self-attention) and a CLIP of
+    CLIP-L and T5 (4096 wide, as ComfyUI pads SD3's rows to, and 24 layers, as its loader detects T5-XXL by, but one
+    head and a small feed-forward through ``t5xxl_model_config``), as DualCLIPLoader (type sd3) builds it."""
+    import comfy.sd
+    import comfy.supported_models
+    from transformers import T5Config, T5EncoderModel
+
+    from test_comfy_server import random_clip_sd
+
+    t5_config = {"d_model": 4096, "d_ff": 64, "num_heads": 1, "d_kv": 64, "num_layers": 24}
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", **t5_config)).state_dict()
+    clip = comfy.sd.load_text_encoder_state_dicts([random_clip_sd(768, 12, 3072), t5], clip_type=comfy.sd.CLIPType.SD3,
+                                                  model_options={"t5xxl_model_config": t5_config})
+    config = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None, "adm_in_channels": 2048,
+              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+              "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [1]}
+    return patcher_for(comfy.supported_models.SD3, config), clip
+
+
+def test_nlce_gate_on_sd3_erases_in_the_conditional_half_and_leaves_the_input_model_unchanged(pack, sd3):
+    import comfy.sample
+
+    model, clip = sd3
+
+    def sample(m):
+        noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+        return comfy.sample.sample(m, noise, 1, 4.0, "euler", "simple", encode(pack, clip, "a photo of a cat"),
+                                   encode(pack, clip, ""), torch.zeros(1, 16, 16, 16), sigmas=torch.tensor([0.5, 0.0]), seed=0)
+
+    options_before = repr(model.model_options)
+    with torch.inference_mode():
+        vanilla = sample(model)
+        gated, used = run(pack, "HirmNlceGate", model, clip, "cat", "dog", "object", 1.0, True, 1.0, "mask", "single-pass")
+        erased = sample(gated)
+        vanilla_again = sample(model)
+    assert torch.isfinite(erased).all() and (erased - vanilla).norm() > 0.001 * vanilla.norm()
+    assert torch.equal(vanilla, vanilla_again) and repr(model.model_options) == options_before
+    state = gated.model_options["model_function_wrapper"].__self__
+    assert state.session.concepts.family == "sd3" and state.gating == ("double_block", 1)
+    last = state.session.diagnostics[-1]
+    cond = 1 if last["active"][0] == [] else 0
+    assert last["active"][cond] == ["cat"] and last["live_tokens"][1 - cond] == [] and last["gate"]["shape"] == [8, 8]
+
+
+def test_nlce_gate_refuses_a_model_without_text_attention_it_knows_and_a_clip_without_t5(pack, clip, flux):
     import comfy.supported_models
 
-    tiny_flux = comfy.supported_models.Flux({
-        "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
-        "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
-        "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "guidance_embed": True})
-    flux = comfy.model_patcher.ModelPatcher(tiny_flux.get_model({}), load_device="cpu", offload_device="cpu")
+    chroma = patcher_for(comfy.supported_models.Chroma, {
+        **{k: v for k, v in TINY_FLUX.items() if k not in ("vec_in_dim", "guidance_embed")}, "image_model": "chroma",
+        "in_channels": 64, "out_channels": 64, "in_dim": 64, "out_dim": 64, "hidden_dim": 32, "n_layers": 1})
     with pytest.raises(pack["errors"].NlceError, match="no UNet cross-attention"):
-        run(pack, "HirmNlceGate", flux, clip, "cat", "auto", "object", 1.0, True, 1.0, "mask", "single-pass")
+        run(pack, "HirmNlceGate", chroma, clip, "cat", "auto", "object", 1.0, True, 1.0, "mask", "single-pass")
+    with pytest.raises(pack["errors"].NlceError, match="no T5 tokenizer"):
+        run(pack, "HirmNlceGate", flux[0], clip, "cat", "dog", "object", 1.0, True, 1.0, "mask", "single-pass")
 
 
 def test_example_workflows_validate_in_comfyui(pack, tmp_path):

@@ -29,7 +29,7 @@ COMFY = os.environ.get("COMFYUI_PATH")
 MODELS = os.environ.get("HIRM_COMFY_MODELS")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = ["hirm_train_apply_sd15.json", "hirm_patch_plus_nlce_sd15.json", "hirm_compare_seeds_sd15.json",
-             "hirm_clip_l_patch_flux.json"]
+             "hirm_clip_l_patch_flux.json", "hirm_nlce_flux.json"]
 T5_FILE = "t5xxl_fp8_e4m3fn.safetensors"  # the fp8 variant people also use: half the size of t5xxl_fp16
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 

@@ -1,6 +1,7 @@
 """The example ComfyUI workflows are well-formed UI graphs whose links join matching sockets."""
 
 import glob
+import re
 import json
 import os
 
@@ -10,9 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 
 
-def test_there_are_the_four_examples():
-    assert [os.path.basename(f) for f in FILES] == ["hirm_clip_l_patch_flux.json", "hirm_compare_seeds_sd15.json",
-                                                    "hirm_patch_plus_nlce_sd15.json", "hirm_train_apply_sd15.json"]
+def test_the_examples_are_the_ones_workflows_readme_lists():
+    listed = re.findall(r"^- `([^`]+\.json)`", open(os.path.join(ROOT, "workflows", "README.md")).read(), re.M)
+    assert sorted(listed) == [os.path.basename(f) for f in FILES] and len(FILES) == 5
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
@@ -32,8 +33,8 @@ def test_links_join_matching_sockets_and_every_step_is_explained(path):
             assert all(o["links"] for o in n["outputs"] if o["type"] == "STRING"), n["type"]
 
 
-@pytest.mark.parametrize("name", ["hirm_train_apply_sd15.json", "hirm_patch_plus_nlce_sd15.json"])
-def test_the_sd15_examples_save_the_original_beside_the_erased_image(name):
+@pytest.mark.parametrize("name", ["hirm_train_apply_sd15.json", "hirm_patch_plus_nlce_sd15.json", "hirm_nlce_flux.json"])
+def test_the_examples_save_the_original_beside_the_erased_image(name):
     graph = json.load(open(os.path.join(ROOT, "example_workflows", name)))
     nodes = {n["id"]: n for n in graph["nodes"]}
     links = {lid: (src, dst) for lid, src, _, dst, _, _ in graph["links"]}
@@ -49,7 +50,7 @@ def test_the_sd15_examples_save_the_original_beside_the_erased_image(name):
     stitch = next(n for n in nodes.values() if n["type"] == "ImageStitch")
     original, erased = (links[i["link"]][0] for i in stitch["inputs"])
     assert not any(t.startswith("Hirm") for t in upstream(original))
-    assert {"HirmApplyEncoderPatch"} <= upstream(erased)
+    assert upstream(erased) & {"HirmApplyEncoderPatch", "HirmNlceGate"}
     assert any(links[lid][1] == stitch["id"] for lid in links) and "SaveImage" in {nodes[links[l][1]]["type"] for l in stitch["outputs"][0]["links"]}
 
 

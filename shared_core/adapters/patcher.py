@@ -168,8 +168,8 @@ def install_nlce(patcher, concept_set, config, sigma_to_timestep: Callable):
     """
     blocks = cross_attention_blocks(patcher.model.diffusion_model)
     if not blocks:
-        raise NlceError("this model has no UNet cross-attention (Flux and SD3 use joint attention); NLCE needs an SD1.x or "
-                        "SDXL model")
+        raise NlceError("this model has no UNet cross-attention; NLCE needs an SD1.x or SDXL model here (Flux and SD3: "
+                        "experimental, in ComfyUI and diffusers only)")
     width = next(iter(blocks.values())).to_k.in_features
     if width != concept_set.width:
         raise NlceError(f"this UNet's cross-attention reads {width}-wide text rows but the concept operators are "
