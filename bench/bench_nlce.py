@@ -1,7 +1,9 @@
-"""NLCE sampling cost and schedule agreement on the SD1.5 or SDXL UNet architecture (random weights, CPU).
+"""NLCE sampling cost and schedule agreement on the SD1.5, SDXL, Flux or SD3 architectures (random weights, CPU).
 
     python bench/bench_nlce.py [--family sd1|sdxl] [--steps 4] [--latent 32] [--repeats 2] [--suppression mask]
     python bench/bench_nlce.py --family sdxl --gating-survey     # candidate gating layers of the SDXL UNet
+    python bench/bench_nlce.py --family flux|sd3 [--depth 2] [--text-len 128]   # joint attention, reduced depth
+                                                                 # (docs/nlce-joint-attention.md)
 
 Runs vanilla, single-pass and faithful sampling side by side in one process (interleaved,
 median of the repeats), then compares single-pass with faithful: correlation of the gate maps
@@ -23,7 +25,7 @@ import time
 import torch
 
 
-def build(device, latent, family="sd1"):
+def build(device, latent, family="sd1", depth=2):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -33,6 +35,8 @@ def build(device, latent, family="sd1"):
     torch.manual_seed(0)
     if family == "sdxl":
         return build_sdxl(device, latent)
+    if family in ("flux", "sd3"):
+        return build_joint(device, family, depth)
     unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=latent)  # SD1.5 architecture (860M parameters)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
@@ -72,11 +76,63 @@ def build_sdxl(device, latent):
     return pipe.to(device)
 
 
-def sample(pipe, steps, latent):
+def build_joint(device, family, depth):
+    """Flux-dev or SD3-medium at full width with ``depth`` blocks of each kind (Flux: double and single; SD3: joint),
+    CLIP-L, T5-XXL at full width with 2 layers (SD3: CLIP-G too, 2 layers), T5 with a word-level tokenizer written by
+    the tests (random weights; a 1-block VAE never run)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    root = __file__.rsplit("/bench/", 1)[0]
+    sys.path.insert(0, root + "/tests")
+    from tiny_pipeline import tiny_t5
+
+    from shared_core.tokenizer import clip_tokenizer
+
+    def clip(width, layers, heads, act, projection):
+        config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                                num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, projection_dim=width)
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+    t5, t5_tokenizer = tiny_t5(0, layers=2, width=4096, d_ff=10240, num_heads=64, d_kv=64, vocab_size=32128,
+                               relative_attention_num_buckets=32)
+    clip_l = clip(768, 12, 12, "quick_gelu", family == "sd3")
+    if family == "flux":
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        transformer = FluxTransformer2DModel(num_layers=depth, num_single_layers=depth, guidance_embeds=True)
+        vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                            latent_channels=16, norm_num_groups=4, shift_factor=0.1159, scaling_factor=0.3611)
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip_l,
+                            tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    else:
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        transformer = SD3Transformer2DModel(num_layers=depth, attention_head_dim=64, num_attention_heads=24,
+                                            caption_projection_dim=1536, pos_embed_max_size=192)
+        vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                            latent_channels=16, norm_num_groups=4, shift_factor=0.0609, scaling_factor=1.5305)
+        pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, transformer=transformer,
+                                        text_encoder=clip_l, tokenizer=clip_tokenizer(),
+                                        text_encoder_2=clip(1280, 2, 20, "gelu", True), tokenizer_2=clip_tokenizer("!"),
+                                        text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+PROMPT = "a painting of a cat on sofa"  # every word known to the T5 word-level tokenizer of build_joint
+
+
+TEXT_LEN = [128]  # flux / sd3: T5 rows per prompt (--text-len)
+
+
+def sample(pipe, steps, latent, prompt=PROMPT):
     g = torch.Generator().manual_seed(0)
+    joint = hasattr(pipe, "transformer")
+    kwargs = {"max_sequence_length": TEXT_LEN[0], "guidance_scale": 3.5 if type(pipe).__name__.startswith("Flux") else 5.0} if joint else {}
+    side = latent * 2 if joint else latent  # the joint pipelines here have a VAE scale of 1 and pack 2x2 latent patches
     start = time.perf_counter()
-    out = pipe("a painting of a cat sitting on a chair", num_inference_steps=steps, height=latent, width=latent,
-               generator=g, output_type="latent").images
+    out = pipe(prompt, num_inference_steps=steps, height=side, width=side, generator=g, output_type="latent", **kwargs).images
     return out, time.perf_counter() - start
 
 
@@ -87,13 +143,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--suppression", choices=("mask", "scale"), default="mask", help="stage-2 mode of both schedules")
-    ap.add_argument("--family", choices=("sd1", "sdxl"), default="sd1", help="the UNet architecture")
+    ap.add_argument("--family", choices=("sd1", "sdxl", "flux", "sd3"), default="sd1", help="the architecture")
+    ap.add_argument("--depth", type=int, default=2, help="flux / sd3: blocks of each kind (full width)")
+    ap.add_argument("--text-len", type=int, default=128, help="flux / sd3: T5 rows per prompt (Flux-dev: 512)")
     ap.add_argument("--gating-survey", action="store_true", help="compare candidate gating layers (SDXL)")
     args = ap.parse_args()
+    TEXT_LEN[0] = args.text_len
     torch.set_grad_enabled(False)
     from shared_core.nlce import apply_nlce
 
-    pipe = build(args.device, args.latent, args.family)
+    pipe = build(args.device, args.latent, args.family, args.depth)
     if args.gating_survey:
         return gating_survey(pipe, args)
     # random weights: a low floor lets the ratio rule pick live tokens, so the gate really runs
@@ -113,16 +172,18 @@ def main() -> None:
                 live = [d["live_tokens"] for d in h.diagnostics if not d["dry"]]
             times[mode].append(t)
     med = {m: statistics.median(v) for m, v in times.items()}
-    name = "SDXL" if args.family == "sdxl" else "SD1.5"
-    print(f"{name} UNet architecture, random weights, {args.latent}x{args.latent} latent, batch 2 (CFG), {args.steps} steps, "
+    name = {"sdxl": "SDXL", "sd1": "SD1.5"}.get(args.family, f"{args.family} ({args.depth} blocks of each kind)")
+    batch = "batch 1 (guidance-distilled)" if args.family == "flux" else "batch 2 (CFG)"
+    tokens = f", {args.text_len} text rows" if args.family in ("flux", "sd3") else ""
+    print(f"{name} architecture, random weights, {args.latent}x{args.latent} latent{tokens}, {batch}, {args.steps} steps, "
           f"suppression {args.suppression}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"live tokens (cond row) per step: {[step[1] for step in live]}")
+    print(f"live tokens (cond row) per step: {[step[-1] for step in live]}")
     print(f"{'schedule':<12} {'seconds':>8} {'x vanilla':>10}")
     for m in times:
         print(f"{m:<12} {med[m]:>8.2f} {med[m] / med['vanilla']:>9.3f}x")
     corr, ratio = [], []
     for a, b in zip(gates["single-pass"], gates["faithful"]):
-        a, b = a[1].flatten(), b[1].flatten()  # the conditional row
+        a, b = a[-1].flatten(), b[-1].flatten()  # the conditional row
         corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
         ratio.append(float(a.mean() / b.mean()))
     v, s, f = results["vanilla"], results["single-pass"], results["faithful"]
@@ -131,6 +192,51 @@ def main() -> None:
     print(f"gate mean single-pass / faithful per step: {[round(r, 4) for r in ratio]}")
     print(f"final latents: |single - faithful| / |faithful| = {rel(s, f):.4f}; "
           f"|faithful - vanilla| / |vanilla| = {rel(f, v):.4f} (size of the erasure's own effect)")
+    if args.family in ("flux", "sd3"):
+        joint_checks(pipe, args)
+
+
+def joint_checks(pipe, args) -> None:
+    """Flux / SD3 only: every stage off is bit-identical to vanilla; how much of the concept is left in each block's
+    text keys at the live row (|cos| with the concept's own key at that block) without and with stage 1."""
+    from shared_core.nlce import apply_nlce
+
+    vanilla, _ = sample(pipe, args.steps, args.latent)
+    with apply_nlce(pipe, ["cat"], ["dog", "tiger"], stage1=False, stage2=False, stage3=False, live_floor=1.0):
+        off, _ = sample(pipe, args.steps, args.latent)
+    print(f"every stage off: bit-identical to vanilla: {torch.equal(off, vanilla)}")
+    keys = {}
+    modules = {n: m for n, m in pipe.transformer.named_modules() if n.endswith(".attn") and hasattr(m, "add_k_proj")}
+
+    def capture(tag):
+        def hook(name):
+            return lambda m, i, o: keys.setdefault(tag, {}).setdefault(name, o.detach().float())
+        return [m.add_k_proj.register_forward_hook(hook(n)) for n, m in modules.items()]
+
+    def run(tag, prompt, **settings):
+        handles = capture(tag)
+        try:
+            if settings:
+                with apply_nlce(pipe, ["cat"], ["dog", "tiger"], stage2=False, stage3=False, t_max=1000.0, live_floor=1.0,
+                                **settings) as h:
+                    sample(pipe, 1, args.latent, prompt)
+                    return h.diagnostics[-1]["live_tokens"][-1]
+            sample(pipe, 1, args.latent, prompt)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    run("concept", "cat")
+    live = run("stage1", PROMPT, stage1=True)
+    run("plain", PROMPT)
+    cat_row = 0 if args.family == "flux" else 77  # T5's "cat" in the concept's own context (SD3: after CLIP's 77 rows)
+    print(f"live rows {live}; |cos| of the live row's text key with the concept's own key, per joint block:")
+    print(f"{'block':<34} {'without stage 1':>16} {'with stage 1':>13}")
+    for name in modules:
+        ref = keys["concept"][name][-1, cat_row]
+        cos = [float(torch.nn.functional.cosine_similarity(keys[t][name][-1, live].mean(0), ref, dim=0).abs())
+               for t in ("plain", "stage1")]
+        print(f"{name:<34} {cos[0]:>16.3f} {cos[1]:>13.3f}")
 
 
 def gating_survey(pipe, args) -> None:

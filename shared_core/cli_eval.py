@@ -149,6 +149,7 @@ def cmd_eval(args) -> int:
     from .evaluation.cases import Store, plan, shard_of
     from .evaluation.run import Defences, process_slot, render_cases
     from .nlce.diffusers import pipeline_family, pipeline_row_encoder
+    from .nlce.joint import joint_family
     from .patch import load_patch, pipeline_encoders
     from .pipelines import load_pipeline
     from .report import TextView, view_report
@@ -165,11 +166,13 @@ def cmd_eval(args) -> int:
 
         device = str(PartialState().device)
     pipe = load_pipeline(args.model, device)
+    family = joint_family(pipe) or pipeline_family(pipe)  # flux / sd3 (NLCE experimental there), sdxl, sd1
+    if family == "flux" and settings["negative_prompt"]:
+        raise HirmError("Flux is guidance-distilled and renders without a negative prompt here; leave out --negative-prompt")
     if is_main:
         store.open()
     barrier()
     store.open()
-    family = pipeline_family(pipe)
     neighbors = settings["neighbors"]
     if neighbors == "auto":
         from .nlce import neighbor_table

@@ -302,9 +302,10 @@ def patcher_for(model_class, config):
 
     model = model_class(config).get_model({})  # ComfyUI leaves the weights uninitialised: random ones, seeded
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    with torch.no_grad():  # buffers too: SD3's pos_embed is one, and uninitialised memory made the test flaky
+        for p in [*model.diffusion_model.parameters(), *model.diffusion_model.buffers()]:
+            if p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 

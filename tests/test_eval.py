@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_pipeline import sdxl_encoders, tiny_pipeline, tiny_sdxl_pipeline
+from tiny_pipeline import sdxl_encoders, tiny_flux_pipeline, tiny_pipeline, tiny_sdxl_pipeline
 
 from shared_core.cli import main
 from shared_core.evaluation import cases as cases_lib
@@ -125,6 +125,26 @@ def test_sdxl_pipelines_are_evaluated_with_their_both_encoder_patch(tmp_path):
     assert m["family"] == "sdxl" and m["text_reports"][patch]["measured_on"] == "sdxl"
     assert m["settings"]["defences"] == ["none", "patch"] and m["strength_sweep"] == []
     assert not (out / "strength.png").exists()
+
+
+def test_flux_pipelines_are_evaluated_with_a_clip_l_patch_and_nlce_in_their_joint_attention(tmp_path, capsys):
+    pipe = tiny_flux_pipeline(seed=6)
+    pipe.save_pretrained(str(tmp_path / "flux"))
+    patch = save_patch(train_patch(pipe.text_encoder, pipe.tokenizer, concepts=["cat"], steps=2, report=False),
+                       str(tmp_path / "p.safetensors"))
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "flux"), "--concept", "cat", "--neighbor", "dog", "--patch", patch, "--nlce",
+                 "--out", str(out), "--strengths", "", *FAST]) == 0
+    m = load(out / "metrics.json")
+    assert m["family"] == "flux" and m["settings"]["defences"] == ["none", "patch", "nlce", "both"]
+    first = m["cases"][0]
+    assert {c["defence"] for c in m["cases"] if (c["prompt"], c["seed"]) == (first["prompt"], first["seed"])} == \
+        {"none", "patch", "nlce", "both"}
+    assert (out / "report.html").exists() and (out / "grid.png").exists()
+    other = tmp_path / "negative"  # Flux renders without one: refused before any folder is made
+    assert main(["eval", str(tmp_path / "flux"), "--concept", "cat", "--nlce", "--negative-prompt", "blurry",
+                 "--out", str(other), *FAST]) == 2
+    assert "leave out --negative-prompt" in capsys.readouterr().err and not other.exists()
 
 
 def test_nudenet_scores_record_the_detector_threshold_and_classes(sd1, tmp_path):

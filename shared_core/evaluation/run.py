@@ -78,6 +78,7 @@ def render_cases(pipe, defences: Defences, cases: list[Case], store: Store, rend
         from tqdm import tqdm
 
         bar = tqdm(total=len(pending), desc="rendering", unit="image")
+    negative = {"negative_prompt": render_settings["negative_prompt"]} if render_settings.get("negative_prompt") else {}
     by_defence: dict[tuple[str, float], list[Case]] = {}
     for c in pending:
         by_defence.setdefault((c.defence, c.strength), []).append(c)
@@ -87,9 +88,9 @@ def render_cases(pipe, defences: Defences, cases: list[Case], store: Store, rend
                 for case in group:
                     start = time.perf_counter()
                     generator = torch.Generator(device="cpu").manual_seed(case.seed)
-                    image = pipe(case.prompt, negative_prompt=render_settings.get("negative_prompt"),
-                                 num_inference_steps=render_settings["steps"], guidance_scale=case.guidance,
-                                 height=render_settings["size"], width=render_settings["size"], generator=generator).images[0]
+                    image = pipe(case.prompt, num_inference_steps=render_settings["steps"], guidance_scale=case.guidance,
+                                 height=render_settings["size"], width=render_settings["size"], generator=generator,
+                                 **negative).images[0]
                     rendered = time.perf_counter()
                     scores = {s.name: s(image, case.prompt) for s in scorers}
                     scored = time.perf_counter()
