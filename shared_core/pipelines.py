@@ -40,12 +40,19 @@ def load_pipeline(model: str, device: str):
                                      f"({str(e).splitlines()[0][:160]}); offline it needs the model type's config in the "
                                      "Hugging Face cache: convert the file to a diffusers folder once instead") from None
     elif os.path.isdir(model) or "/" in model:
-        try:
-            pipe = AutoPipelineForText2Image.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        checker = True  # a Hub id: unknown until loaded
+        if os.path.isfile(index := os.path.join(model, "model_index.json")):
+            with open(index, encoding="utf-8") as f:
+                checker = '"safety_checker"' in f.read()
+        try:  # without the safety checker where the pipeline has one (SD1.x); other pipelines warn about the argument
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                model, **({"safety_checker": None, "requires_safety_checker": False} if checker else {}))
         except (OSError, ValueError) as e:
             raise EncoderSourceError(f"{model}: cannot load a Stable Diffusion pipeline ({str(e).splitlines()[0][:160]}); "
                                      "pass an SD1.x or SDXL diffusers folder, or connect once to download a Hub id") from None
     else:
         raise EncoderSourceError(f"{model}: no such file or folder; {NO_MODEL}")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)  # diffusers renamed from_pretrained's dtype argument; .to() takes it everywhere
+    if pipe.dtype != dtype:  # diffusers renamed from_pretrained's dtype argument; .to() takes it everywhere (and warns)
+        pipe.to(dtype=dtype)
+    return pipe.to(device)

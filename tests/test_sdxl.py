@@ -292,8 +292,9 @@ def test_hirm_nlce_renders_an_sdxl_folder_with_its_both_encoder_patch(xl, tmp_pa
     out = tmp_path / "grid.png"
     assert main(["nlce", str(tmp_path / "sdxl"), "--concept", "cat", "--prompt", "a cat", "--patch", patch, "--steps", "2",
                  "--size", "16", "--out", str(out)]) == 0
-    record = json.loads(Image.open(out).text["hirm-nlce"])
-    assert record["concepts"] == ["cat"] and Image.open(out).size == (32, 16)
+    with Image.open(out) as grid:
+        record, size = json.loads(grid.text["hirm-nlce"]), grid.size
+    assert record["concepts"] == ["cat"] and size == (32, 16)
 
 
 def test_pony_style_score_tags_are_concepts_like_any_other_text(xl):
