@@ -3,7 +3,7 @@ block math against an explicit attention-matrix reference."""
 
 import pytest
 import torch
-from tiny_pipeline import render_flux, render_sd3, tiny_flux_pipeline, tiny_pipeline, tiny_sd3_pipeline
+from tiny_pipeline import render_joint, tiny_flux_pipeline, tiny_pipeline, tiny_sd3_pipeline
 
 from shared_core.nlce import NlceError, apply_nlce, make_nlce_config
 from shared_core.nlce.joint import JointProcessor
@@ -16,8 +16,8 @@ PROMPT = "a photo of cat on sofa"
 @pytest.fixture(scope="module", params=["flux", "sd3"])
 def case(request):
     if request.param == "flux":
-        return "flux", tiny_flux_pipeline(), render_flux
-    return "sd3", tiny_sd3_pipeline(), render_sd3
+        return "flux", tiny_flux_pipeline(), render_joint
+    return "sd3", tiny_sd3_pipeline(), render_joint
 
 
 def state(pipe):
@@ -82,7 +82,7 @@ def test_flux_true_cfg_negative_call_gets_no_pass_of_its_own():
     live = []
     for extra in ({}, {"negative_prompt": "a photo of cat", "true_cfg_scale": 2.0}):
         with apply_nlce(pipe, ["cat"], ["dog"], t_max=1000.0, **LOW) as h:
-            render_flux(pipe, PROMPT, steps=2, **extra)
+            render_joint(pipe, PROMPT, steps=2, **extra)
             live.append([d["live_tokens"] for d in h.diagnostics])
     assert len(live[1]) == 2 and live[1] == live[0] and live[0][0][0]  # one pass per step, the prompt's
 

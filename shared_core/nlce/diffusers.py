@@ -247,6 +247,24 @@ def pipeline_row_encoder(pipe):
     return clip_row_encoder(pipe.text_encoder, tokenizers[0])
 
 
+def pipeline_operators(pipe, family: str, concepts, neighbors, concept_set, preset, mine_top_k, settings):
+    """(concept set, config) for ``apply_nlce`` on ``pipe``: operators built from ``concepts`` with the pipeline's own
+    encoders, or ``concept_set`` checked (settings built into its operators cannot change; its family must match)."""
+    if concept_set is None:
+        config = make_nlce_config(preset, **settings)
+        encode = pipeline_row_encoder(pipe)
+        concept_set = build_concept_set(encode, concepts, neighbor_table(encode, concepts, neighbors, mine_top_k), config)
+    else:
+        if concepts or neighbors:
+            raise NlceError("pass either concepts (and neighbours) or a concept_set, not both")
+        config = derive_nlce_config(concept_set.config, preset, **settings)
+        changed = [k for k in OPERATOR_SETTINGS if getattr(config, k) != getattr(concept_set.config, k)]
+        if changed:
+            raise NlceError(f"{', '.join(changed)} are built into the concept set's operators; build a new concept set to change them")
+    concept_set.check_family(family, "this pipeline")
+    return concept_set, config
+
+
 def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet | None = None, preset: str | None = None,
                gating_layer: str | None = None, record_maps: bool = False, mine_top_k: int = 8, **settings) -> NlceHandle:
     """Erase ``concepts`` from a diffusers SD1.x or SDXL pipeline (Flux and SD3: experimental, docs/nlce-joint-attention.md)
@@ -272,19 +290,8 @@ def apply_nlce(pipe, concepts=None, neighbors=None, *, concept_set: ConceptSet |
         raise NlceError("NLCE is already applied to this pipeline; call remove() on its handle first")
     gating_layer = _check_unet(unet, cross_attention_names(unet), gating_layer)
     width = unet.config.cross_attention_dim
-    family = pipeline_family(pipe)
-    if concept_set is None:
-        config = make_nlce_config(preset, **settings)
-        encode = pipeline_row_encoder(pipe)
-        concept_set = build_concept_set(encode, concepts, neighbor_table(encode, concepts, neighbors, mine_top_k), config)
-    else:
-        if concepts or neighbors:
-            raise NlceError("pass either concepts (and neighbours) or a concept_set, not both")
-        config = derive_nlce_config(concept_set.config, preset, **settings)
-        changed = [k for k in OPERATOR_SETTINGS if getattr(config, k) != getattr(concept_set.config, k)]
-        if changed:
-            raise NlceError(f"{', '.join(changed)} are built into the concept set's operators; build a new concept set to change them")
-    concept_set.check_family(family, "this pipeline")
+    concept_set, config = pipeline_operators(pipe, pipeline_family(pipe), concepts, neighbors, concept_set, preset,
+                                             mine_top_k, settings)
     if concept_set.width != width:
         raise NlceError(f"the concept operators are {concept_set.width} wide but the UNet's cross-attention expects {width}; "
                         "use operators built with the pipeline's own text encoders")

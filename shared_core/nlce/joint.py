@@ -13,7 +13,7 @@ import weakref
 import torch
 
 from ..errors import NlceError
-from .diffusers import NlceHandle
+from .diffusers import NlceHandle, pipeline_operators
 from .driver import run_unet_pass
 from .operators import clip_row_encoder
 
@@ -289,27 +289,13 @@ class JointHandle(NlceHandle):
 
 def apply_joint(pipe, concepts, neighbors, *, concept_set, preset, gating_layer, record_maps, mine_top_k, settings):
     """``apply_nlce`` for a Flux or SD3 pipeline (see the module doc); everything is checked before anything changes."""
-    from .config import OPERATOR_SETTINGS, derive_nlce_config, make_nlce_config
-    from .mining import neighbor_table
-    from .operators import build_concept_set
     from .session import NlceSession
 
     transformer = pipe.transformer
     family = joint_family(pipe)
     if transformer in _INSTALLED:
         raise NlceError("NLCE is already applied to this pipeline; call remove() on its handle first")
-    if concept_set is None:
-        config = make_nlce_config(preset, **settings)
-        encode = joint_row_encoder(pipe, family, JOINT_TEXT_ROWS[family])
-        concept_set = build_concept_set(encode, concepts, neighbor_table(encode, concepts, neighbors, mine_top_k), config)
-    else:
-        if concepts or neighbors:
-            raise NlceError("pass either concepts (and neighbours) or a concept_set, not both")
-        config = derive_nlce_config(concept_set.config, preset, **settings)
-        changed = [k for k in OPERATOR_SETTINGS if getattr(config, k) != getattr(concept_set.config, k)]
-        if changed:
-            raise NlceError(f"{', '.join(changed)} are built into the concept set's operators; build a new concept set to change them")
-    concept_set.check_family(family, "this pipeline")
+    concept_set, config = pipeline_operators(pipe, family, concepts, neighbors, concept_set, preset, mine_top_k, settings)
     width = transformer.config.joint_attention_dim
     if concept_set.width != width:
         raise NlceError(f"the concept operators are {concept_set.width} wide but the transformer reads {width}-wide text rows; "
