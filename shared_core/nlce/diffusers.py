@@ -120,13 +120,17 @@ class NlceHandle:
         if self.removed:
             return
         self.unet.set_attn_processor(dict(self.original_processors))
-        for owner, name, saved in ((self.unet, "forward", self._saved_forward), (self.pipe, "encode_prompt", self._saved_encode)):
+        for owner, name, saved in self._saved_attributes():
             if saved is not None:
                 setattr(owner, name, saved)
             else:
                 owner.__dict__.pop(name, None)
         _INSTALLED.pop(self.unet, None)
         self.removed = True
+
+    def _saved_attributes(self) -> list:
+        """(owner, attribute, what its instance dict held before, or None) for each attribute ``_install`` set."""
+        return [(self.unet, "forward", self._saved_forward), (self.pipe, "encode_prompt", self._saved_encode)]
 
     def __enter__(self):
         return self

@@ -8,16 +8,13 @@ processor runs). The concept rows come from the pipeline's own ``encode_prompt``
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..errors import NlceError
-from .diffusers import NlceHandle, pipeline_operators
+from .diffusers import _INSTALLED, NlceHandle, pipeline_operators  # _INSTALLED: denoiser -> its handle
 from .driver import run_unet_pass
 from .operators import clip_row_encoder
 
-_INSTALLED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # transformer -> its JointHandle
 JOINT_TEXT_ROWS = {"flux": 512, "sd3": 256}  # the pipelines' default max_sequence_length: the concepts are encoded so
 
 
@@ -248,17 +245,8 @@ class JointHandle(NlceHandle):
         side = int(latent.shape[1] ** 0.5)
         return (side, side) if side * side == latent.shape[1] else None
 
-    def remove(self) -> None:
-        if self.removed:
-            return
-        self.unet.set_attn_processor(dict(self.original_processors))
-        for (owner, name), saved in self._saved.items():
-            if saved is not None:
-                setattr(owner, name, saved)
-            else:
-                owner.__dict__.pop(name, None)
-        _INSTALLED.pop(self.unet, None)
-        self.removed = True
+    def _saved_attributes(self) -> list:
+        return [(owner, name, saved) for (owner, name), saved in self._saved.items()]
 
     def _remember(self, result, prompt) -> None:
         """Flux: (prompt_embeds, pooled, text_ids) per call, the negative prompt in its own call; SD3: (prompt, negative,
