@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -272,9 +272,22 @@ def _owned(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
     return t.to(device=device, dtype=dtype or t.dtype, copy=True)
 
 
+def _shared(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    """``t`` itself (detached) where it can serve a frozen weight as it is, else a copy."""
+    want = torch.device(device)
+    same_device = t.device.type == want.type and (want.index is None or t.device.index == want.index)
+    if same_device and t.dtype == dtype and not t.is_inference():
+        return t.detach()
+    return _owned(t, device, dtype)
+
+
 def build_text_model(sd: Mapping[str, torch.Tensor], config=None, device="cpu",
-                     dtype: torch.dtype = torch.float32):
-    """A transformers ``CLIPTextModel`` holding a canonical state dict (no download, eval mode)."""
+                     dtype: torch.dtype = torch.float32, own: Callable[[str], bool] | None = None):
+    """A transformers ``CLIPTextModel`` holding a canonical state dict (no download, eval mode).
+
+    ``own(name)``: whether the model gets its own copy of that weight (default: all; training changes the ones it owns).
+    A weight it does not own is shared with ``sd`` where it already has the device and dtype and is not an inference
+    tensor (autograd cannot save those): no second copy of a host's frozen weights (SDXL's bigG: 2.8 GB in fp32)."""
     from transformers import CLIPTextModel
 
     config = config or config_from_state_dict(sd)
@@ -285,7 +298,8 @@ def build_text_model(sd: Mapping[str, torch.Tensor], config=None, device="cpu",
         missing = [CANONICAL + n for n in params if CANONICAL + n not in sd]
         if missing:
             raise EncoderSourceError(f"the text encoder weights are incomplete (missing {missing[0]} and {len(missing) - 1} more); the file is damaged or not a CLIP text encoder")
-        state = {n: _owned(sd[CANONICAL + n], device, dtype) for n in params}
+        state = {n: _owned(sd[CANONICAL + n], device, dtype) if own is None or own(CANONICAL + n)
+                 else _shared(sd[CANONICAL + n], device, dtype) for n in params}
         tm = text_module(model)
         persistent = set(tm.state_dict().keys())
         for n, _ in list(tm.named_buffers()):

@@ -42,6 +42,14 @@ def train_on_weights(weights: Mapping[str, torch.Tensor], config, *, device="cpu
     return train_on_encoders({"clip_l": (weights, None)}, config, device=device, progress=progress, should_cancel=should_cancel)
 
 
+def _trained_names(weights: Mapping[str, torch.Tensor], config) -> set[str]:
+    """The canonical names training changes: the model gets its own copies of these and shares the rest (frozen)."""
+    from .encoders import config_from_state_dict
+    from .hirm.train import trained_parameter_names
+
+    return set(trained_parameter_names(config, config_from_state_dict(weights).num_hidden_layers))
+
+
 def train_on_encoders(encoders: Mapping[str, tuple[Mapping[str, torch.Tensor], torch.Tensor | None]], config, *, device="cpu",
                       progress: Callable | None = None, should_cancel: Callable | None = None) -> ErasurePatch:
     """One HiRM patch for a model's text encoders: ``encoders`` maps components (``clip_l``, ``clip_g``) to (canonical
@@ -55,7 +63,8 @@ def train_on_encoders(encoders: Mapping[str, tuple[Mapping[str, torch.Tensor], t
 
     def make():
         with torch.inference_mode(False), torch.enable_grad():
-            models = {c: (build_text_model(w, device=device, dtype=torch.float32), clip_tokenizer(*(["!"] if c == "clip_g" else [])),
+            models = {c: (build_text_model(w, device=device, dtype=torch.float32, own=_trained_names(w, config).__contains__),
+                          clip_tokenizer(*(["!"] if c == "clip_g" else [])),
                           None if p is None else p.to(device, torch.float32, copy=True))
                       for c, (w, p) in encoders.items()}
             return train_model_patch(models, config, progress=progress, should_cancel=should_cancel)
@@ -102,7 +111,7 @@ def concept_set_for(weights: Mapping[str, torch.Tensor] | Mapping[str, Mapping[s
     key = (digests, frozen(list(concepts)), table, operator, str(device))
 
     def make():
-        models = {c: build_text_model(w, device=device) for c, w in by_component.items()}
+        models = {c: build_text_model(w, device=device, own=lambda _: False) for c, w in by_component.items()}  # encodes only
         if set(models) == {"clip_l", "clip_g"}:
             encode = nlce.sdxl_row_encoder(models["clip_l"], clip_tokenizer(), models["clip_g"], clip_tokenizer("!"))
         elif set(models) == {"clip_l"}:

@@ -77,6 +77,28 @@ def test_training_under_inference_mode_leaves_the_weights_alone_and_same_inputs_
     assert patch.report["n_nontarget_prompts"] >= 50
 
 
+@pytest.mark.parametrize("layer", [0, -1])
+def test_training_shares_a_hosts_frozen_weights_copies_what_it_trains_and_gives_the_same_patch(layer):
+    from shared_core import hosting
+    from shared_core.encoders import build_text_model
+
+    weights = patcher.encoder_weights(comfy_sd(seed=5))  # plain tensors, as A1111 and Forge hand them over
+    before = {k: v.clone() for k, v in weights.items()}
+    config = cat_config(2, trainable_layers=(layer,))
+    trained = hosting._trained_names(weights, config)
+    model = build_text_model(weights, own=trained.__contains__)
+    last = model.config.num_hidden_layers - 1
+    assert trained and all(f".layers.{0 if layer == 0 else last}." in n for n in trained)
+    shared = {"text_model." + n for n, p in model.named_parameters() if p.data_ptr() == weights["text_model." + n].data_ptr()}
+    assert shared == set(weights) - trained - {"text_model.embeddings.position_ids"}
+    patch = train_on_weights(weights, config)
+    assert all(torch.equal(weights[k], before[k]) for k in weights)
+    hosting._TRAINED.clear()
+    with torch.inference_mode():  # inference tensors are always copied: the same training on copies
+        copied = train_on_weights({k: v.clone() for k, v in weights.items()}, config)
+    assert copied is not patch and all(torch.equal(copied.deltas[n], patch.deltas[n]) for n in patch.deltas)
+
+
 def test_a_change_anywhere_in_the_weights_retrains():
     # e.g. a LoRA on a middle layer: the base fingerprint (a few sampled tensors) does not see it, the cache must
     weights = patcher.encoder_weights(comfy_sd())

@@ -189,5 +189,5 @@ def joint_concept_set(clip, clip_l_weights, family: str, concepts, neighbors, co
     its CLIP-L under canonical names, the live floor's reference and the vocabulary ``"auto"`` mines)."""
     from ..encoders import build_text_model
 
-    encode = clip_row_encoder(clip, family, build_text_model(clip_l_weights, device=device))
+    encode = clip_row_encoder(clip, family, build_text_model(clip_l_weights, device=device, own=lambda _: False))
     return nlce.build_concept_set(encode, list(concepts), nlce.neighbor_table(encode, concepts, neighbors), config)
