@@ -80,7 +80,7 @@ def test_training_under_inference_mode_leaves_the_weights_alone_and_same_inputs_
 @pytest.mark.parametrize("layer", [0, -1])
 def test_training_shares_a_hosts_frozen_weights_copies_what_it_trains_and_gives_the_same_patch(layer):
     from shared_core import hosting
-    from shared_core.encoders import build_text_model
+    from shared_core.encoders import build_text_model, text_module
 
     weights = patcher.encoder_weights(comfy_sd(seed=5))  # plain tensors, as A1111 and Forge hand them over
     before = {k: v.clone() for k, v in weights.items()}
@@ -89,7 +89,8 @@ def test_training_shares_a_hosts_frozen_weights_copies_what_it_trains_and_gives_
     model = build_text_model(weights, own=trained.__contains__)
     last = model.config.num_hidden_layers - 1
     assert trained and all(f".layers.{0 if layer == 0 else last}." in n for n in trained)
-    shared = {"text_model." + n for n, p in model.named_parameters() if p.data_ptr() == weights["text_model." + n].data_ptr()}
+    shared = {"text_model." + n for n, p in text_module(model).named_parameters()  # text_model.* in any transformers
+              if p.data_ptr() == weights["text_model." + n].data_ptr()}
     assert shared == set(weights) - trained - {"text_model.embeddings.position_ids"}
     patch = train_on_weights(weights, config)
     assert all(torch.equal(weights[k], before[k]) for k in weights)
