@@ -58,6 +58,9 @@ class NlceGate(io.ComfyNode):
             concept_set = core.hosting.concept_set_for(weights, names, neighbors, config, device=host.compute_device())
             patched, _ = core.patcher.install_nlce(model, concept_set, config, timestep)
         else:  # Flux / SD3: experimental (docs/nlce-joint-attention.md)
+            if "clip_l" not in weights:
+                raise core.NlceError("this CLIP has no CLIP-L, which NLCE reads its live-token scale and neighbours from; load "
+                                     "the model's CLIP with DualCLIPLoader (flux) or TripleCLIPLoader (sd3)")
             concept_set = core.joint_patcher.joint_concept_set(clip, weights["clip_l"], family, names, neighbors, config,
                                                                device=host.compute_device())
             patched, _ = core.joint_patcher.install_joint_nlce(model, concept_set, config, timestep)
