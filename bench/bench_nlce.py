@@ -25,7 +25,7 @@ import time
 import torch
 
 
-def build(device, latent, family="sd1", depth=2):
+def build(device, latent, family="sd1", depth=2, single=None):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -36,7 +36,7 @@ def build(device, latent, family="sd1", depth=2):
     if family == "sdxl":
         return build_sdxl(device, latent)
     if family in ("flux", "sd3"):
-        return build_joint(device, family, depth)
+        return build_joint(device, family, depth, depth if single is None else single)
     unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=latent)  # SD1.5 architecture (860M parameters)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
@@ -76,7 +76,7 @@ def build_sdxl(device, latent):
     return pipe.to(device)
 
 
-def build_joint(device, family, depth):
+def build_joint(device, family, depth, single):
     """Flux-dev or SD3-medium at full width with ``depth`` blocks of each kind (Flux: double and single; SD3: joint),
     CLIP-L, T5-XXL at full width with 2 layers (SD3: CLIP-G too, 2 layers), T5 with a word-level tokenizer written by
     the tests (random weights; a 1-block VAE never run)."""
@@ -100,7 +100,7 @@ def build_joint(device, family, depth):
     if family == "flux":
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
-        transformer = FluxTransformer2DModel(num_layers=depth, num_single_layers=depth, guidance_embeds=True)
+        transformer = FluxTransformer2DModel(num_layers=depth, num_single_layers=single, guidance_embeds=True)
         vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                             latent_channels=16, norm_num_groups=4, shift_factor=0.1159, scaling_factor=0.3611)
         pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip_l,
@@ -133,6 +133,8 @@ def sample(pipe, steps, latent, prompt=PROMPT):
     side = latent * 2 if joint else latent  # the joint pipelines here have a VAE scale of 1 and pack 2x2 latent patches
     start = time.perf_counter()
     out = pipe(prompt, num_inference_steps=steps, height=side, width=side, generator=g, output_type="latent", **kwargs).images
+    if out.is_cuda:
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
 
@@ -142,9 +144,12 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32, help="latent side (the image is 8x this for real SD1.5)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="weights and activations (a GPU: bfloat16, as Flux and SD3 are run)")
     ap.add_argument("--suppression", choices=("mask", "scale"), default="mask", help="stage-2 mode of both schedules")
     ap.add_argument("--family", choices=("sd1", "sdxl", "flux", "sd3"), default="sd1", help="the architecture")
     ap.add_argument("--depth", type=int, default=2, help="flux / sd3: blocks of each kind (full width)")
+    ap.add_argument("--single", type=int, default=None, help="flux: single-stream blocks (default --depth; Flux-dev: 38)")
     ap.add_argument("--text-len", type=int, default=128, help="flux / sd3: T5 rows per prompt (Flux-dev: 512)")
     ap.add_argument("--gating-survey", action="store_true", help="compare candidate gating layers (SDXL)")
     args = ap.parse_args()
@@ -152,7 +157,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     from shared_core.nlce import apply_nlce
 
-    pipe = build(args.device, args.latent, args.family, args.depth)
+    with torch.device(args.device):  # random weights made where they run (full-depth Flux: 48 GB at fp32)
+        pipe = build(args.device, args.latent, args.family, args.depth, args.single)
+    pipe.to(dtype=getattr(torch, args.dtype))
     if args.gating_survey:
         return gating_survey(pipe, args)
     # random weights: a low floor lets the ratio rule pick live tokens, so the gate really runs
@@ -172,22 +179,24 @@ def main() -> None:
                 live = [d["live_tokens"] for d in h.diagnostics if not d["dry"]]
             times[mode].append(t)
     med = {m: statistics.median(v) for m, v in times.items()}
-    name = {"sdxl": "SDXL", "sd1": "SD1.5"}.get(args.family, f"{args.family} ({args.depth} blocks of each kind)")
+    kinds = f"{args.depth} double + {args.single} single" if args.family == "flux" and args.single is not None else \
+        f"{args.depth} blocks of each kind"
+    name = {"sdxl": "SDXL", "sd1": "SD1.5"}.get(args.family, f"{args.family} ({kinds})")
     batch = "batch 1 (guidance-distilled)" if args.family == "flux" else "batch 2 (CFG)"
     tokens = f", {args.text_len} text rows" if args.family in ("flux", "sd3") else ""
     print(f"{name} architecture, random weights, {args.latent}x{args.latent} latent{tokens}, {batch}, {args.steps} steps, "
-          f"suppression {args.suppression}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"suppression {args.suppression}, {args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"live tokens (cond row) per step: {[step[-1] for step in live]}")
     print(f"{'schedule':<12} {'seconds':>8} {'x vanilla':>10}")
     for m in times:
         print(f"{m:<12} {med[m]:>8.2f} {med[m] / med['vanilla']:>9.3f}x")
     corr, ratio = [], []
     for a, b in zip(gates["single-pass"], gates["faithful"]):
-        a, b = a[-1].flatten(), b[-1].flatten()  # the conditional row
+        a, b = a[-1].flatten().float(), b[-1].flatten().float()  # the conditional row
         corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
         ratio.append(float(a.mean() / b.mean()))
     v, s, f = results["vanilla"], results["single-pass"], results["faithful"]
-    rel = lambda x, y: float((x - y).norm() / y.norm())  # noqa: E731
+    rel = lambda x, y: float((x - y).float().norm() / y.float().norm())  # noqa: E731
     print(f"gate correlation single-pass vs faithful per step: {[round(c, 4) for c in corr]}")
     print(f"gate mean single-pass / faithful per step: {[round(r, 4) for r in ratio]}")
     print(f"final latents: |single - faithful| / |faithful| = {rel(s, f):.4f}; "
@@ -210,7 +219,9 @@ def joint_checks(pipe, args) -> None:
 
     def capture(tag):
         def hook(name):
-            return lambda m, i, o: keys.setdefault(tag, {}).setdefault(name, o.detach().float())
+            def keep(module, inputs, output):  # returns None: the module's output stays as it was
+                keys.setdefault(tag, {}).setdefault(name, output.detach().float())
+            return keep
         return [m.add_k_proj.register_forward_hook(hook(n)) for n, m in modules.items()]
 
     def run(tag, prompt, **settings):
