@@ -18,6 +18,7 @@ the previous step's gate), the gate's contrast (max / mean) and the single-pass 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -157,7 +158,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     from shared_core.nlce import apply_nlce
 
-    with torch.device(args.device):  # random weights made where they run (full-depth Flux: 48 GB at fp32)
+    joint = args.family in ("flux", "sd3")  # their random weights are made where they run (full-depth Flux: 48 GB at fp32)
+    with torch.device(args.device) if joint else contextlib.nullcontext():  # (SD schedulers' tables must stay on the CPU)
         pipe = build(args.device, args.latent, args.family, args.depth, args.single)
     pipe.to(dtype=getattr(torch, args.dtype))
     if args.gating_survey:
