@@ -273,12 +273,9 @@ def _owned(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
 
 
 def _shared(t: torch.Tensor, device, dtype) -> torch.Tensor:
-    """``t`` itself (detached) where it can serve a frozen weight as it is, else a copy."""
-    want = torch.device(device)
-    same_device = t.device.type == want.type and (want.index is None or t.device.index == want.index)
-    if same_device and t.dtype == dtype and not t.is_inference():
-        return t.detach()
-    return _owned(t, device, dtype)
+    """``t`` itself (detached) where it can serve a frozen weight as it is (``to`` converts only what differs), a copy
+    where it is an inference tensor."""
+    return t.detach().to(device=device, dtype=dtype, copy=t.is_inference())
 
 
 def build_text_model(sd: Mapping[str, torch.Tensor], config=None, device="cpu",
