@@ -82,13 +82,12 @@ def _check_args(args) -> None:
 
 def _concept_set(args, concepts, pipe, config):
     """The operators: loaded, or built with the pipeline's text encoder as the erased column will run it."""
-    from .nlce import ConceptSet, build_concept_set, neighbor_table
-    from .nlce.diffusers import pipeline_row_encoder
+    from .nlce import ConceptSet
+    from .nlce.diffusers import pipeline_concept_set
 
     if args.operators:
         return ConceptSet.load(args.operators)
-    encode = pipeline_row_encoder(pipe)
-    return build_concept_set(encode, concepts, neighbor_table(encode, concepts, args.neighbors or args.neighbor), config)
+    return pipeline_concept_set(pipe, concepts, args.neighbors or args.neighbor, config)
 
 
 def _concepts(args) -> list:

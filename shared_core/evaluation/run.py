@@ -24,14 +24,12 @@ class Defences:
     def _concept_set(self, which: str):
         """NLCE operators built with the encoders the prompts go through (patched ones for "both"), once."""
         if which not in self._operators:
-            from ..nlce import build_concept_set, make_nlce_config, neighbor_table
-            from ..nlce.diffusers import pipeline_row_encoder
+            from ..nlce import make_nlce_config
+            from ..nlce.diffusers import pipeline_concept_set
 
-            encode = pipeline_row_encoder(self.pipe)
             config = make_nlce_config(self.nlce_settings.get("preset"), **{k: v for k, v in self.nlce_settings.items()
                                                                            if k != "preset"})
-            table = neighbor_table(encode, self.nlce_concepts, self.nlce_neighbors)
-            self._operators[which] = build_concept_set(encode, self.nlce_concepts, table, config)
+            self._operators[which] = pipeline_concept_set(self.pipe, self.nlce_concepts, self.nlce_neighbors, config)
         return self._operators[which]
 
     @contextlib.contextmanager

@@ -251,13 +251,19 @@ def pipeline_row_encoder(pipe):
     return clip_row_encoder(pipe.text_encoder, tokenizers[0])
 
 
+def pipeline_concept_set(pipe, concepts, neighbors, config, mine_top_k: int = 8) -> ConceptSet:
+    """NLCE operators for ``concepts`` built with the pipeline's own text encoders, as its denoiser reads their rows
+    (``neighbors`` as ``neighbor_table`` takes them: a list, a table, or "auto")."""
+    encode = pipeline_row_encoder(pipe)
+    return build_concept_set(encode, concepts, neighbor_table(encode, concepts, neighbors, mine_top_k), config)
+
+
 def pipeline_operators(pipe, family: str, concepts, neighbors, concept_set, preset, mine_top_k, settings):
     """(concept set, config) for ``apply_nlce`` on ``pipe``: operators built from ``concepts`` with the pipeline's own
     encoders, or ``concept_set`` checked (settings built into its operators cannot change; its family must match)."""
     if concept_set is None:
         config = make_nlce_config(preset, **settings)
-        encode = pipeline_row_encoder(pipe)
-        concept_set = build_concept_set(encode, concepts, neighbor_table(encode, concepts, neighbors, mine_top_k), config)
+        concept_set = pipeline_concept_set(pipe, concepts, neighbors, config, mine_top_k)
     else:
         if concepts or neighbors:
             raise NlceError("pass either concepts (and neighbours) or a concept_set, not both")
