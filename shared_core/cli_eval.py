@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
                     "the images and write DIR/grid.png, DIR/strength.png, DIR/metrics.json and DIR/report.html. Finished "
                     "images are kept: a rerun renders only what is missing. --shard i/n, or 'accelerate launch', splits the "
                     "work between runs or processes.")
-    e.add_argument("model", nargs="?", help="diffusers SD1.x or SDXL folder, Hub id or single-file checkpoint")
+    e.add_argument("model", nargs="?", help="diffusers SD1.x, SDXL, Flux or SD3 folder or Hub id, or an SD1.x / SDXL single-file checkpoint")
     e.add_argument("--concept", action="append", help="the erased concept (repeat for several): the target and paraphrase "
                    "suites ask for it, and NLCE erases it")
     e.add_argument("--patch", action="append", help="a HiRM patch FILE or FILE:STRENGTH (repeatable): the 'patch' defence")

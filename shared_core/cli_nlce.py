@@ -1,4 +1,4 @@
-"""``hirm nlce``: render a diffusers SD1.x or SDXL pipeline with and without NLCE erasure, side by side."""
+"""``hirm nlce``: render a diffusers SD1.x, SDXL, Flux or SD3 pipeline with and without NLCE erasure, side by side."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ def add_parser(subparsers) -> None:
     from .nlce import NLCE_PRESETS
     from .nlce.config import setting_help as h
 
-    n = subparsers.add_parser("nlce", help="render with and without NLCE erasure (diffusers SD1.x / SDXL), one grid PNG",
+    n = subparsers.add_parser("nlce", help="render with and without NLCE erasure (diffusers SD1.x / SDXL; Flux / SD3 "
+                                           "experimental), one grid PNG",
                               description="Erase concepts at sampling time (no training) and save a side-by-side grid: "
                                           "left without, right with the erasure (same seed).")
-    n.add_argument("model", nargs="?", help="diffusers SD1.x or SDXL model folder or Hub id")
+    n.add_argument("model", nargs="?", help="diffusers SD1.x, SDXL, Flux or SD3 model folder or Hub id")
     n.add_argument("--concept", action="append", help="concept to erase (repeat for several); 'a | b | c' is ONE concept made "
                    "of several terms; 'nudity' stands for the shipped nudity term list")
     n.add_argument("--concept-terms", action="append", metavar="FILE",

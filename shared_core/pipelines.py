@@ -6,13 +6,14 @@ import os
 
 from .errors import EncoderSourceError
 
-NO_MODEL = ("no model given: pass a diffusers SD1.x or SDXL model folder (e.g. ./stable-diffusion-v1-5), a Hub id "
-            "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0) or a single-file "
-            "checkpoint")
+NO_MODEL = ("no model given: pass a diffusers model folder (SD1.x, SDXL; Flux and SD3 too) (e.g. ./stable-diffusion-v1-5), "
+            "a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0) or an "
+            "SD1.x / SDXL single-file checkpoint")
 
 
 def load_pipeline(model: str, device: str):
-    """An SD1.x / SDXL pipeline on ``device`` (fp16 on CUDA, fp32 elsewhere), progress bars off.
+    """A text-to-image pipeline on ``device`` (fp16 on CUDA, fp32 elsewhere), progress bars off: any diffusers folder
+    or Hub id ``AutoPipelineForText2Image`` reads (SD1.x, SDXL, Flux, SD3), or an SD1.x / SDXL single file.
 
     A single file is read with diffusers' ``from_single_file``, which needs the model type's configuration from the Hub
     once (then from the cache); offline without it, the message says to use a diffusers folder.
@@ -49,7 +50,7 @@ def load_pipeline(model: str, device: str):
                 model, **({"safety_checker": None, "requires_safety_checker": False} if checker else {}))
         except (OSError, ValueError) as e:
             raise EncoderSourceError(f"{model}: cannot load a Stable Diffusion pipeline ({str(e).splitlines()[0][:160]}); "
-                                     "pass an SD1.x or SDXL diffusers folder, or connect once to download a Hub id") from None
+                                     "pass an SD1.x, SDXL, Flux or SD3 diffusers folder, or connect once to download a Hub id") from None
     else:
         raise EncoderSourceError(f"{model}: no such file or folder; {NO_MODEL}")
     pipe.set_progress_bar_config(disable=True)
