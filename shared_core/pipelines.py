@@ -12,21 +12,19 @@ NO_MODEL = ("no model given: pass a diffusers model folder (SD1.x, SDXL; Flux an
 
 
 def load_pipeline(model: str, device: str):
-    """A text-to-image pipeline on ``device`` (fp16 on CUDA, fp32 elsewhere), progress bars off: any diffusers folder
+    """A text-to-image pipeline on ``device`` (``pipeline_dtype``), progress bars off: any diffusers folder
     or Hub id ``AutoPipelineForText2Image`` reads (SD1.x, SDXL, Flux, SD3), or an SD1.x / SDXL single file.
 
     A single file is read with diffusers' ``from_single_file``, which needs the model type's configuration from the Hub
     once (then from the cache); offline without it, the message says to use a diffusers folder.
     """
     import diffusers
-    import torch
     import transformers
     from diffusers import AutoPipelineForText2Image
 
     diffusers.utils.logging.disable_progress_bar()  # loading bars: the commands draw their own for the work
     transformers.utils.logging.disable_progress_bar()
 
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if os.path.isfile(model):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -54,6 +52,16 @@ def load_pipeline(model: str, device: str):
     else:
         raise EncoderSourceError(f"{model}: no such file or folder; {NO_MODEL}")
     pipe.set_progress_bar_config(disable=True)
+    dtype = pipeline_dtype(pipe, device)
     if pipe.dtype != dtype:  # diffusers renamed from_pretrained's dtype argument; .to() takes it everywhere (and warns)
         pipe.to(dtype=dtype)
     return pipe.to(device)
+
+
+def pipeline_dtype(pipe, device: str):
+    """fp32 off CUDA; on CUDA fp16, but bf16 for Flux, whose T5 and transformer overflow in fp16."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if type(getattr(pipe, "transformer", None)).__name__.startswith("Flux") else torch.float16

@@ -15,6 +15,7 @@ from shared_core.cli import main
 from shared_core.evaluation import cases as cases_lib
 from shared_core.evaluation.suites import read_csv
 from shared_core.hirm import train_model_patch, train_patch
+from shared_core.pipelines import pipeline_dtype
 from shared_core.patch import save_patch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +117,7 @@ def test_two_accelerate_processes_give_the_metrics_of_one(sd1, tmp_path):
 
 def test_sdxl_pipelines_are_evaluated_with_their_both_encoder_patch(tmp_path):
     pipe = tiny_sdxl_pipeline(seed=5)
+    assert pipeline_dtype(pipe, "cuda") is torch.float16
     pipe.save_pretrained(str(tmp_path / "xl"))
     patch = save_patch(train_model_patch(sdxl_encoders(pipe), concepts=["cat"], steps=2, report=False), str(tmp_path / "p.safetensors"))
     out = tmp_path / "eval"
@@ -141,6 +143,7 @@ def test_flux_pipelines_are_evaluated_with_a_clip_l_patch_and_nlce_in_their_join
     assert {c["defence"] for c in m["cases"] if (c["prompt"], c["seed"]) == (first["prompt"], first["seed"])} == \
         {"none", "patch", "nlce", "both"}
     assert (out / "report.html").exists() and (out / "grid.png").exists()
+    assert pipeline_dtype(pipe, "cuda") is torch.bfloat16 and pipeline_dtype(pipe, "cpu") is torch.float32
     other = tmp_path / "negative"  # Flux renders without one: refused before any folder is made
     assert main(["eval", str(tmp_path / "flux"), "--concept", "cat", "--nlce", "--negative-prompt", "blurry",
                  "--out", str(other), *FAST]) == 2
