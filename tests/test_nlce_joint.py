@@ -3,6 +3,7 @@ block math against an explicit attention-matrix reference."""
 
 import pytest
 import torch
+from tiny import grid_record
 from tiny_pipeline import render_joint, tiny_flux_pipeline, tiny_pipeline, tiny_sd3_pipeline
 
 from shared_core.nlce import NlceError, apply_nlce, make_nlce_config
@@ -205,16 +206,11 @@ def test_the_processors_compute_the_blocks_own_attention_when_the_math_is_plain(
 
 
 def test_hirm_nlce_renders_a_flux_folder(tmp_path):
-    import json
-
-    from PIL import Image
-
     from shared_core.cli import main
 
     tiny_flux_pipeline().save_pretrained(str(tmp_path / "flux"))
     out = tmp_path / "grid.png"
     assert main(["nlce", str(tmp_path / "flux"), "--concept", "cat", "--neighbor", "dog", "--prompt", PROMPT, "--steps", "2",
                  "--size", "16", "--out", str(out)]) == 0
-    with Image.open(out) as grid:
-        record, size = json.loads(grid.text["hirm-nlce"]), grid.size
+    record, size = grid_record(out)
     assert record["concepts"] == ["cat"] and size == (32, 16)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny import grid_record
 from tiny_pipeline import render, tiny_pipeline
 
 from shared_core.nlce import ConceptSet, NlceError, apply_nlce, gating_layer
@@ -235,10 +236,6 @@ def test_applying_twice_is_refused(pipe):
 # ------------------------------------------------------------------------------ CLI
 
 def test_cli_renders_a_side_by_side_grid_with_settings_in_the_png(tmp_path, capsys):
-    import json
-
-    from PIL import Image
-
     from shared_core.cli import main
     from shared_core.hirm import train_patch
     from shared_core.patch import save_patch
@@ -250,9 +247,8 @@ def test_cli_renders_a_side_by_side_grid_with_settings_in_the_png(tmp_path, caps
     out = tmp_path / "grid.png"
     assert main(["nlce", str(tmp_path / "sd"), "--concept", "cat", "--neighbor", "dog", "--prompt", "a cat", "--prompt", "a dog",
                  "--patch", f"{patch}:0.5", "--steps", "2", "--size", "16", "--gamma", "0.9", "--out", str(out)]) == 0
-    image = Image.open(out)
-    assert image.size == (32, 32)  # two columns (without, with), one row per prompt
-    record = json.loads(image.text["hirm-nlce"])
+    record, size = grid_record(out)
+    assert size == (32, 32)  # two columns (without, with), one row per prompt
     assert record["concepts"] == ["cat"] and record["neighbors"] == {"cat": ["dog"]} and record["settings"]["gamma"] == 0.9
     assert record["patches"] == [{"file": patch, "strength": 0.5}] and record["prompts"] == ["a cat", "a dog"]
     capsys.readouterr()
@@ -262,10 +258,6 @@ def test_cli_renders_a_side_by_side_grid_with_settings_in_the_png(tmp_path, caps
 
 
 def test_cli_shares_operators_and_checks_everything_before_rendering(tmp_path, capsys):
-    import json
-
-    from PIL import Image
-
     from shared_core.cli import main
 
     tiny_pipeline().save_pretrained(str(tmp_path / "sd"))
@@ -276,7 +268,7 @@ def test_cli_shares_operators_and_checks_everything_before_rendering(tmp_path, c
     saved = ConceptSet.load(ops)
     assert saved.concepts == ["cat"] and len(saved.neighbors["cat"]) == 8 and saved.config.gamma == 0.9
     assert main(["nlce", model, "--operators", ops, "--prompt", "a cat", "--out", str(tmp_path / "b.png")] + common) == 0
-    record = json.loads(Image.open(tmp_path / "b.png").text["hirm-nlce"])
+    record, _ = grid_record(tmp_path / "b.png")
     assert record["neighbors"] == saved.neighbors and record["settings"]["gamma"] == 0.9 and record["operators"] == ops
     terms = tmp_path / "terms.txt"
     terms.write_text("# nudity terms\nnaked\nnude\n\ntopless\n", encoding="utf-8")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny import canonical_state_dict, openclip_state_dict, random_clip, same_weights, snapshot, tiny_config
+from tiny import canonical_state_dict, grid_record, openclip_state_dict, random_clip, same_weights, snapshot, tiny_config
 from tiny_pipeline import G_WIDTH, L_WIDTH, sdxl_encoders, tiny_pipeline, tiny_sdxl_pipeline
 
 from shared_core.adapters import patcher
@@ -283,17 +283,12 @@ def test_nlce_refuses_an_sdxl_refiner_pipeline(xl):
 
 
 def test_hirm_nlce_renders_an_sdxl_folder_with_its_both_encoder_patch(xl, tmp_path):
-    import json
-
-    from PIL import Image
-
     xl.save_pretrained(str(tmp_path / "sdxl"))
     patch = save_patch(train_model_patch(sdxl_encoders(xl), concepts=["cat"], steps=2, report=False), str(tmp_path / "p.safetensors"))
     out = tmp_path / "grid.png"
     assert main(["nlce", str(tmp_path / "sdxl"), "--concept", "cat", "--prompt", "a cat", "--patch", patch, "--steps", "2",
                  "--size", "16", "--out", str(out)]) == 0
-    with Image.open(out) as grid:
-        record, size = json.loads(grid.text["hirm-nlce"]), grid.size
+    record, size = grid_record(out)
     assert record["concepts"] == ["cat"] and size == (32, 16)
 
 

@@ -77,3 +77,13 @@ def openclip_state_dict(canonical: dict, prefix: str) -> dict:
             out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
                 [canonical[f"{base}self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")])
     return out
+
+
+def grid_record(path) -> tuple[dict, tuple[int, int]]:
+    """The record ``hirm nlce`` writes into its grid PNG, and the grid's size (width, height)."""
+    import json
+
+    from PIL import Image
+
+    with Image.open(path) as grid:
+        return json.loads(grid.text["hirm-nlce"]), grid.size
