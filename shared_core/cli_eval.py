@@ -233,7 +233,7 @@ def cmd_eval(args) -> int:
             bar.close()
         spent["attack_seconds"] = time.perf_counter() - attack_started
     merge_started = time.perf_counter()
-    from .evaluation.output import merge
+    from .evaluation.output import merge, write
 
     metrics = merge(store, cases, info | {"timing": {f"this_run_{k}": round(v, 3) for k, v in spent.items()}})
     spent["merge_seconds"] = time.perf_counter() - merge_started
@@ -243,8 +243,6 @@ def cmd_eval(args) -> int:
         added = sum(spent[k] for k in ("scoring_seconds", "writing_seconds", "text_report_seconds", "merge_seconds"))
         timing["overhead_ratio"] = round(added / spent["render_seconds"], 4)
     timing["total_seconds"] = round(time.perf_counter() - started, 3)
-    from .evaluation.output import write
-
     write(store, "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
     print(f"wrote {os.path.join(args.out, 'report.html')} (and grid.png, metrics.json): {len(cases)} images, "
           f"{spent['rendered']} rendered now; {', '.join(f'{d}' for d in settings['defences'])}")

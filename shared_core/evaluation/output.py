@@ -18,7 +18,8 @@ SMALLEST = 128  # smaller images (test renders) are enlarged to this, pixel for 
 
 
 def merge(store: Store, cases: list[Case], info: dict) -> dict:
-    """Read every case's record, compare each image with its plain twin, summarise, and write the four outputs."""
+    """Read every case's record, compare each image with its plain twin, summarise, and write grid.png, strength.png and
+    report.html; returns the metrics, which the caller writes to metrics.json once its timing is complete."""
     rows = []
     plain = {}
     for case in cases:
@@ -34,7 +35,6 @@ def merge(store: Store, cases: list[Case], info: dict) -> dict:
     metrics = {**info, "cases": rows, "summary": summary(rows), "strength_sweep": sweep(rows)}
     timing = metrics.setdefault("timing", {})
     timing["render_seconds_in_records"] = round(sum(r["render_seconds"] or 0.0 for r in rows), 3)
-    write(store, "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
     write(store, "grid.png", _png(contact_sheet(store, cases)))
     strip = strength_strip(store, cases)
     if strip is not None:
