@@ -89,14 +89,10 @@ def _patched(view, patches):
 
 
 def _near(view, concept: str, words: list[str], count: int) -> list[str]:
-    """The ``count`` vocabulary words whose token embeddings are closest to the concept's (as the neighbour miner's
-    pre-filter does), so that the search starts near the concept."""
+    """The ``count`` vocabulary words whose token embeddings are closest to the concept's (the neighbour miner's
+    pre-filter), so that the search starts near the concept."""
     from ..encoders import text_module
+    from ..nlce.mining import nearest_words
 
     model, tokenizer = next(iter(view.encoders.values()))[:2]
-    emb = text_module(model).embeddings.token_embedding.weight.detach().float()
-    ids = tokenizer(concept, add_special_tokens=False)["input_ids"]
-    target = emb[ids].mean(0)
-    word_ids = [tokenizer.convert_tokens_to_ids(w + "</w>") for w in words]
-    sims = torch.nn.functional.cosine_similarity(emb[word_ids], target[None], dim=-1)
-    return [words[i] for i in sims.topk(min(count, len(words))).indices.tolist()]
+    return nearest_words(text_module(model).embeddings.token_embedding.weight.detach(), tokenizer, [concept], words, count)

@@ -34,10 +34,16 @@ def _related(a: str, b: str) -> bool:
 
 
 def _prefilter(encode, terms: list[str], words: list[str], pool: int) -> list[str]:
-    """The ``pool`` words whose input token embeddings are closest to the concept's (mean over its tokens)."""
+    """The ``pool`` words whose input token embeddings are closest to the concept's (``nearest_words``)."""
     emb, tok = getattr(encode, "token_embedding", None), getattr(encode, "tokenizer", None)
     if emb is None or tok is None:
         raise NlceError("mining the vocabulary needs an encoder from clip_row_encoder; or pass candidates with vocabulary=False")
+    return nearest_words(emb, tok, terms, words, pool)
+
+
+def nearest_words(emb: torch.Tensor, tok, terms: list[str], words: list[str], pool: int) -> list[str]:
+    """The ``pool`` of ``words`` whose CLIP token embeddings (``emb``: the vocabulary's input embedding matrix) are
+    closest (cosine) to the mean embedding of the tokens of ``terms``."""
     ids = [i for t in terms for i in tok(t, add_special_tokens=False)["input_ids"]]
     target = emb[ids].float().mean(0)
     word_ids = [tok.convert_tokens_to_ids(w + "</w>") for w in words]
