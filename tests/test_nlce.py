@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import tiny_clip
+from tiny import HostReads, tiny_clip
 
 from shared_core.nlce import (ConceptSet, NlceError, NlceSession, build_concept_set, clip_row_encoder, derive_nlce_config,
                               make_nlce_config, mine_neighbors, prompt_token_mask, spatial_shape_for)
@@ -216,6 +216,52 @@ def test_single_pass_uses_the_previous_gate_before_the_gating_layer_and_a_new_ru
     p = s.prepare(x, torch.tensor([True]), mask)
     assert torch.equal(s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=False), plain)
     assert (s.diagnostics[-1]["run"], s.diagnostics[-1]["step"]) == (1, 0)
+
+
+@pytest.mark.parametrize("suppression", ["mask", "scale"])
+def test_layers_after_the_gating_layer_read_nothing_back_from_the_device(table, suppression):
+    """What the layers of a pass take from the gate is decided on the host once (which rows change, per gate), so a
+    GPU never waits for its host in a layer; the rows NLCE leaves alone still get the host's own attention bit for bit."""
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(2, 5, D)
+    x[1, 1, 0] = 40.0
+    s, p = prepared(cs, x, cond=torch.tensor([False, True]), mask=torch.tensor([[0, 1, 1, 0, 0]] * 2).bool(),
+                    suppression=suppression, gate_threshold=1e-6)
+    q, k, v = attention_inputs()
+    s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    with HostReads() as reads:
+        outs = [s.attend(*attention_inputs(N=n), 2, p, shape, is_gating_layer=False) for n, shape in ((64, (8, 8)), (16, (4, 4)))]
+    assert reads.ops == []
+    for out, n in zip(outs, (64, 16)):
+        plain = torch.nn.functional.scaled_dot_product_attention(
+            *(t.reshape(2, -1, 2, 4).transpose(1, 2) for t in attention_inputs(N=n))).transpose(1, 2).reshape(2, n, 8)
+        assert torch.equal(out[0], plain[0]) and not torch.allclose(out[1], plain[1])
+
+
+def test_a_pass_given_the_previous_pass_tensors_reuses_its_live_tokens_and_stage_one(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x, cond, mask = torch.zeros(2, 5, D), torch.tensor([False, True]), torch.tensor([[0, 1, 1, 0, 0]] * 2).bool()
+    x[1, 1, 0] = 40.0
+    s = NlceSession(cs, make_nlce_config())
+    s.begin_pass(600.0)
+    first = s.prepare(x, cond, mask)
+    s.begin_pass(500.0)
+    assert s.prepare(x, cond, mask) is first  # diffusers passes the same prompt tensor at every step
+    assert s.diagnostics[-1]["live_tokens"] == [[], [1]] and s.diagnostics[-1]["active"] == [[], ["cat"]]
+    s.begin_pass(400.0)
+    assert s.prepare(x, cond.clone(), mask) is not first  # other tensors: worked out again
+    x[1, 1, 0] = 0.0  # changed in place: worked out again
+    s.begin_pass(300.0)
+    again = s.prepare(x, cond, mask)
+    assert again is not first and not again.has_live
+    s.begin_pass(1000.0)  # outside the timestep window: no stage 1
+    assert s.prepare(x, cond, mask).context is x
+    with torch.inference_mode():  # no version counter to rely on: never reused
+        y = x.clone()
+        s.begin_pass(500.0)
+        a = s.prepare(y, cond, mask)
+        s.begin_pass(400.0)
+        assert s.prepare(y, cond, mask) is not a
 
 
 def test_the_gate_is_read_from_the_keys_before_stage_one_when_the_host_passes_them(table):

@@ -87,3 +87,32 @@ def grid_record(path) -> tuple[dict, tuple[int, int]]:
 
     with Image.open(path) as grid:
         return json.loads(grid.text["hirm-nlce"]), grid.size
+
+
+class HostReads:
+    """Counts the operators that make a GPU wait for its host (a value read back: ``item``, ``bool(tensor)``,
+    ``nonzero``, ``equal``) while active: ``with HostReads() as reads: ...; reads.count``."""
+
+    READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal"}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        reads = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__ in HostReads.READS:
+                    reads.ops.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self._mode = [], Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    @property
+    def count(self) -> int:
+        return len(self.ops)

@@ -9,6 +9,7 @@ their own output projection. Nothing here knows a host.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,11 @@ class PreparedContext:
     live_by_concept: torch.Tensor  # (batch, concepts, seq) bool
     scores: torch.Tensor           # (batch, concepts, seq) ||P_F x_j||
     has_live: bool = False         # live.any(), read once per pass (no device sync per layer)
+    live_rows: tuple = ()          # per batch row: has it a live token (read with has_live; () = work it out here)
+
+    def __post_init__(self):
+        if not self.live_rows:
+            self.live_rows = tuple(bool(r) for r in self.live.any(dim=-1).tolist())
 
 
 MAX_DIAGNOSTICS = 10_000  # entries kept (the oldest go first)
@@ -59,29 +65,41 @@ def live_token_mask(scores: torch.Tensor, candidates: torch.Tensor, ratio: float
     return candidates & (s > torch.clamp(ratio * top, min=floor))
 
 
-def _masked_attention(qh, kh, vh, blocked, scale):
-    """SDPA with ``blocked`` (B, N, S) logits masked out. Rows with nothing blocked (the unconditional half, a
-    prompt without the concept) go through the plain kernel, so their output is bit for bit the host's: a
-    masked kernel gives other last bits (torch < 2.13 on CPU, and CUDA's flash vs. memory-efficient kernels)."""
-    rows = blocked.flatten(1).any(1)
-    if not bool(rows.any()):
-        return F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
-    if bool(rows.all()):
-        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=~blocked[:, None], scale=scale)
-    out = qh.new_empty(*qh.shape[:-1], vh.shape[-1])
-    out[~rows] = F.scaled_dot_product_attention(qh[~rows], kh[~rows], vh[~rows], scale=scale)
-    out[rows] = F.scaled_dot_product_attention(qh[rows], kh[rows], vh[rows], attn_mask=~blocked[rows][:, None], scale=scale)
-    return out
+def _runs(flags) -> list[tuple[slice | None, bool]]:
+    """Consecutive batch rows with the same flag, as (rows, flag): [False, True] -> [(0:1, False), (1:2, True)];
+    rows None when one run is the whole batch."""
+    runs, start = [], 0
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            runs.append((slice(start, i), bool(flags[start])))
+            start = i
+    return [(None, runs[0][1])] if len(runs) == 1 else runs
+
+
+def _rows(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
+def _additive(blocked: torch.Tensor, dtype) -> torch.Tensor:
+    """The attention mask that takes the ``blocked`` logits out, additive (0 / -inf in ``dtype``), as SDPA would turn a
+    boolean mask at every call: made once, shared by the layers or blocks that use it."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float("-inf"))
+
+
+def _by_rows(runs, plain, special) -> torch.Tensor:
+    """``plain(rows)`` or ``special(rows)`` per run of batch rows, in one batch again. Rows that NLCE leaves alone (the
+    unconditional half, a prompt without the concept) go through the host's plain kernel, so their output is bit for
+    bit the host's: a masked or explicit attention gives other last bits (torch < 2.13 on CPU, CUDA's flash vs.
+    memory-efficient kernels). Which rows those are is known on the host (no device synchronisation per layer)."""
+    outs = [special(rows) if flag else plain(rows) for rows, flag in runs]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _attend_sets(q: torch.Tensor, k: torch.Tensor, values: list[torch.Tensor], mask=None) -> list[torch.Tensor]:
-    """Attention of ``q`` over ``k`` for several value sets (each batch, heads, keys, dim) in ONE call: the sets ride
-    along as extra heads, so each keeps the head size the fast kernels need (a wider value would leave them)."""
-    if len(values) == 1:
-        return [F.scaled_dot_product_attention(q, k, values[0], attn_mask=mask)]
-    n, H = len(values), q.shape[1]
-    out = F.scaled_dot_product_attention(q.repeat(1, n, 1, 1), k.repeat(1, n, 1, 1), torch.cat(values, dim=1), attn_mask=mask)
-    return list(out.split(H, dim=1))
+    """Attention of ``q`` over ``k`` for several value sets (each batch, heads, keys, dim), one call each: each keeps
+    the head size the fast kernels need (a wider value would leave them), and q and k are not copied (one call with the
+    sets as extra heads copies them and is slower: 124 vs 102 ms at 1152 tokens, 24 heads of 128, CPU)."""
+    return [F.scaled_dot_product_attention(q, k, v, attn_mask=mask) for v in values]
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -96,7 +114,8 @@ class NlceSession:
         self.concepts = concept_set
         self.config = config or concept_set.config
         self.record_maps = record_maps
-        self.diagnostics: list[dict] = []
+        self._diagnostics: list[dict] = []
+        self._unread: list[dict] = []  # entries whose gate statistics are still on the device
         self.timestep = 0.0
         self.dry = False
         self._gate = None        # gate computed in the current pass (B, 1, h, w)
@@ -105,12 +124,29 @@ class NlceSession:
         self._last_t = None      # timestep of the latest pass
         self._run, self._step, self._passes = -1, 0, 0
         self._prepared: dict = {}
+        self._last_prepared = None  # ((context, cond, token mask), (context version, stage 1 on), prepared, live on host)
         self._ops: dict = {}
         self._projectors: dict = {}
         # 4096-wide rows (Flux, SD3): scores and stage 1 through the bases, never a d x d matrix; SD1.x / SDXL keep the
         # reference's matrices bit for bit
         self._low_rank = getattr(concept_set, "family", None) in ("flux", "sd3")
         self._low_rank_bases: dict = {}
+        self._derived: dict = {}  # per pass: what the layers of one resolution / the joint blocks take from a gate
+        self._flags: dict = {}    # id(gate) -> (gate, per batch row: any value above the gate threshold)
+
+    @property
+    def diagnostics(self) -> list[dict]:
+        """One dict per pass: run, step, timestep, dry, live tokens and active concepts per batch row, gate statistics.
+        The statistics are read from the device here, not while sampling (no synchronisation per pass)."""
+        self._read_gates()
+        return self._diagnostics
+
+    def _read_gates(self) -> None:
+        for entry in self._unread:
+            gate = entry["gate"]
+            if gate is not None and "stats" in gate:
+                gate["mean"], gate["max"], gate["area"] = gate.pop("stats").tolist()
+        self._unread.clear()
 
     # -- passes --------------------------------------------------------------------------------
 
@@ -133,11 +169,13 @@ class NlceSession:
             self._dry_gate = None
         self._gate, self._last_t = None, t
         self.dry, self.timestep = dry, t
-        self._prepared = {}
-        del self.diagnostics[: max(0, len(self.diagnostics) + 1 - MAX_DIAGNOSTICS)]  # a long-lived host session stays small
+        self._prepared, self._derived = {}, {}
+        kept = {id(g) for g in (self._prev_gate, self._dry_gate) if g is not None}
+        self._flags = {k: v for k, v in self._flags.items() if k in kept}
+        del self._diagnostics[: max(0, len(self._diagnostics) + 1 - MAX_DIAGNOSTICS)]  # a long-lived host session stays small
         self._passes += 1
         # a dry pass carries the step number of the real pass that follows it
-        self.diagnostics.append({"pass": self._passes - 1, "run": self._run, "step": self._step, "timestep": t,
+        self._diagnostics.append({"pass": self._passes - 1, "run": self._run, "step": self._step, "timestep": t,
                                  "dry": dry, "intervened": self.intervening, "live_tokens": None, "active": None,
                                  "gate": None})
         if not dry:
@@ -197,10 +235,28 @@ class NlceSession:
         return self._projectors[device]
 
     def prepare(self, context: torch.Tensor, cond: torch.Tensor, token_mask: torch.Tensor | None = None) -> PreparedContext:
-        """Stage-1 context and live tokens for one pass (cached: call it in every layer)."""
+        """Stage-1 context and live tokens for one pass (cached: call it in every layer; a pass given the very tensors
+        of the previous pass, unchanged, as diffusers' pipelines do at every step, reuses its work)."""
         key = (context.data_ptr(), tuple(context.shape), context.dtype, context.device)
         if key in self._prepared:
             return self._prepared[key]
+        tensors = (context, cond, token_mask)  # the same objects, the context not changed in place since
+        version = (None if context.is_inference() else context._version, self.config.stage1 and self.intervening)
+        last = self._last_prepared
+        if last is not None and version[0] is not None and version == last[1] and all(map(operator.is_, tensors, last[0])):
+            prepared, live_host = last[2:]
+        else:
+            prepared, live_host = self._prepare(context, cond, token_mask)
+            self._last_prepared = (tensors, version, prepared, live_host)
+        self._prepared[key] = prepared
+        entry = self._diagnostics[-1] if self._diagnostics else None
+        if entry is not None and entry["live_tokens"] is None:
+            active = live_host.any(dim=-1)  # (B, C)
+            entry["live_tokens"] = [torch.nonzero(live_host[b].any(dim=0)).flatten().tolist() for b in range(len(active))]
+            entry["active"] = [[c for i, c in enumerate(self.concepts.concepts) if active[b, i]] for b in range(len(active))]
+        return prepared
+
+    def _prepare(self, context: torch.Tensor, cond, token_mask: torch.Tensor | None):
         cfg, cs = self.config, self.concepts
         B = context.shape[0]
         cond = torch.as_tensor(cond, dtype=torch.bool, device=context.device).reshape(B)
@@ -212,7 +268,8 @@ class NlceSession:
             scores = torch.einsum("bsd,cde->bcse", x, self._concept_projectors(x.device)).norm(dim=-1)  # (B, C, S)
         candidates = (tokens & cond[:, None])[:, None, :].expand_as(scores)
         live = live_token_mask(scores, candidates, cfg.live_ratio, cfg.live_floor * cs.live_floor_scale)
-        active = live.any(dim=-1).cpu()  # (B, C)
+        live_host = live.cpu()  # the one read from the device in a pass: which rows and concepts are live
+        active = live_host.any(dim=-1)  # (B, C)
         out = context
         if cfg.stage1 and self.intervening:
             # each row: the product of its active concepts' operators; no active concept: all of them (stage 1 is global)
@@ -221,13 +278,8 @@ class NlceSession:
                 idx = tuple(int(i) for i in torch.nonzero(active[b]).flatten()) or tuple(range(len(cs.concepts)))
                 rows.append(self._low_rank_stage1(x[b], idx) if self._low_rank else x[b] @ self._operator(idx, x.device))
             out = torch.stack(rows).to(context.dtype)
-        prepared = PreparedContext(out, live.any(dim=1), live, scores, bool(active.any()))
-        self._prepared[key] = prepared
-        entry = self.diagnostics[-1] if self.diagnostics else None
-        if entry is not None and entry["live_tokens"] is None:
-            entry["live_tokens"] = [torch.nonzero(prepared.live[b]).flatten().tolist() for b in range(B)]
-            entry["active"] = [[c for i, c in enumerate(cs.concepts) if active[b, i]] for b in range(B)]
-        return prepared
+        rows = tuple(bool(r) for r in active.any(dim=1).tolist())
+        return PreparedContext(out, live.any(dim=1), live, scores, any(rows), rows), live_host
 
     # -- stages 2 and 3 ------------------------------------------------------------------------
 
@@ -243,50 +295,77 @@ class NlceSession:
         return per_concept.amax(dim=1).reshape(probs.shape[0], 1, *spatial_shape)
 
     def _record_gate(self, gate: torch.Tensor, prepared: PreparedContext, source: str, overwrite: bool) -> None:
-        entry = self.diagnostics[-1] if self.diagnostics else None
+        entry = self._diagnostics[-1] if self._diagnostics else None
         if entry is None or (entry["gate"] is not None and not overwrite):
             return
-        rows = prepared.live.any(dim=-1)
-        g = (gate[rows] if rows.any() else gate).detach()
-        entry["gate"] = {"mean": float(g.mean()), "max": float(g.max()), "area": float((g > self.config.gate_threshold).float().mean()),
-                         "shape": list(gate.shape[-2:]), "source": source}
+        live = [rows for rows, flag in _runs(prepared.live_rows) if flag]
+        g = (torch.cat([_rows(gate, rows) for rows in live]) if live else gate).detach().float()
+        stats = torch.stack([g.mean(), g.amax(), (g > self.config.gate_threshold).float().mean()])  # read when asked
+        entry["gate"] = {"stats": stats, "shape": list(gate.shape[-2:]), "source": source}
+        self._unread.append(entry)
+        if len(self._unread) > 256:  # a long run without anyone reading: one read per 256 passes
+            self._read_gates()
         if self.record_maps:
             entry["gate_map"] = gate[:, 0].detach().float().cpu()
 
-    def _gate_for(self, qh: torch.Tensor, kh: torch.Tensor, heads: int, prepared: PreparedContext, spatial_shape,
-              is_gating_layer: bool, scale: float, gate_key: torch.Tensor | None):
-        """(gate (B, N) fp32 at this layer's resolution or None, fp32 logits of this layer's own keys or None)."""
+    def _above(self, gate: torch.Tensor) -> tuple:
+        """Per batch row: has ``gate`` a value above the gate threshold (read from the device once per gate)."""
+        if id(gate) not in self._flags:
+            flags = (gate.flatten(1) > self.config.gate_threshold).any(dim=1).tolist()
+            self._flags[id(gate)] = (gate, tuple(bool(f) for f in flags))
+        return self._flags[id(gate)][1]
+
+    def _gate_source(self, qh: torch.Tensor, kh: torch.Tensor, heads: int, prepared: PreparedContext, spatial_shape,
+                     is_gating_layer: bool, scale: float, gate_key: torch.Tensor | None):
+        """(the gate this layer applies (B, 1, h, w) or None, fp32 logits of this layer's own keys or None); reads a
+        new gate at the gating layer."""
         cfg = self.config
-        logits = gate = None
         if not (prepared.has_live and (cfg.stage2 or cfg.stage3)):
             return None, None
         if is_gating_layer and (self.dry or (self.intervening and cfg.schedule == "single-pass")):
             own = gate_key is None
             gate_logits = (qh.float() @ (kh if own else _heads(gate_key, heads)).float().transpose(-1, -2)) * scale
-            logits = gate_logits if own else None
             new_gate = self._gate_map(gate_logits.softmax(dim=-1), prepared, spatial_shape)
             self._record_gate(new_gate, prepared, "dry pass" if self.dry else "this pass", overwrite=True)
             if self.dry:
                 self._dry_gate = new_gate
-            else:
-                self._gate = gate = new_gate
-        elif self.intervening:
-            gate = self._gate_to_use(qh.shape[0])
-            if gate is not None:
-                source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
-                self._record_gate(gate, prepared, source, overwrite=False)
-        if gate is None:
-            return None, logits
-        if tuple(gate.shape[-2:]) != tuple(spatial_shape):
-            gate = F.interpolate(gate.float(), size=spatial_shape, mode="bilinear", align_corners=False)
-        return gate.reshape(qh.shape[0], -1).to(torch.float32), logits
+                return None, None
+            self._gate = new_gate
+            return new_gate, gate_logits if own else None
+        gate = self._gate_to_use(qh.shape[0]) if self.intervening else None
+        if gate is not None:
+            source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
+            self._record_gate(gate, prepared, source, overwrite=False)
+        return gate, None
 
-    def _scrubbed(self, out: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        cfg = self.config
-        if g is None or not cfg.stage3:
-            return out
-        keep = (1.0 - g) if cfg.scrub == "soft" else (g <= cfg.scrub_threshold).to(torch.float32)
-        return out * keep[:, :, None].to(out.dtype)
+    def _layer_terms(self, gate: torch.Tensor, spatial_shape, prepared: PreparedContext, dtype) -> dict:
+        """What every cross-attention layer at one resolution takes from ``gate``, made once per pass and resolution:
+        ``runs`` (the batch rows stage 2 changes), ``mask`` or ``factor`` (scale) of stage 2 and ``keep`` (the
+        output's factor) of stage 3."""
+        key = (id(gate), tuple(spatial_shape), id(prepared), dtype)
+        if key in self._derived:
+            return self._derived[key]
+        cfg, B = self.config, gate.shape[0]
+        g = gate.float()
+        if tuple(gate.shape[-2:]) != tuple(spatial_shape):
+            g = F.interpolate(g, size=spatial_shape, mode="bilinear", align_corners=False)
+        g = g.reshape(B, -1)  # (B, N)
+        live = prepared.live[:, None, :]  # (B, 1, S)
+        terms = {"gate": gate, "runs": [(None, False)]}
+        if cfg.stage2 and cfg.suppression == "mask":  # live logits -> -inf where the gate is high; softmax renormalises
+            # a gate with nothing above the threshold at its own resolution has nothing above it at any (bilinear)
+            changed = [a and b for a, b in zip(prepared.live_rows, self._above(gate))]
+            if any(changed):
+                terms["runs"] = _runs(changed)
+                terms["mask"] = _additive(((g > cfg.gate_threshold)[:, :, None] & live)[:, None], dtype)  # (B, 1, N, S)
+        elif cfg.stage2:  # scale: probabilities of live tokens times (1 - G), not renormalised
+            terms["runs"] = _runs(prepared.live_rows)
+            terms["factor"] = torch.where(live, 1.0 - g[:, :, None], torch.ones((), device=g.device))[:, None]
+        if cfg.stage3:
+            keep = (1.0 - g) if cfg.scrub == "soft" else (g <= cfg.scrub_threshold).to(torch.float32)
+            terms["keep"] = keep[:, :, None].to(dtype)
+        self._derived[key] = terms
+        return terms
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, prepared: PreparedContext,
                spatial_shape: tuple[int, int], is_gating_layer: bool, scale: float | None = None,
@@ -297,33 +376,33 @@ class NlceSession:
         before stage 1. The gate is then read from the same keys as the faithful schedule's dry
         pass; without it the gate is read from ``k`` (the stage-1 keys).
         """
-        cfg = self.config
         B, N, C = q.shape
         qh, kh, vh = _heads(q, heads), _heads(k, heads), _heads(v, heads)
         sdpa_scale = scale  # None: SDPA's own default, exactly as the hosts' plain attention
         scale = qh.shape[-1] ** -0.5 if scale is None else scale
-        g, logits = self._gate_for(qh, kh, heads, prepared, spatial_shape, is_gating_layer, scale, gate_key)
-        blocked = factor = None
-        if g is not None:
-            live = prepared.live[:, None, :]  # (B, 1, S)
-            if cfg.stage2 and cfg.suppression == "mask":  # live logits -> -inf where the gate is high; softmax renormalises
-                blocked = (g > cfg.gate_threshold)[:, :, None] & live  # (B, N, S)
-            elif cfg.stage2:  # scale: probabilities of live tokens times (1 - G), not renormalised
-                factor = torch.where(live, 1.0 - g[:, :, None], torch.ones((), device=g.device))  # (B, N, S)
-                if logits is None:
-                    logits = (qh.float() @ kh.float().transpose(-1, -2)) * scale
-        if blocked is None and factor is None:
-            out = F.scaled_dot_product_attention(qh, kh, vh, scale=sdpa_scale)
-        elif logits is None:
-            out = _masked_attention(qh, kh, vh, blocked, sdpa_scale)
+        gate, logits = self._gate_source(qh, kh, heads, prepared, spatial_shape, is_gating_layer, scale, gate_key)
+
+        def plain(rows=None):
+            return F.scaled_dot_product_attention(_rows(qh, rows), _rows(kh, rows), _rows(vh, rows), scale=sdpa_scale)
+
+        if gate is None:
+            return plain().transpose(1, 2).reshape(B, N, C)
+        terms = self._layer_terms(gate, spatial_shape, prepared, q.dtype)
+        if "mask" in terms:
+            def masked(rows):
+                return F.scaled_dot_product_attention(_rows(qh, rows), _rows(kh, rows), _rows(vh, rows),
+                                                      attn_mask=_rows(terms["mask"], rows), scale=sdpa_scale)
+            out = _by_rows(terms["runs"], plain, masked)
+        elif "factor" in terms:
+            def scaled(rows):
+                lg = _rows(logits, rows) if logits is not None else \
+                    (_rows(qh, rows).float() @ _rows(kh, rows).float().transpose(-1, -2)) * scale
+                return (lg.softmax(-1) * _rows(terms["factor"], rows)).to(vh.dtype) @ _rows(vh, rows)
+            out = _by_rows(terms["runs"], plain, scaled)
         else:
-            if blocked is not None:
-                logits = logits.masked_fill(blocked[:, None], float("-inf"))
-            probs = logits.softmax(-1)
-            if factor is not None:
-                probs = probs * factor[:, None]
-            out = probs.to(vh.dtype) @ vh
-        return self._scrubbed(out.transpose(1, 2).reshape(B, N, C), g)
+            out = plain()
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return out * terms["keep"].to(out.dtype) if "keep" in terms else out
 
     # -- joint attention (Flux, SD3; docs/nlce-joint-attention.md) --------------------------------------
 
@@ -338,12 +417,12 @@ class NlceSession:
 
     def joint_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice, prepared: PreparedContext,
                      spatial_shape: tuple[int, int], is_gating_block: bool) -> torch.Tensor | None:
-        """One joint-attention block (q, k, v: batch, heads, tokens, dim; the text tokens at ``text``): stages 2 and 3
-        on the image queries. Returns the attention output (batch, heads, tokens, dim), or None when this block has
-        nothing to change (the host then runs its own attention, unchanged).
+        """One joint-attention block (q, k, v: batch, heads, tokens, dim; the text tokens at ``text``, at the start or
+        the end): stages 2 and 3 on the image queries. Returns the attention output (batch, heads, tokens, dim), or None
+        when this block has nothing to change (the host then runs its own attention, unchanged).
 
-        What NLCE needs besides the output comes out of the block's own softmax without materialising it: further
-        value sets ride along the same attention call as extra heads (``_attend_sets``): the live keys' values (their
+        What NLCE needs besides the output comes out of the block's own softmax without materialising it: attention
+        calls over the same queries and keys with further value sets (``_attend_sets``): the live keys' values (their
         share of each query's output) and, at the gating block, indicators (1 on every text key; 1 on each concept's
         live keys). The gate is the softmax restricted to the text keys, as a UNet's cross-attention has it: a
         concept's live share / the text share, mean over its live keys and the heads, max over concepts. Stages 2
@@ -354,22 +433,13 @@ class NlceSession:
             return None
         gate_here = is_gating_block and (self.dry or (self.intervening and cfg.schedule == "single-pass"))
         B, H, L, D = q.shape
-        T = text.stop - text.start
-        by_concept = torch.zeros(B, prepared.live_by_concept.shape[1], L, dtype=torch.bool, device=q.device)
-        by_concept[:, :, text] = prepared.live_by_concept.to(q.device)[:, :, :T]
-        live = by_concept.any(dim=1)  # (B, L)
-        image = torch.ones(L, dtype=torch.bool, device=q.device)
-        image[text] = False
+        image = slice(text.stop, L) if text.start == 0 else slice(0, text.start)
+        lay = self._joint_layout(prepared, text, L, D, v.dtype, q.device)
         if gate_here:
-            C = by_concept.shape[1]
-            marks = torch.zeros(B, L, D * -(-(1 + C) // D), dtype=v.dtype, device=v.device)  # 1 + C channels, padded
-            marks[:, :, 0] = (~image).to(v.dtype)
-            marks[:, :, 1: 1 + C] = by_concept.transpose(1, 2).to(v.dtype)
-            sets = [marks[:, None, :, i: i + D].expand(B, H, L, D) for i in range(0, marks.shape[-1], D)]
-            outs = _attend_sets(q, k, ([v] if self.dry else []) + sets)
-            shares = torch.cat(outs[1:] if self.dry else outs, dim=-1)[..., : 1 + C].float()[:, :, image]
+            outs = _attend_sets(q, k, ([v] if self.dry else []) + [m.expand(B, H, L, D) for m in lay["marks"]])
+            shares = torch.cat(outs[1:] if self.dry else outs, dim=-1)[..., : 1 + lay["concepts"]].float()[:, :, image]
             within_text = shares[..., 1:] / shares[..., :1].clamp(min=torch.finfo(torch.float32).tiny)
-            per_concept = within_text.mean(dim=1) / by_concept.sum(-1)[:, None, :].clamp(min=1)  # (B, image tokens, C)
+            per_concept = within_text.mean(dim=1) / lay["count"]  # (B, image tokens, C)
             gate = per_concept.amax(dim=-1).reshape(B, 1, *spatial_shape)
             self._record_gate(gate, prepared, "dry pass" if self.dry else "this pass", overwrite=True)
             if self.dry:
@@ -377,27 +447,59 @@ class NlceSession:
                 return outs[0]
             self._gate = gate
         else:
+            gate = self._gate_to_use(B)
             source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
-            self._record_gate(self._gate_to_use(B), prepared, source, overwrite=False)
-        g = self._gate_to_use(B).reshape(B, -1).to(torch.float32)  # (B, image tokens)
-        mask = None
-        if cfg.stage2 and cfg.suppression == "mask":
-            blocked = torch.zeros(B, L, L, dtype=torch.bool, device=q.device)
-            blocked[:, image] = (g > cfg.gate_threshold)[:, :, None] & live[:, None, :]
-            mask = ~blocked[:, None] if bool(blocked.any()) else None
-        if not (cfg.stage3 or (cfg.stage2 and cfg.suppression == "scale")):
-            return _attend_sets(q, k, [v], mask)[0]
-        o, c = _attend_sets(q, k, [v, v * live[:, None, :, None].to(v.dtype)], mask)  # c: the live keys' share
-        o = o.clone()
-        gi = g[:, None, :, None].to(o.dtype)  # (B, 1, image tokens, 1)
-        c_img = c[:, :, image]
-        if cfg.stage2 and cfg.suppression == "scale":  # their probabilities times (1 - G), not renormalised
-            o[:, :, image] -= gi * c_img
-            c_img = (1 - gi) * c_img
-        if cfg.stage3:
-            keep = gi if cfg.scrub == "soft" else (gi > cfg.scrub_threshold).to(o.dtype)
-            o[:, :, image] -= keep * c_img
+            self._record_gate(gate, prepared, source, overwrite=False)
+        terms = self._joint_terms(gate, lay, prepared, image, L, v.dtype)
+        if terms["coef"] is None:
+            return _attend_sets(q, k, [v], terms["mask"])[0]
+        o, c = _attend_sets(q, k, [v, v * lay["live"]], terms["mask"])  # c: the live keys' share of the output
+        o[:, :, image].addcmul_(terms["coef"], c[:, :, image], value=-1)
         return o
+
+    def _joint_layout(self, prepared: PreparedContext, text: slice, L: int, D: int, dtype, device) -> dict:
+        """Per pass and layout (every block of a pass shares it): the live keys, each concept's live-key count, and the
+        indicator value sets the gating block attends over (1 + concepts channels, padded to the head size)."""
+        key = ("joint", id(prepared), text.start, text.stop, L, D, dtype, device)
+        if key in self._derived:
+            return self._derived[key]
+        B, C, _ = prepared.live_by_concept.shape
+        by_concept = torch.zeros(B, C, L, dtype=torch.bool, device=device)
+        by_concept[:, :, text] = prepared.live_by_concept.to(device)[:, :, : text.stop - text.start]
+        live = by_concept.any(dim=1)  # (B, L)
+        marks = torch.zeros(B, L, D * -(-(1 + C) // D), dtype=dtype, device=device)  # 1 + C channels, padded
+        marks[:, text, 0] = 1
+        marks[:, :, 1: 1 + C] = by_concept.transpose(1, 2).to(dtype)
+        layout = {"concepts": C, "by_concept": by_concept, "live_keys": live, "live": live[:, None, :, None].to(dtype),
+                  "count": by_concept.sum(-1)[:, None, :].clamp(min=1),
+                  "marks": [marks[:, None, :, i: i + D] for i in range(0, marks.shape[-1], D)]}
+        self._derived[key] = layout
+        return layout
+
+    def _joint_terms(self, gate: torch.Tensor, lay: dict, prepared: PreparedContext, image: slice, L: int, dtype) -> dict:
+        """What every block of a pass takes from ``gate``: stage 2's mask over (query, key) or None, and the factor
+        ``coef`` (B, 1, image tokens, 1) of the live keys' share taken off an image query's output (stage 2 'scale',
+        stage 3), or None."""
+        key = ("joint terms", id(gate), id(lay), dtype)
+        if key in self._derived:
+            return self._derived[key]
+        cfg, B = self.config, gate.shape[0]
+        g = gate.reshape(B, -1).to(torch.float32)  # (B, image tokens)
+        mask = None
+        if cfg.stage2 and cfg.suppression == "mask" and any(a and b for a, b in zip(prepared.live_rows, self._above(gate))):
+            blocked = torch.zeros(B, L, L, dtype=torch.bool, device=g.device)
+            blocked[:, image] = (g > cfg.gate_threshold)[:, :, None] & lay["live_keys"][:, None, :]
+            mask = _additive(blocked[:, None], dtype)
+        gi = g[:, None, :, None]
+        coef = None
+        if cfg.stage2 and cfg.suppression == "scale":  # their probabilities times (1 - G), not renormalised
+            coef = gi
+        if cfg.stage3:
+            keep = gi if cfg.scrub == "soft" else (gi > cfg.scrub_threshold).to(torch.float32)
+            coef = keep if coef is None else coef + keep * (1 - gi)  # scrub what scaling left
+        terms = {"gate": gate, "mask": mask, "coef": None if coef is None else coef.to(dtype)}
+        self._derived[key] = terms
+        return terms
 
     def scrub(self, out: torch.Tensor, prepared: PreparedContext, spatial_shape: tuple[int, int], is_gating_layer: bool, *,
               q: torch.Tensor, k: torch.Tensor, heads: int, scale: float | None = None,
@@ -406,5 +508,7 @@ class NlceSession:
         is read or computed from ``q`` and ``k`` exactly as ``attend`` does. Stage 2 cannot act here."""
         qh, kh = _heads(q, heads), _heads(k, heads)
         scale = qh.shape[-1] ** -0.5 if scale is None else scale
-        g, _ = self._gate_for(qh, kh, heads, prepared, spatial_shape, is_gating_layer, scale, gate_key)
-        return self._scrubbed(out, g)
+        gate, _ = self._gate_source(qh, kh, heads, prepared, spatial_shape, is_gating_layer, scale, gate_key)
+        if gate is None or not self.config.stage3:
+            return out
+        return out * self._layer_terms(gate, spatial_shape, prepared, out.dtype)["keep"]
