@@ -4,6 +4,8 @@
     python bench/bench_nlce.py --family sdxl --gating-survey     # candidate gating layers of the SDXL UNet
     python bench/bench_nlce.py --family flux|sd3 [--depth 2] [--text-len 128]   # joint attention, reduced depth
                                                                  # (docs/nlce-joint-attention.md)
+    python bench/bench_nlce.py --narrow --latent 16 --steps 10 [--family ...]   # every layer at a tiny width:
+                                                                 # the per-operator overhead a launch-bound GPU pays
 
 Runs vanilla, single-pass and faithful sampling side by side in one process (interleaved,
 median of the repeats), then compares single-pass with faithful: correlation of the gate maps
@@ -26,7 +28,10 @@ import time
 import torch
 
 
-def build(device, latent, family="sd1", depth=2, single=None):
+def build(device, latent, family="sd1", depth=2, single=None, narrow=False):
+    """The pipeline of ``family`` with random weights. ``narrow``: the same topology (every block, layer and head count)
+    at a tiny width, so that a step's time is the framework's and NLCE's per-operator overhead, which is what a GPU
+    that waits for its host (launch-bound) pays; the text encoders keep their output widths but have two layers."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -35,12 +40,14 @@ def build(device, latent, family="sd1", depth=2, single=None):
 
     torch.manual_seed(0)
     if family == "sdxl":
-        return build_sdxl(device, latent)
+        return build_sdxl(device, latent, narrow)
     if family in ("flux", "sd3"):
-        return build_joint(device, family, depth, depth if single is None else single)
-    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=latent)  # SD1.5 architecture (860M parameters)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+        return build_joint(device, family, depth, depth if single is None else single, narrow)
+    widths = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8) if narrow else {}
+    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=latent, **widths)  # SD1.5 architecture (860M parameters)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=2 if narrow else 12, num_attention_heads=12,
+                                        max_position_embeddings=77, hidden_act="quick_gelu"))
     vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                         latent_channels=4, norm_num_groups=4)  # never run: latents are the output
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
@@ -50,23 +57,27 @@ def build(device, latent, family="sd1", depth=2, single=None):
     return pipe.to(device)
 
 
-def build_sdxl(device, latent):
+def build_sdxl(device, latent, narrow=False):
     """The SDXL base architecture with random weights: UNet, CLIP-L, OpenCLIP bigG (with projection)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from shared_core.tokenizer import clip_tokenizer
 
-    unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+    widths = dict(block_out_channels=(40, 80, 160), norm_num_groups=8) if narrow else \
+        dict(block_out_channels=(320, 640, 1280))
+    unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=2048, **widths,
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
                                 addition_embed_type="text_time", addition_time_embed_dim=256,
                                 projection_class_embeddings_input_dim=2816)
-    clip_l = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    clip_l = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                          num_hidden_layers=2 if narrow else 12,
                                           num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
     big_g = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
-                                                       num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+                                                       num_hidden_layers=2 if narrow else 32, num_attention_heads=20,
+                                                       max_position_embeddings=77,
                                                        hidden_act="gelu", projection_dim=1280))
     vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                         latent_channels=4, norm_num_groups=4)  # never run: latents are the output
@@ -77,7 +88,7 @@ def build_sdxl(device, latent):
     return pipe.to(device)
 
 
-def build_joint(device, family, depth, single):
+def build_joint(device, family, depth, single, narrow=False):
     """Flux-dev or SD3-medium at full width with ``depth`` blocks of each kind (Flux: double and single; SD3: joint),
     CLIP-L, T5-XXL at full width with 2 layers (SD3: CLIP-G too, 2 layers), T5 with a word-level tokenizer written by
     the tests (random weights; a 1-block VAE never run)."""
@@ -95,13 +106,17 @@ def build_joint(device, family, depth, single):
                                 num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, projection_dim=width)
         return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
-    t5, t5_tokenizer = tiny_t5(0, layers=2, width=4096, d_ff=10240, num_heads=64, d_kv=64, vocab_size=32128,
-                               relative_attention_num_buckets=32)
-    clip_l = clip(768, 12, 12, "quick_gelu", family == "sd3")
+    t5_size = dict(d_ff=64, num_heads=4, d_kv=8) if narrow else dict(d_ff=10240, num_heads=64, d_kv=64)
+    t5, t5_tokenizer = tiny_t5(0, layers=1 if narrow else 2, width=4096, vocab_size=32128, relative_attention_num_buckets=32,
+                               **t5_size)
+    clip_l = clip(768, 2 if narrow else 12, 12, "quick_gelu", family == "sd3")
+    heads = dict(attention_head_dim=16, num_attention_heads=2) if narrow else {}
     if family == "flux":
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
-        transformer = FluxTransformer2DModel(num_layers=depth, num_single_layers=single, guidance_embeds=True)
+        rope = dict(axes_dims_rope=(4, 6, 6)) if narrow else {}
+        transformer = FluxTransformer2DModel(num_layers=depth, num_single_layers=single, guidance_embeds=True, **heads,
+                                             **rope)
         vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                             latent_channels=16, norm_num_groups=4, shift_factor=0.1159, scaling_factor=0.3611)
         pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip_l,
@@ -109,8 +124,9 @@ def build_joint(device, family, depth, single):
     else:
         from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-        transformer = SD3Transformer2DModel(num_layers=depth, attention_head_dim=64, num_attention_heads=24,
-                                            caption_projection_dim=1536, pos_embed_max_size=192)
+        transformer = SD3Transformer2DModel(num_layers=depth, pos_embed_max_size=192,
+                                            **(dict(heads, caption_projection_dim=32) if narrow else
+                                               dict(attention_head_dim=64, num_attention_heads=24, caption_projection_dim=1536)))
         vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                             latent_channels=16, norm_num_groups=4, shift_factor=0.0609, scaling_factor=1.5305)
         pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, transformer=transformer,
@@ -153,6 +169,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=None, help="flux: single-stream blocks (default --depth; Flux-dev: 38)")
     ap.add_argument("--text-len", type=int, default=128, help="flux / sd3: T5 rows per prompt (Flux-dev: 512)")
     ap.add_argument("--gating-survey", action="store_true", help="compare candidate gating layers (SDXL)")
+    ap.add_argument("--narrow", action="store_true",
+                    help="every block and layer at a tiny width: the per-operator overhead a launch-bound GPU pays")
     args = ap.parse_args()
     TEXT_LEN[0] = args.text_len
     torch.set_grad_enabled(False)
@@ -160,7 +178,7 @@ def main() -> None:
 
     joint = args.family in ("flux", "sd3")  # their random weights are made where they run (full-depth Flux: 48 GB at fp32)
     with torch.device(args.device) if joint else contextlib.nullcontext():  # (SD schedulers' tables must stay on the CPU)
-        pipe = build(args.device, args.latent, args.family, args.depth, args.single)
+        pipe = build(args.device, args.latent, args.family, args.depth, args.single, args.narrow)
     pipe.to(dtype=getattr(torch, args.dtype))
     if args.gating_survey:
         return gating_survey(pipe, args)
@@ -184,6 +202,7 @@ def main() -> None:
     kinds = f"{args.depth} double + {args.single} single" if args.family == "flux" and args.single is not None else \
         f"{args.depth} blocks of each kind"
     name = {"sdxl": "SDXL", "sd1": "SD1.5"}.get(args.family, f"{args.family} ({kinds})")
+    name += " (every block and layer at a tiny width: --narrow)" if args.narrow else ""
     batch = "batch 1 (guidance-distilled)" if args.family == "flux" else "batch 2 (CFG)"
     tokens = f", {args.text_len} text rows" if args.family in ("flux", "sd3") else ""
     print(f"{name} architecture, random weights, {args.latent}x{args.latent} latent{tokens}, {batch}, {args.steps} steps, "
