@@ -95,13 +95,6 @@ def _by_rows(runs, plain, special) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _attend_sets(q: torch.Tensor, k: torch.Tensor, values: list[torch.Tensor], mask=None) -> list[torch.Tensor]:
-    """Attention of ``q`` over ``k`` for several value sets (each batch, heads, keys, dim), one call each: each keeps
-    the head size the fast kernels need (a wider value would leave them), and q and k are not copied (one call with the
-    sets as extra heads copies them and is slower: 124 vs 102 ms at 1152 tokens, 24 heads of 128, CPU)."""
-    return [F.scaled_dot_product_attention(q, k, v, attn_mask=mask) for v in values]
-
-
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(batch, n, heads*dh) -> (batch, heads, n, dh)."""
     return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
@@ -422,9 +415,9 @@ class NlceSession:
         when this block has nothing to change (the host then runs its own attention, unchanged).
 
         What NLCE needs besides the output comes out of the block's own softmax without materialising it: attention
-        calls over the same queries and keys with further value sets (``_attend_sets``): the live keys' values (their
-        share of each query's output) and, at the gating block, indicators (1 on every text key; 1 on each concept's
-        live keys). The gate is the softmax restricted to the text keys, as a UNet's cross-attention has it: a
+        calls of the image queries over the same keys with other values, each at the head size the fast kernels need
+        (a wider value would leave them): the live keys' values (their share of each query's output) and, at the gating
+        block, indicators (1 on every text key; 1 on each concept's live keys). The gate is the softmax restricted to the text keys, as a UNet's cross-attention has it: a
         concept's live share / the text share, mean over its live keys and the heads, max over concepts. Stages 2
         ('scale') and 3 remove the live keys' share of an image query's output; text queries are never changed.
         """
@@ -436,25 +429,27 @@ class NlceSession:
         image = slice(text.stop, L) if text.start == 0 else slice(0, text.start)
         lay = self._joint_layout(prepared, text, L, D, v.dtype, q.device)
         if gate_here:
-            outs = _attend_sets(q, k, ([v] if self.dry else []) + [m.expand(B, H, L, D) for m in lay["marks"]])
-            shares = torch.cat(outs[1:] if self.dry else outs, dim=-1)[..., : 1 + lay["concepts"]].float()[:, :, image]
+            marks = [F.scaled_dot_product_attention(q[:, :, image], k, m.expand(B, H, L, D)) for m in lay["marks"]]
+            shares = torch.cat(marks, dim=-1)[..., : 1 + lay["concepts"]].float()
             within_text = shares[..., 1:] / shares[..., :1].clamp(min=torch.finfo(torch.float32).tiny)
             per_concept = within_text.mean(dim=1) / lay["count"]  # (B, image tokens, C)
             gate = per_concept.amax(dim=-1).reshape(B, 1, *spatial_shape)
             self._record_gate(gate, prepared, "dry pass" if self.dry else "this pass", overwrite=True)
             if self.dry:
                 self._dry_gate = gate
-                return outs[0]
+                return F.scaled_dot_product_attention(q, k, v)
             self._gate = gate
         else:
             gate = self._gate_to_use(B)
             source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
             self._record_gate(gate, prepared, source, overwrite=False)
         terms = self._joint_terms(gate, lay, prepared, image, L, v.dtype)
-        if terms["coef"] is None:
-            return _attend_sets(q, k, [v], terms["mask"])[0]
-        o, c = _attend_sets(q, k, [v, v * lay["live"]], terms["mask"])  # c: the live keys' share of the output
-        o[:, :, image].addcmul_(terms["coef"], c[:, :, image], value=-1)
+        mask = terms["mask"]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if terms["coef"] is not None:  # the live keys' share of the image queries' outputs, taken off
+            share = F.scaled_dot_product_attention(q[:, :, image], k, v * lay["live"],
+                                                   attn_mask=None if mask is None else mask[:, :, image])
+            o[:, :, image].addcmul_(terms["coef"], share, value=-1)
         return o
 
     def _joint_layout(self, prepared: PreparedContext, text: slice, L: int, D: int, dtype, device) -> dict:
