@@ -280,6 +280,12 @@ class NlceSession:
         g = self._dry_gate if self.config.schedule == "faithful" else (self._gate if self._gate is not None else self._prev_gate)
         return g if g is not None and g.shape[0] == batch else None
 
+    def _carried_source(self) -> str:
+        """Where the gate a layer uses without reading one came from (diagnostics)."""
+        if self.config.schedule == "faithful":
+            return "dry pass"
+        return "this pass" if self._gate is not None else "previous pass"
+
     def _gate_map(self, probs: torch.Tensor, prepared: PreparedContext, spatial_shape) -> torch.Tensor:
         """(B, 1, h, w): per concept the head-averaged probability given to its live tokens, mean over them; max over concepts."""
         mean_probs = probs.mean(dim=1)  # (B, N, S)
@@ -327,8 +333,7 @@ class NlceSession:
             return new_gate, gate_logits if own else None
         gate = self._gate_to_use(qh.shape[0]) if self.intervening else None
         if gate is not None:
-            source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
-            self._record_gate(gate, prepared, source, overwrite=False)
+            self._record_gate(gate, prepared, self._carried_source(), overwrite=False)
         return gate, None
 
     def _layer_terms(self, gate: torch.Tensor, spatial_shape, prepared: PreparedContext, dtype) -> dict:
@@ -416,10 +421,11 @@ class NlceSession:
 
         What NLCE needs besides the output comes out of the block's own softmax without materialising it: attention
         calls of the image queries over the same keys with other values, each at the head size the fast kernels need
-        (a wider value would leave them): the live keys' values (their share of each query's output) and, at the gating
-        block, indicators (1 on every text key; 1 on each concept's live keys). The gate is the softmax restricted to the text keys, as a UNet's cross-attention has it: a
-        concept's live share / the text share, mean over its live keys and the heads, max over concepts. Stages 2
-        ('scale') and 3 remove the live keys' share of an image query's output; text queries are never changed.
+        (a wider value would leave them): the live keys' values (their share of each query's output) and, at the
+        gating block, indicators (1 on every text key; 1 on each concept's live keys). The gate is the softmax
+        restricted to the text keys, as a UNet's cross-attention has it: a concept's live share / the text share, mean
+        over its live keys and the heads, max over concepts. Stages 2 ('scale') and 3 remove the live keys' share of an
+        image query's output; text queries are never changed.
         """
         cfg = self.config
         if not self.joint_acts(prepared, is_gating_block, q.shape[0]):
@@ -441,8 +447,7 @@ class NlceSession:
             self._gate = gate
         else:
             gate = self._gate_to_use(B)
-            source = "dry pass" if cfg.schedule == "faithful" else ("this pass" if self._gate is not None else "previous pass")
-            self._record_gate(gate, prepared, source, overwrite=False)
+            self._record_gate(gate, prepared, self._carried_source(), overwrite=False)
         terms = self._joint_terms(gate, lay, prepared, image, L, v.dtype)
         mask = terms["mask"]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -465,7 +470,7 @@ class NlceSession:
         marks = torch.zeros(B, L, D * -(-(1 + C) // D), dtype=dtype, device=device)  # 1 + C channels, padded
         marks[:, text, 0] = 1
         marks[:, :, 1: 1 + C] = by_concept.transpose(1, 2).to(dtype)
-        layout = {"concepts": C, "by_concept": by_concept, "live_keys": live, "live": live[:, None, :, None].to(dtype),
+        layout = {"concepts": C, "live_keys": live, "live": live[:, None, :, None].to(dtype),
                   "count": by_concept.sum(-1)[:, None, :].clamp(min=1),
                   "marks": [marks[:, None, :, i: i + D] for i in range(0, marks.shape[-1], D)]}
         self._derived[key] = layout
