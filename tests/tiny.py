@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from shared_core.encoders import canonical_parameters
@@ -89,30 +90,21 @@ def grid_record(path) -> tuple[dict, tuple[int, int]]:
         return json.loads(grid.text["hirm-nlce"]), grid.size
 
 
-class HostReads:
-    """Counts the operators that make a GPU wait for its host (a value read back: ``item``, ``bool(tensor)``,
-    ``nonzero``, ``equal``) while active: ``with HostReads() as reads: ...; reads.count``."""
+class HostReads(TorchDispatchMode):
+    """Records the operators that make a GPU wait for its host (a value read back: ``item``, ``bool(tensor)``,
+    ``nonzero``, ``equal``) while active: ``with HostReads() as reads: ...; reads.ops``."""
 
     READS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal"}
 
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
     def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        reads = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func.overloadpacket.__name__ in HostReads.READS:
-                    reads.ops.append(func.overloadpacket.__name__)
-                return func(*args, **(kwargs or {}))
-
-        self.ops, self._mode = [], Mode()
-        self._mode.__enter__()
+        super().__enter__()
         return self
 
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
-
-    @property
-    def count(self) -> int:
-        return len(self.ops)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

@@ -487,9 +487,8 @@ class NlceSession:
         g = gate.reshape(B, -1).to(torch.float32)  # (B, image tokens)
         mask = None
         if cfg.stage2 and cfg.suppression == "mask" and any(a and b for a, b in zip(prepared.live_rows, self._above(gate))):
-            blocked = torch.zeros(B, L, L, dtype=torch.bool, device=g.device)
-            blocked[:, image] = (g > cfg.gate_threshold)[:, :, None] & lay["live_keys"][:, None, :]
-            mask = _additive(blocked[:, None], dtype)
+            mask = torch.zeros(B, 1, L, L, dtype=dtype, device=g.device)  # text queries: nothing blocked
+            mask[:, 0, image] = _additive((g > cfg.gate_threshold)[:, :, None] & lay["live_keys"][:, None, :], dtype)
         gi = g[:, None, :, None]
         coef = None
         if cfg.stage2 and cfg.suppression == "scale":  # their probabilities times (1 - G), not renormalised
