@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from shared_core.adapters import patcher  # Forge's backend is a ComfyUI-style ModelPatcher
+from shared_core.adapters.a1111 import A1111Nlce, Patched, uncond_tensors
 from shared_core.encoders import base_signature
 from shared_core.errors import HirmError, NlceError
 from shared_core.hosting import concept_set_for
 from shared_core.patch import base_mismatch_note, route_parts
 
 from . import library, xyz
-from .nlce_runtime import A1111Nlce, Patched, uncond_tensors
 from .settings import ErasureSettings
 from .webui_model import (PICK_ANOTHER, OpenClipPatches, TextEncoderPatches, check_model, checkpoint_name, clean_weights,
                           family, forge_clip_state, is_forge, openclip_weights, text_encoders)
@@ -217,7 +217,7 @@ class A1111Job(Job):
                 if c not in weights:
                     weights[c] = clean_weights(encoder) if c == "clip_l" else openclip_weights(encoder)
             self.nlce = A1111Nlce(self.model, self.concept_set(weights), self.config, lambda: uncond_tensors(self.p),
-                                  self._check_attention)
+                                  self._check_attention, checkpoint_name(self.model))
 
     def _check_attention(self) -> None:
         if self.env.hypernetworks_loaded():
@@ -273,10 +273,7 @@ class ForgeJob(Job):
                 raise NlceError(f"NLCE supports SD1.x and SDXL models (a UNet with cross-attention); {checkpoint_name(self.model)} "
                                 "has none: turn NLCE off or load an SD1.x or SDXL model")
             self.cs = self.concept_set({c: w for c, (w, _) in patcher.model_encoders(state).items()})
-            width = next(iter(blocks.values())).to_k.in_features
-            if width != self.cs.width:
-                raise NlceError(f"this UNet's cross-attention reads {width}-wide rows but the text encoders give {self.cs.width}; "
-                                "NLCE supports SD1.x and SDXL base models")
+            self.cs.check_width(next(iter(blocks.values())).to_k.in_features, f"{checkpoint_name(self.model)}'s UNet", "nlce-forge")
 
     def _replace(self, attribute: str, clone) -> None:
         objects = self.p.sd_model.forge_objects
@@ -305,7 +302,7 @@ class ForgeJob(Job):
         if self.cs is None:
             return
         unet = self.p.sd_model.forge_objects.unet
-        clone, _ = patcher.install_nlce(unet, self.cs, self.config, unet.model.predictor.timestep)
+        clone, _ = patcher.install_nlce(unet, self.cs, self.config, unet.model.predictor.timestep, "nlce-forge")
         self._replace("unet", clone)
 
     def undo(self) -> None:

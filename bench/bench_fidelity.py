@@ -33,7 +33,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import golden
     from shared_core.hirm import train_patch
-    from shared_core.nlce import apply_nlce
+    from shared_core.adapters import apply_nlce
     from shared_core.tokenizer import clip_tokenizer
 
     G, rel = golden.settings(), golden.rel

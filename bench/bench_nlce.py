@@ -6,6 +6,8 @@
                                                                  # (docs/nlce-joint-attention.md)
     python bench/bench_nlce.py --narrow --latent 16 --steps 10 [--family ...]   # every layer at a tiny width:
                                                                  # the per-operator overhead a launch-bound GPU pays
+    python bench/bench_nlce.py --compile [--backend inductor] [--mode reduce-overhead]   # the denoiser under
+                                                                 # torch.compile(fullgraph=True), NLCE applied first
 
 Runs vanilla, single-pass and faithful sampling side by side in one process (interleaved,
 median of the repeats), then compares single-pass with faithful: correlation of the gate maps
@@ -171,10 +173,14 @@ def main() -> None:
     ap.add_argument("--gating-survey", action="store_true", help="compare candidate gating layers (SDXL)")
     ap.add_argument("--narrow", action="store_true",
                     help="every block and layer at a tiny width: the per-operator overhead a launch-bound GPU pays")
+    ap.add_argument("--compile", action="store_true", help="time the denoiser compiled (fullgraph=True): vanilla, single-pass, "
+                                                            "faithful, each compiled once")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend with --compile (inductor, aot_eager, cudagraphs)")
+    ap.add_argument("--mode", default=None, help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     args = ap.parse_args()
     TEXT_LEN[0] = args.text_len
     torch.set_grad_enabled(False)
-    from shared_core.nlce import apply_nlce
+    from shared_core.adapters import apply_nlce
 
     joint = args.family in ("flux", "sd3")  # their random weights are made where they run (full-depth Flux: 48 GB at fp32)
     with torch.device(args.device) if joint else contextlib.nullcontext():  # (SD schedulers' tables must stay on the CPU)
@@ -182,6 +188,8 @@ def main() -> None:
     pipe.to(dtype=getattr(torch, args.dtype))
     if args.gating_survey:
         return gating_survey(pipe, args)
+    if args.compile:
+        return compiled(pipe, args)
     # random weights: a low floor lets the ratio rule pick live tokens, so the gate really runs
     settings = dict(live_floor=1.0, suppression=args.suppression)
     sample(pipe, 1, args.latent)  # warm-up
@@ -226,10 +234,49 @@ def main() -> None:
         joint_checks(pipe, args)
 
 
+def compiled(pipe, args) -> None:
+    """Vanilla, single-pass and faithful sampling with the denoiser under ``torch.compile(fullgraph=True)`` (NLCE applied
+    before compiling, as a user who compiles last does): compile time, then the median of ``--repeats`` timed runs."""
+    from torch._dynamo.utils import counters
+
+    from shared_core.adapters import apply_nlce
+
+    attr = "transformer" if hasattr(pipe, "transformer") else "unet"
+    raw = getattr(pipe, attr)
+    settings = dict(live_floor=1.0, suppression=args.suppression)
+    rows, results = {}, {}
+    for mode in ("vanilla", "single-pass", "faithful"):
+        torch._dynamo.reset()
+        counters.clear()
+        with contextlib.ExitStack() as stack:
+            if mode != "vanilla":
+                stack.enter_context(apply_nlce(pipe, ["cat"], ["dog", "tiger"], schedule=mode, **settings))
+            setattr(pipe, attr, torch.compile(raw, fullgraph=True, backend=args.backend, mode=args.mode))
+            try:
+                _, first = sample(pipe, 1, args.latent)  # compiles
+                sample(pipe, 1, args.latent)  # CUDA graphs record on a later call
+                times = []
+                for _ in range(args.repeats):
+                    results[mode], t = sample(pipe, args.steps, args.latent)
+                    times.append(t)
+            finally:
+                setattr(pipe, attr, raw)
+        rows[mode] = (statistics.median(times), first, counters["stats"]["unique_graphs"])
+    print(f"{args.family} architecture{' (--narrow)' if args.narrow else ''}, random weights, {args.latent}x{args.latent} latent, "
+          f"{args.steps} steps, compiled: backend {args.backend}, mode {args.mode}, fullgraph; {args.device} {args.dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'schedule':<12} {'seconds':>8} {'x vanilla':>10} {'first call (compile)':>21} {'graphs':>7}")
+    for mode, (t, first, graphs) in rows.items():
+        print(f"{mode:<12} {t:>8.2f} {t / rows['vanilla'][0]:>9.3f}x {first:>20.1f}s {graphs:>7}")
+    rel = lambda x, y: float((x - y).float().norm() / y.float().norm())  # noqa: E731
+    print(f"final latents: |single - faithful| / |faithful| = {rel(results['single-pass'], results['faithful']):.4f}; "
+          f"|faithful - vanilla| / |vanilla| = {rel(results['faithful'], results['vanilla']):.4f}")
+
+
 def joint_checks(pipe, args) -> None:
     """Flux / SD3 only: every stage off is bit-identical to vanilla; how much of the concept is left in each block's
     text keys at the live row (|cos| with the concept's own key at that block) without and with stage 1."""
-    from shared_core.nlce import apply_nlce
+    from shared_core.adapters import apply_nlce
 
     vanilla, _ = sample(pipe, args.steps, args.latent)
     with apply_nlce(pipe, ["cat"], ["dog", "tiger"], stage1=False, stage2=False, stage3=False, live_floor=1.0):
@@ -273,8 +320,8 @@ def joint_checks(pipe, args) -> None:
 
 def gating_survey(pipe, args) -> None:
     """Both schedules with each candidate gating layer: cost, stale-gate layers, contrast, agreement."""
-    from shared_core.nlce import apply_nlce
-    from shared_core.nlce.diffusers import cross_attention_names
+    from shared_core.adapters import apply_nlce
+    from shared_core.adapters.diffusers_unet import cross_attention_names
 
     names = [n[: -len(".processor")] for n in cross_attention_names(pipe.unet)]
     order = [n for stage in ("down_blocks", "mid_block", "up_blocks") for n in names if n.startswith(stage)]  # as a pass runs them

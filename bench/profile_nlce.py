@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     from torch.profiler import ProfilerActivity, profile
 
-    from shared_core.nlce import apply_nlce
+    from shared_core.adapters import apply_nlce
 
     joint = args.family in ("flux", "sd3")
     with torch.device(args.device) if joint else contextlib.nullcontext():

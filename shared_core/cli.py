@@ -403,7 +403,7 @@ def _demo_image(pipe, patch, out: str, force: bool) -> None:
     import torch
     from PIL import Image, ImageDraw
 
-    from .nlce.diffusers import apply_nlce
+    from .adapters import apply_nlce
     from .patch import patched
 
     prompt = "a starry night over a village, by Van Gogh"

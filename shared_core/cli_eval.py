@@ -148,8 +148,7 @@ def cmd_eval(args) -> int:
     from .evaluation import suites as suite_lib
     from .evaluation.cases import Store, plan, shard_of
     from .evaluation.run import Defences, process_slot, render_cases
-    from .nlce.diffusers import pipeline_family, pipeline_row_encoder
-    from .nlce.joint import joint_family
+    from .adapters import pipeline_family, pipeline_row_encoder
     from .patch import load_patch, pipeline_encoders
     from .pipelines import load_pipeline
     from .report import TextView, view_report
@@ -166,7 +165,7 @@ def cmd_eval(args) -> int:
 
         device = str(PartialState().device)
     pipe = load_pipeline(args.model, device)
-    family = joint_family(pipe) or pipeline_family(pipe)  # flux / sd3 (NLCE experimental there), sdxl, sd1
+    family = pipeline_family(pipe)  # flux / sd3 (NLCE experimental there), sdxl, sd1
     if family == "flux" and settings["negative_prompt"]:
         raise HirmError("Flux is guidance-distilled and renders without a negative prompt here; leave out --negative-prompt")
     if is_main:

@@ -84,7 +84,7 @@ def _check_args(args) -> None:
 def _concept_set(args, concepts, pipe, config):
     """The operators: loaded, or built with the pipeline's text encoder as the erased column will run it."""
     from .nlce import ConceptSet
-    from .nlce.diffusers import pipeline_concept_set
+    from .adapters import pipeline_concept_set
 
     if args.operators:
         return ConceptSet.load(args.operators)
@@ -114,7 +114,8 @@ def cmd_nlce(args) -> int:
     from PIL.PngImagePlugin import PngInfo
 
     from .common import parse_patch_arg, resolve_device
-    from .nlce import apply_nlce, make_nlce_config
+    from .adapters import apply_nlce
+    from .nlce import make_nlce_config
     from .patch import load_patch, patched_pipeline
     from .pipelines import load_pipeline
 

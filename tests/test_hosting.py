@@ -161,16 +161,24 @@ def test_patch_keys_follow_patcher_names_and_wrong_encoders_are_refused():
 
 # ---------------------------------------------------------------------------------------------- NLCE
 
+class Downsample(torch.nn.Module):
+    """Stands for the LDM UNets' stride-2 block (its class name is what tells the level of a block)."""
+
+
 def ldm_unet(names, width=32, inner=8):
-    """A module tree with LDM names (``input_blocks.8.1.transformer_blocks.0.attn2``), each attn2 with to_k."""
+    """A module tree with LDM names (``input_blocks.8.1.transformer_blocks.0.attn2``), each attn2 with to_k, and the
+    downsampling blocks of SD1.x's ``input_blocks`` (3, 6, 9)."""
     root = torch.nn.Module()
-    for name in names:
+    for name in names + [f"input_blocks.{i}" for i in (3, 6, 9)]:
         parent = root
         for part in name.split("."):
             if not hasattr(parent, part):
                 parent.add_module(part, torch.nn.Module())
             parent = getattr(parent, part)
-        parent.add_module("to_k", torch.nn.Linear(width, inner, bias=False))
+        if name.endswith("attn2"):
+            parent.add_module("to_k", torch.nn.Linear(width, inner, bias=False))
+        else:
+            parent.add_module("0", Downsample())
     return root
 
 
@@ -225,7 +233,7 @@ def test_nlce_refuses_models_without_cross_attention_or_with_other_text_widths(s
     _, cs = session_parts
     flux = torch.nn.Module()
     flux.add_module("double_blocks", torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
-    with pytest.raises(NlceError, match="no UNet cross-attention.*Flux and SD3: experimental"):
+    with pytest.raises(NlceError, match=r"no UNet cross-attention.*supports SD1.x, SDXL, Flux \(experimental\)"):
         patcher.install_nlce(Patcher(flux), cs, cs.config, lambda s: s)
     with pytest.raises(NlceError, match="2048-wide"):
         patcher.install_nlce(Patcher(ldm_unet(SD1_ATTN2, width=2048)), cs, cs.config, lambda s: s)
@@ -251,7 +259,10 @@ def test_operators_for_a_host_encoder_are_cached_and_auto_never_mines_another_co
 
 
 def nlce_state(cs, to_k):
-    return patcher.PatcherNlce(cs, nlce.make_nlce_config(live_floor=0.1), lambda sigma: sigma * 100, ("input", 8, 0), to_k)
+    return patcher.PatcherNlce(cs, nlce.make_nlce_config(live_floor=0.1), lambda sigma: sigma * 100, ("input", 8, 0), to_k, 2)
+
+
+LATENT = torch.zeros(4, 4, 8, 8)  # the UNet's input: 8 x 8, the gating layer at 2 x 2 (two downsamplings)
 
 
 EXTRA = {"cond_or_uncond": [1, 0], "n_heads": 2, "original_shape": [4, 4, 8, 8], "activations_shape": [4, 320, 2, 2],
@@ -270,11 +281,11 @@ def test_nlce_stage1_live_tokens_and_gate_keys_in_a_pass(session_parts):
 
     def apply_model(x, sigma, **c):  # stands for ComfyUI's UNet: one attn2 layer, the gating one
         n, k_ctx, v_ctx = state.context_patch(torch.randn(4, 4, 8), context, context, EXTRA)
-        seen["context"], seen["prepared"] = k_ctx, state._prepared
+        seen["context"], seen["prepared"] = k_ctx, state.session.current.prepared
         return state.attention(torch.randn(4, 4, 8), project(k_ctx), project(v_ctx), EXTRA)
 
     with torch.inference_mode():
-        out = state.unet_wrapper(apply_model, {"input": None, "timestep": torch.tensor([5.0]), "c": {}})
+        out = state.unet_wrapper(apply_model, {"input": LATENT, "timestep": torch.tensor([5.0]), "c": {}, "cond_or_uncond": [1, 0]})
     live = seen["prepared"].live
     assert not live[:2].any() and live[2:].any()  # uncond chunk first, as ComfyUI tells
     assert out.shape == (4, 4, 8)
@@ -283,7 +294,7 @@ def test_nlce_stage1_live_tokens_and_gate_keys_in_a_pass(session_parts):
     assert state.session.diagnostics[-1]["timestep"] == 500.0  # sigma converted by the model's own sampling
     assert not torch.equal(seen["context"][2:], context[2:])  # stage 1 on the prompt rows
     assert len(gate_inputs) == 1 and gate_inputs[0] is context  # the gate reads the keys of the unmodified context
-    assert state._incoming is None and state._prepared is None  # nothing carried between passes
+    assert state.session.current is None  # no context tensors carried between passes
 
 
 def test_another_nodes_attention_replace_is_called_through_not_overwritten(session_parts):
@@ -306,7 +317,7 @@ def test_another_nodes_attention_replace_is_called_through_not_overwritten(sessi
         n, k_ctx, v_ctx = clone.model_options["transformer_options"]["patches"]["attn2_patch"][0](None, context, context, EXTRA)
         return replace(torch.randn(4, 4, 8), project(k_ctx), project(v_ctx), EXTRA)
 
-    out = state.unet_wrapper(apply_model, {"input": None, "timestep": torch.tensor([5.0]), "c": {}})
+    out = state.unet_wrapper(apply_model, {"input": LATENT, "timestep": torch.tensor([5.0]), "c": {}, "cond_or_uncond": [1, 0]})
     assert calls == [("input", 8)]  # its function ran
     assert torch.equal(out[:2], torch.ones(2, 4, 8)) and (out[2:] < 1).any()  # its output, scrubbed where the gate is high
 
@@ -322,4 +333,4 @@ def test_nlce_refuses_to_run_when_a_later_node_replaced_its_wrapper_or_its_atten
         return torch.zeros(1)
 
     with pytest.raises(NlceError, match="apply NLCE Erasure Gate last"):
-        state.unet_wrapper(attention_replaced, {"input": None, "timestep": torch.tensor([5.0]), "c": {}})
+        state.unet_wrapper(attention_replaced, {"input": LATENT, "timestep": torch.tensor([5.0]), "c": {}, "cond_or_uncond": [1, 0]})

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from tiny import HostReads, tiny_clip
+from tiny import HostReads, open_pass, tiny_clip
 
 from shared_core.nlce import (ConceptSet, NlceError, NlceSession, build_concept_set, clip_row_encoder, derive_nlce_config,
                               make_nlce_config, mine_neighbors, prompt_token_mask, spatial_shape_for)
 from shared_core.nlce.operators import projector, subspace
-from shared_core.nlce.session import live_token_mask
+from shared_core.nlce.stages import live_token_mask
 
 D = 6
 
@@ -31,9 +31,18 @@ def table():
 
 def prepared(cs, context, cond=None, mask=None, t=500.0, record_maps=True, **cfg):
     s = NlceSession(cs, make_nlce_config(**cfg), record_maps=record_maps)
-    s.begin_pass(t)
-    cond = torch.ones(context.shape[0], dtype=torch.bool) if cond is None else cond
-    return s, s.prepare(context, cond, mask)
+    p = open_pass(s, t, context=context, conditional=cond, words=mask)
+    return s, p
+
+
+def attend(s, p, q, k, v, shape, gating):
+    return s.cross_attention(p, q, k, v, 2, shape, is_gating_layer=gating)
+
+
+def plain_attention(q, k, v, heads=2):
+    B, N, C = q.shape
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.reshape(B, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v)))
+    return out.transpose(1, 2).reshape(B, N, C)
 
 
 # ------------------------------------------------------------------------------ operators
@@ -43,8 +52,8 @@ def test_beta_one_gamma_zero_removes_the_concept_component_of_every_row(table):
     x = torch.randn(2, 5, D)
     _, p = prepared(cs, x, gamma=0.0)
     pf = cs.concept_projector(0)
-    assert torch.allclose(p.context @ pf, torch.zeros_like(x), atol=1e-5)
-    assert torch.allclose(p.context[..., 2:], x[..., 2:])  # outside the concept span nothing moves
+    assert torch.allclose(p.prepared.context @ pf, torch.zeros_like(x), atol=1e-5)
+    assert torch.allclose(p.prepared.context[..., 2:], x[..., 2:])  # outside the concept span nothing moves
 
 
 def test_gamma_restores_the_neighbour_part_of_the_concept_component(table):
@@ -54,12 +63,12 @@ def test_gamma_restores_the_neighbour_part_of_the_concept_component(table):
     for gamma in (0.0, 0.5, 1.0):
         _, p = prepared(cs, x, gamma=gamma)
         expected = x - x @ pf + gamma * (x @ pf) @ pn  # rows: x' = x - beta P_F x + gamma P_N P_F x
-        assert torch.allclose(p.context, expected, atol=1e-5)
+        assert torch.allclose(p.prepared.context, expected, atol=1e-5)
     # the shared direction (dim 1) comes back with gamma, the concept-only one (dim 0) does not
     _, off = prepared(cs, x, gamma=0.0)
     _, on = prepared(cs, x, gamma=1.0)
-    assert on.context[..., 1].abs().sum() > off.context[..., 1].abs().sum() + 1e-3
-    assert torch.allclose(on.context[..., 0], torch.zeros(1, 4), atol=1e-5)
+    assert on.prepared.context[..., 1].abs().sum() > off.prepared.context[..., 1].abs().sum() + 1e-3
+    assert torch.allclose(on.prepared.context[..., 0], torch.zeros(1, 4), atol=1e-5)
 
 
 def test_spectral_weights_follow_the_formula():
@@ -94,8 +103,16 @@ def test_live_tokens_only_on_conditional_rows_and_real_tokens(table):
     x[:, :, 0] = 40.0  # every row of both halves points at the concept
     mask = torch.tensor([[False, True, True, False, False]] * 2)
     _, p = prepared(cs, x, cond=torch.tensor([False, True]), mask=mask)
-    assert p.live[0].tolist() == [False] * 5  # unconditional half: never
-    assert p.live[1].tolist() == [False, True, True, False, False]  # start, end, padding: never
+    assert p.prepared.live[0].tolist() == [False] * 5  # unconditional half: never
+    assert p.prepared.live[1].tolist() == [False, True, True, False, False]  # start, end, padding: never
+
+
+def test_the_scores_through_the_bases_equal_the_reference_projectors(table):
+    cs = build_concept_set(fixed_encoder(table), ["cat", "car"], {"cat": ["dog"], "car": ["road"]})
+    x = torch.randn(2, 5, D) * 20
+    _, p = prepared(cs, x)
+    reference = torch.einsum("bsd,cde->bcse", x, torch.stack([cs.concept_projector(i) for i in range(2)])).norm(dim=-1)
+    assert torch.allclose(p.prepared.scores, reference, rtol=1e-5, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------ gates
@@ -113,16 +130,15 @@ def test_gate_is_read_at_the_gating_layer_and_resized_elsewhere(table):
     x[1, 1, 0] = 40.0
     s, p = prepared(cs, x, cond=torch.tensor([False, True]), mask=torch.tensor([[0, 1, 1, 0, 0]] * 2).bool())
     q, k, v = attention_inputs(N=16)
-    out = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    out = attend(s, p, q, k, v, (4, 4), gating=True)
     assert out.shape == (2, 16, 8) and torch.isfinite(out).all()
     gate = s.diagnostics[-1]["gate_map"]
     assert gate.shape == (2, 4, 4) and gate[0].abs().sum() == 0 and gate[1].min() > 0
     q2, k2, v2 = attention_inputs(N=64)
-    out2 = s.attend(q2, k2, v2, 2, p, (8, 8), is_gating_layer=False)  # a finer layer uses the resized gate
+    out2 = attend(s, p, q2, k2, v2, (8, 8), gating=False)  # a finer layer uses the resized gate
     assert out2.shape == (2, 64, 8)
-    plain = torch.nn.functional.scaled_dot_product_attention(*(t.reshape(2, -1, 2, 4).transpose(1, 2) for t in (q2, k2, v2)))
-    plain = plain.transpose(1, 2).reshape(2, 64, 8)
-    assert torch.equal(out2[0], plain[0])  # the unconditional row is untouched
+    plain = plain_attention(q2, k2, v2)
+    assert torch.allclose(out2[0], plain[0], atol=1e-6)  # the unconditional row is untouched
     assert not torch.allclose(out2[1], plain[1])
 
 
@@ -133,9 +149,9 @@ def test_soft_scrub_scales_the_output_by_one_minus_the_gate(table):
     mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
     q, k, v = attention_inputs(B=1)
     s, p = prepared(cs, x, mask=mask, stage2=False)
-    out = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    out = attend(s, p, q, k, v, (4, 4), gating=True)
     s2, p2 = prepared(cs, x, mask=mask, stage2=False, stage3=False)
-    plain = s2.attend(q, k, v, 2, p2, (4, 4), is_gating_layer=True)
+    plain = attend(s2, p2, q, k, v, (4, 4), gating=True)
     g = s.diagnostics[-1]["gate_map"].reshape(1, 16, 1)
     assert torch.allclose(out, plain * (1 - g), atol=1e-6)
 
@@ -149,7 +165,7 @@ def test_mask_mode_blocks_live_tokens_where_the_gate_is_high(table):
     v = torch.zeros_like(v)
     v[:, 1] = 1.0  # only the live token carries a value: its share of attention is visible in the output
     s, p = prepared(cs, x, mask=mask, stage3=False, gate_threshold=1e-6)
-    out = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    out = attend(s, p, q, k, v, (4, 4), gating=True)
     assert out.abs().max() < 1e-6  # everywhere the gate exceeds the threshold the live token gets no attention
 
 
@@ -162,9 +178,9 @@ def test_scale_mode_multiplies_the_live_tokens_probabilities_by_one_minus_the_ga
     v = torch.zeros_like(v)
     v[:, 1] = 1.0  # only the live token carries a value: the output is its attention probability
     s, p = prepared(cs, x, mask=mask, stage3=False, suppression="scale")
-    scaled = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    scaled = attend(s, p, q, k, v, (4, 4), gating=True)
     s2, p2 = prepared(cs, x, mask=mask, stage2=False, stage3=False)
-    plain = s2.attend(q, k, v, 2, p2, (4, 4), is_gating_layer=True)
+    plain = attend(s2, p2, q, k, v, (4, 4), gating=True)
     g = s.diagnostics[-1]["gate_map"].reshape(1, 16, 1)
     assert torch.allclose(scaled, plain * (1 - g), atol=1e-6)
 
@@ -176,7 +192,7 @@ def test_binary_scrub_zeroes_the_output_where_the_gate_exceeds_its_threshold(tab
     mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
     q, k, v = attention_inputs(B=1)
     s, p = prepared(cs, x, mask=mask, stage2=False, scrub="binary", scrub_threshold=0.2)
-    out = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    out = attend(s, p, q, k, v, (4, 4), gating=True)
     g = s.diagnostics[-1]["gate_map"].reshape(16)
     hot = g > 0.2
     assert hot.any() and (~hot).any()  # the threshold splits the map
@@ -187,10 +203,9 @@ def test_outside_the_timestep_window_nothing_changes(table):
     cs = build_concept_set(fixed_encoder(table), ["cat"])
     x = torch.randn(1, 5, D) * 20
     s, p = prepared(cs, x, t=950.0)
-    assert p.context is x
+    assert torch.equal(p.prepared.context, x)
     q, k, v = attention_inputs(B=1)
-    plain = torch.nn.functional.scaled_dot_product_attention(*(t.reshape(1, -1, 2, 4).transpose(1, 2) for t in (q, k, v)))
-    assert torch.equal(s.attend(q, k, v, 2, p, (4, 4), True), plain.transpose(1, 2).reshape(1, 16, 8))
+    assert torch.equal(attend(s, p, q, k, v, (4, 4), True), plain_attention(q, k, v))
 
 
 def test_single_pass_uses_the_previous_gate_before_the_gating_layer_and_a_new_run_drops_it(table):
@@ -200,68 +215,55 @@ def test_single_pass_uses_the_previous_gate_before_the_gating_layer_and_a_new_ru
     mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
     s = NlceSession(cs, make_nlce_config(stage1=False, stage2=False), record_maps=True)
     q, k, v = attention_inputs(B=1)
-    plain = torch.nn.functional.scaled_dot_product_attention(*(t.reshape(1, -1, 2, 4).transpose(1, 2) for t in (q, k, v)))
-    plain = plain.transpose(1, 2).reshape(1, 16, 8)
-    s.begin_pass(500.0)
-    p = s.prepare(x, torch.tensor([True]), mask)
-    assert torch.equal(s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=False), plain)  # first step: no gate yet
-    s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    plain = plain_attention(q, k, v)
+    p = open_pass(s, 500.0, context=x, words=mask)
+    assert torch.equal(attend(s, p, q, k, v, (4, 4), gating=False), plain)  # first step: no gate yet
+    attend(s, p, q, k, v, (4, 4), gating=True)
     first = s.diagnostics[-1]["gate_map"].reshape(1, 16, 1)
-    s.begin_pass(400.0)
-    p = s.prepare(x, torch.tensor([True]), mask)
-    before_gating = s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=False)
+    p = open_pass(s, 400.0, context=x, words=mask)
+    before_gating = attend(s, p, q, k, v, (4, 4), gating=False)
     assert torch.allclose(before_gating, plain * (1 - first), atol=1e-6)  # soft scrub with the previous step's gate
     assert s.diagnostics[-1]["gate"]["source"] == "previous pass" and s.diagnostics[-1]["step"] == 1
-    s.begin_pass(500.0)  # the timestep went up: a new sampling run
-    p = s.prepare(x, torch.tensor([True]), mask)
-    assert torch.equal(s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=False), plain)
+    p = open_pass(s, 500.0, context=x, words=mask)  # the timestep went up: a new sampling run
+    assert torch.equal(attend(s, p, q, k, v, (4, 4), gating=False), plain)
     assert (s.diagnostics[-1]["run"], s.diagnostics[-1]["step"]) == (1, 0)
 
 
+def test_another_batch_layout_carries_its_own_gate(table):
+    """ComfyUI may run the conditional and the unconditional rows as two calls: each layout keeps its own gate."""
+    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    x = torch.zeros(1, 5, D)
+    x[0, 1, 0] = 40.0
+    mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
+    s = NlceSession(cs, make_nlce_config(stage1=False, stage2=False), record_maps=True)
+    q, k, v = attention_inputs(B=1)
+    for t in (500.0, 400.0):
+        p = open_pass(s, t, context=x, words=mask, key="cond")
+        cond_before = attend(s, p, q, k, v, (4, 4), gating=False)
+        attend(s, p, q, k, v, (4, 4), gating=True)
+        p = open_pass(s, t, context=x, conditional=torch.tensor([False]), words=mask, key="uncond")
+        assert torch.equal(attend(s, p, q, k, v, (4, 4), gating=False), plain_attention(q, k, v))
+        attend(s, p, q, k, v, (4, 4), gating=True)
+    assert not torch.allclose(cond_before, plain_attention(q, k, v))  # the second step's cond call kept its own gate
+
+
 @pytest.mark.parametrize("suppression", ["mask", "scale"])
-def test_layers_after_the_gating_layer_read_nothing_back_from_the_device(table, suppression):
-    """What the layers of a pass take from the gate is decided on the host once (which rows change, per gate), so a
-    GPU never waits for its host in a layer; the rows NLCE leaves alone still get the host's own attention bit for bit."""
+def test_a_pass_reads_nothing_back_from_the_device(table, suppression):
+    """A pass is a pure tensor program: from its start to its last layer, no value goes back to the host (a GPU never
+    waits for its host, CUDA graphs can replay it); the rows NLCE leaves alone still get the plain attention."""
     cs = build_concept_set(fixed_encoder(table), ["cat"])
     x = torch.zeros(2, 5, D)
     x[1, 1, 0] = 40.0
-    s, p = prepared(cs, x, cond=torch.tensor([False, True]), mask=torch.tensor([[0, 1, 1, 0, 0]] * 2).bool(),
-                    suppression=suppression, gate_threshold=1e-6)
-    q, k, v = attention_inputs()
-    s.attend(q, k, v, 2, p, (4, 4), is_gating_layer=True)
+    s = NlceSession(cs, make_nlce_config(suppression=suppression, gate_threshold=1e-6))
     with HostReads() as reads:
-        outs = [s.attend(*attention_inputs(N=n), 2, p, shape, is_gating_layer=False) for n, shape in ((64, (8, 8)), (16, (4, 4)))]
+        for t in (torch.tensor(500.0), torch.tensor(400.0)):
+            p = open_pass(s, t, context=x, conditional=torch.tensor([False, True]), words=torch.tensor([[0, 1, 1, 0, 0]] * 2).bool())
+            outs = [attend(s, p, *attention_inputs(N=n), shape, gating=g) for n, shape, g in
+                    ((64, (8, 8), False), (16, (4, 4), True), (64, (8, 8), False))]
     assert reads.ops == []
-    for out, n in zip(outs, (64, 16)):
-        plain = torch.nn.functional.scaled_dot_product_attention(
-            *(t.reshape(2, -1, 2, 4).transpose(1, 2) for t in attention_inputs(N=n))).transpose(1, 2).reshape(2, n, 8)
-        assert torch.equal(out[0], plain[0]) and not torch.allclose(out[1], plain[1])
-
-
-def test_a_pass_given_the_previous_pass_tensors_reuses_its_live_tokens_and_stage_one(table):
-    cs = build_concept_set(fixed_encoder(table), ["cat"])
-    x, cond, mask = torch.zeros(2, 5, D), torch.tensor([False, True]), torch.tensor([[0, 1, 1, 0, 0]] * 2).bool()
-    x[1, 1, 0] = 40.0
-    s = NlceSession(cs, make_nlce_config())
-    s.begin_pass(600.0)
-    first = s.prepare(x, cond, mask)
-    s.begin_pass(500.0)
-    assert s.prepare(x, cond, mask) is first  # diffusers passes the same prompt tensor at every step
-    assert s.diagnostics[-1]["live_tokens"] == [[], [1]] and s.diagnostics[-1]["active"] == [[], ["cat"]]
-    s.begin_pass(400.0)
-    assert s.prepare(x, cond.clone(), mask) is not first  # other tensors: worked out again
-    x[1, 1, 0] = 0.0  # changed in place: worked out again
-    s.begin_pass(300.0)
-    again = s.prepare(x, cond, mask)
-    assert again is not first and not again.has_live
-    s.begin_pass(1000.0)  # outside the timestep window: no stage 1
-    assert s.prepare(x, cond, mask).context is x
-    with torch.inference_mode():  # no version counter to rely on: never reused
-        y = x.clone()
-        s.begin_pass(500.0)
-        a = s.prepare(y, cond, mask)
-        s.begin_pass(400.0)
-        assert s.prepare(y, cond, mask) is not a
+    for out, n in zip(outs, (64, 16, 64)):
+        plain = plain_attention(*attention_inputs(N=n))
+        assert torch.allclose(out[0], plain[0], atol=1e-6) and not torch.allclose(out[1], plain[1])
 
 
 def test_the_gate_is_read_from_the_keys_before_stage_one_when_the_host_passes_them(table):
@@ -272,10 +274,10 @@ def test_the_gate_is_read_from_the_keys_before_stage_one_when_the_host_passes_th
     q, k, v = attention_inputs(B=1)
     k_stage1 = k * 0.1  # what the modulated context would give: far less attention to the concept
     gates = []
-    for dry, keys, gate_key in ((True, k, None), (False, k_stage1, k), (False, k_stage1, None)):
+    for dry, keys, incoming in ((True, k, None), (False, k_stage1, k), (False, k_stage1, None)):
         s = NlceSession(cs, record_maps=True)
-        s.begin_pass(500.0, dry=dry)
-        s.attend(q, keys, v, 2, s.prepare(x, torch.tensor([True]), mask), (4, 4), True, gate_key=gate_key)
+        p = open_pass(s, 500.0, context=x, words=mask, dry=dry)
+        s.cross_attention(p, q, keys, v, 2, (4, 4), True, incoming_keys=None if incoming is None else (lambda: incoming))
         gates.append(s.diagnostics[-1]["gate_map"])
     assert torch.equal(gates[0], gates[1])  # the same gate as the faithful schedule's dry pass
     assert not torch.allclose(gates[0], gates[2])
@@ -297,13 +299,14 @@ def test_only_concepts_present_in_the_prompt_are_active_and_their_operators_comp
     x[:, 3] = torch.randn(D)
     mask = torch.tensor([[0, 1, 1, 1, 0]] * 2).bool()
     _, p = prepared(cs, x, mask=mask)
-    assert p.live_by_concept.any(-1).tolist() == [[True, False], [True, True]]
+    assert p.prepared.live_by_concept.any(-1).tolist() == [[True, False], [True, True]]
     pc = [cs.modulation(i, 1.0, 1.0) for i in range(2)]
-    assert torch.allclose(p.context[0], x[0] @ pc[0].T, atol=1e-4)
-    assert torch.allclose(p.context[1], x[1] @ (pc[0] @ pc[1]).T, atol=1e-4)
+    assert torch.allclose(p.prepared.context[0], x[0] @ pc[0].T, atol=1e-4)
+    assert torch.allclose(p.prepared.context[1], x[1] @ (pc[0] @ pc[1]).T, atol=1e-4)
     # no active concept: stage 1 still applies (all concepts), and no token is live
     _, none = prepared(cs, torch.zeros(1, 5, D) + 0.1, mask=mask[:1])
-    assert not none.live.any() and torch.allclose(none.context[0], (torch.zeros(5, D) + 0.1) @ (pc[0] @ pc[1]).T, atol=1e-5)
+    assert not none.prepared.live.any()
+    assert torch.allclose(none.prepared.context[0], (torch.zeros(5, D) + 0.1) @ (pc[0] @ pc[1]).T, atol=1e-5)
 
 
 def test_gates_of_several_concepts_combine_by_maximum(table):
@@ -316,7 +319,7 @@ def test_gates_of_several_concepts_combine_by_maximum(table):
     for concepts in (["cat"], ["car"], ["cat", "car"]):
         sub = build_concept_set(fixed_encoder(table), concepts)
         s, p = prepared(sub, x, mask=mask)
-        s.attend(q, k, v, 2, p, (4, 4), True)
+        attend(s, p, q, k, v, (4, 4), True)
         gates.append(s.diagnostics[-1]["gate_map"])
     assert torch.allclose(gates[2], torch.maximum(gates[0], gates[1]))
 

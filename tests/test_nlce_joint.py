@@ -6,9 +6,11 @@ import torch
 from tiny import HostReads, grid_record
 from tiny_pipeline import render_joint, tiny_flux_pipeline, tiny_pipeline, tiny_sd3_pipeline
 
-from shared_core.nlce import NlceError, apply_nlce, make_nlce_config
-from shared_core.nlce.joint import JointProcessor
-from shared_core.nlce.session import NlceSession, PreparedContext
+from shared_core.adapters import apply_nlce
+from shared_core.adapters.diffusers_joint import JointProcessor
+from shared_core.nlce import NlceError, make_nlce_config
+from shared_core.nlce.session import NlceSession
+from shared_core.nlce.stages import Operators, Prepared
 
 LOW = {"live_floor": 0.1}  # tiny random encoders give small rows; let the ratio rule decide
 PROMPT = "a photo of cat on sofa"
@@ -58,7 +60,8 @@ def test_stage1_changes_the_encoder_rows_by_the_concept_operator(case):
         plain = seen.pop()
         with apply_nlce(pipe, ["cat"], ["dog"], t_max=1000.0, stage2=False, stage3=False, **LOW) as h:
             render(pipe, PROMPT, steps=1)
-            op = h.session._operator((0,), torch.device("cpu"))
+            cfg = h.session.config
+            op = h.concept_set.modulation(0, cfg.beta, cfg.gamma).T
     finally:
         hook.remove()
     changed = seen.pop()
@@ -78,14 +81,20 @@ def test_live_tokens_only_on_the_prompt_words(case):
         assert live[0] == [] and live[1] and set(live[1]) <= words
 
 
-def test_flux_true_cfg_negative_call_gets_no_pass_of_its_own():
+def test_flux_true_cfg_negative_call_changes_nothing_but_stage1_and_keeps_the_prompts_gate():
     pipe = tiny_flux_pipeline()
-    live = []
+    seen = []
     for extra in ({}, {"negative_prompt": "a photo of cat", "true_cfg_scale": 2.0}):
-        with apply_nlce(pipe, ["cat"], ["dog"], t_max=1000.0, **LOW) as h:
+        with apply_nlce(pipe, ["cat"], ["dog"], t_max=1000.0, record_maps=True, **LOW) as h:
             render_joint(pipe, PROMPT, steps=2, **extra)
-            live.append([d["live_tokens"] for d in h.diagnostics])
-    assert len(live[1]) == 2 and live[1] == live[0] and live[0][0][0]  # one pass per step, the prompt's
+            seen.append(h.diagnostics)
+            carried = h.session._carries["batch"].buffer
+    plain, cfg = seen
+    assert len(plain) == 2 and len(cfg) == 4  # a pass per call: prompt, negative, prompt, negative
+    assert [d["live_tokens"] for d in cfg[::2]] == [d["live_tokens"] for d in plain] and plain[0]["live_tokens"][0]
+    assert all(d["live_tokens"] == [[]] and d["gate"] is None for d in cfg[1::2])  # the negative prompt's "cat" is never live
+    last = cfg[2]["gate_map"]
+    assert torch.equal(carried[: last.numel()].reshape(last.shape), last)  # the last negative call kept the prompt's gate
 
 
 def test_faithful_and_single_pass_read_the_same_first_gate_without_stage1(case):
@@ -163,27 +172,32 @@ def test_the_block_matches_the_explicit_attention_matrix(text_first, suppression
     cfg = make_nlce_config(suppression=suppression, scrub=scrub, gate_threshold=median, scrub_threshold=median)
     expected, _ = reference_block(q, k, v, text, by_concept, cfg)
     session = NlceSession(None, cfg)
-    session.begin_pass(500.0)
+    p = session.begin(500.0, key="test", batch=B, gating_shape=(4, 4), device="cpu")
     live = by_concept[:, :, text]
-    prepared = PreparedContext(torch.zeros(B, T, 4), live.any(1), live, torch.zeros(B, 2, T), has_live=True)
-    out = session.joint_attend(q, k, v, text, prepared, (4, 4), is_gating_block=True)
-    assert torch.allclose(session._gate.reshape(B, -1).double(), g, atol=1e-7)  # the gate is kept in fp32
+    p.prepared = Prepared(torch.zeros(B, T, 4), torch.zeros(B, T, 4), live.any(1), live, torch.zeros(B, 2, T),
+                          torch.ones(B, dtype=torch.bool))
+    out = session.joint_attention(p, q, k, v, text, (4, 4), is_gating_block=True)
+    assert torch.allclose(p.gate.reshape(B, -1).double(), g, atol=1e-7)  # the gate is kept in fp32
     assert torch.allclose(out, expected, atol=1e-6)
     # a later block in the same pass uses that gate, and reads nothing back from the device
     with HostReads() as reads:
-        later = session.joint_attend(q, k, v, text, prepared, (4, 4), is_gating_block=False)
+        later = session.joint_attention(p, q, k, v, text, (4, 4), is_gating_block=False)
     assert torch.allclose(later, expected, atol=1e-6) and reads.ops == []
 
 
-def test_the_low_rank_scores_and_stage1_equal_the_reference_matrices():
+def test_the_scores_and_stage1_through_the_bases_equal_the_reference_matrices():
     pipe = tiny_flux_pipeline()
     with apply_nlce(pipe, ["cat", "house"], {"cat": ["dog"], "house": ["car"]}, gamma=0.7, **LOW) as h:
-        session = h.session
-        x = torch.randn(2, 9, session.concepts.width)
-        full = torch.einsum("bsd,cde->bcse", x, session._concept_projectors(x.device)).norm(dim=-1)
-        assert session._low_rank and torch.allclose(session._low_rank_scores(x), full, atol=1e-5)
-        for active in ((0,), (1,), (0, 1)):
-            assert torch.allclose(session._low_rank_stage1(x[0], active), x[0] @ session._operator(active, x.device), atol=1e-5)
+        cs, cfg = h.concept_set, h.session.config
+    ops = Operators(cs, cfg, "cpu")
+    x = torch.randn(2, 9, cs.width)
+    full = torch.einsum("bsd,cde->bcse", x, torch.stack([cs.concept_projector(i) for i in range(2)])).norm(dim=-1)
+    assert torch.allclose(ops.scores(x), full, atol=1e-5)
+    pc = [cs.modulation(i, cfg.beta, cfg.gamma) for i in range(2)]
+    for active, product in (([True, False], pc[0]), ([False, True], pc[1]), ([True, True], pc[0] @ pc[1]),
+                            ([False, False], pc[0] @ pc[1])):  # no active concept: all of them
+        rows = ops.stage1(x[:1], torch.tensor([active]))
+        assert torch.allclose(rows[0], x[0] @ product.T, atol=1e-5)
 
 
 def test_the_processors_compute_the_blocks_own_attention_when_the_math_is_plain(case, monkeypatch):
@@ -200,8 +214,7 @@ def test_the_processors_compute_the_blocks_own_attention_when_the_math_is_plain(
             calls.append(q.shape)
             return F.scaled_dot_product_attention(q, k, v)
 
-        monkeypatch.setattr(h.session, "joint_acts", lambda *a: True)
-        monkeypatch.setattr(h.session, "joint_attend", plain)
+        monkeypatch.setattr(h.session, "joint_attention", lambda p, q, k, v, *rest: plain(q, k, v))
         after = render(pipe, PROMPT)
     assert len(calls) == 2 * len([n for n in pipe.transformer.attn_processors if n.endswith(".attn.processor")])
     assert torch.allclose(after, before, atol=1e-5)

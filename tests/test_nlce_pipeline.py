@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from tiny import grid_record
+from tiny import grid_record, open_pass
 from tiny_pipeline import render, tiny_pipeline
 
-from shared_core.nlce import ConceptSet, NlceError, apply_nlce, gating_layer
-from shared_core.nlce.diffusers import NlceAttnProcessor, cross_attention_names
+from shared_core.adapters import apply_nlce
+from shared_core.adapters.diffusers_unet import NlceAttnProcessor, cross_attention_names
+from shared_core.nlce import ConceptSet, NlceError, gating_layer
 
 SD1_GATING = "down_blocks.2.attentions.1.transformer_blocks.0.attn2"  # SPEC: the second cross-attention of down block 2
 
@@ -48,13 +49,13 @@ def test_without_intervention_the_processor_computes_attnprocessor2_0_bit_for_bi
 
     torch.manual_seed(0)
     attn = Attention(query_dim=8, cross_attention_dim=32, heads=2, dim_head=4, norm_num_groups=2, residual_connection=True,
-                     rescale_output_factor=2.0, cross_attention_norm="layer_norm").eval()
+                     rescale_output_factor=2.0).eval()
     hidden, context = torch.randn(2, 8, 4, 5), torch.randn(2, 7, 32) * 30
     expected = AttnProcessor2_0()(attn, hidden, encoder_hidden_states=context)
     # outside the timestep window; inside it with no live token and stage 1 (which is global) off
     for t, settings in ((950.0, LOW), (500.0, {"live_floor": 1e6, "stage1": False})):
         with apply_nlce(pipe, ["cat"], **settings) as h:
-            h.session.begin_pass(t)
+            open_pass(h.session, t, context=context, gating_shape=(4, 5))
             assert torch.equal(NlceAttnProcessor(h, "attn2", is_gating_layer=True)(attn, hidden, encoder_hidden_states=context), expected)
 
 
@@ -127,11 +128,11 @@ def test_prompt_rows_are_recorded_exactly_with_negative_prompts_copies_and_textu
     pipe.load_textual_inversion({"<toy>": torch.randn(2, 32)}, token="<toy>")  # one word, two token rows
     with apply_nlce(pipe, ["cat"], **LOW) as h:
         cond_embeds, negative = pipe.encode_prompt(["a photo of <toy> cat", "a cat"], "cpu", 2, True, ["a cat", "a photo"])
-        cond, mask = h.rows(torch.cat([negative, cond_embeds]))  # the negative "a cat" equals the second prompt
+        cond, mask = h.prompts.rows(torch.cat([negative, cond_embeds]))  # the negative "a cat" equals the second prompt
         assert cond.tolist() == [False] * 4 + [True] * 4
         words = [mask[b].nonzero().flatten().tolist() for b in range(8)]
         assert words == [[]] * 4 + [[1, 2, 3, 4, 5, 6]] * 2 + [[1, 2]] * 2
-        cond, mask = h.rows(torch.cat([cond_embeds[:2], negative[2:]]))  # another layout: matched row by row
+        cond, mask = h.prompts.rows(torch.cat([cond_embeds[:2], negative[2:]]))  # another layout: matched row by row
         assert cond.tolist() == [True, True, False, False] and mask[0].nonzero().flatten().tolist() == [1, 2, 3, 4, 5, 6]
 
 
@@ -222,7 +223,7 @@ def test_a_unet_without_cross_attention_is_refused():
 def test_a_text_encoder_of_another_width_is_refused():
     pipe = tiny_pipeline(unet_width=16)
     before = dict(pipe.unet.attn_processors)
-    with pytest.raises(NlceError, match="reads 16-wide rows that are not this pipeline.s CLIP encoders \(clip_l 32\)"):
+    with pytest.raises(NlceError, match="supports SD1.x, SDXL.*its UNet reads 16-wide rows; its CLIP encoders: clip_l 32"):
         apply_nlce(pipe, ["cat"])
     assert all(pipe.unet.attn_processors[k] is before[k] for k in before)
 

@@ -193,7 +193,8 @@ def xl():
 
 
 def test_nlce_operators_live_in_the_rows_the_sdxl_unet_reads(xl):
-    from shared_core.nlce import apply_nlce, sdxl_row_encoder
+    from shared_core.adapters import apply_nlce
+    from shared_core.nlce import sdxl_row_encoder
 
     with apply_nlce(xl, ["cat"], ["dog"], **LOW) as h:
         cs = h.concept_set
@@ -205,7 +206,7 @@ def test_nlce_operators_live_in_the_rows_the_sdxl_unet_reads(xl):
 
 
 def test_nlce_on_sdxl_erases_in_the_conditional_half_leaves_the_added_conditioning_and_comes_off_bit_exact(xl):
-    from shared_core.nlce import apply_nlce
+    from shared_core.adapters import apply_nlce
 
     seen = []
     hook = xl.unet.add_embedding.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
@@ -225,7 +226,7 @@ def test_nlce_on_sdxl_erases_in_the_conditional_half_leaves_the_added_conditioni
 
 
 def test_both_schedules_sample_sdxl_and_agree_on_the_first_gate_without_stage_one(xl):
-    from shared_core.nlce import apply_nlce
+    from shared_core.adapters import apply_nlce
 
     gates = {}
     for schedule in ("single-pass", "faithful"):
@@ -236,7 +237,8 @@ def test_both_schedules_sample_sdxl_and_agree_on_the_first_gate_without_stage_on
 
 
 def test_operator_files_say_their_family_and_refuse_another(xl, tmp_path):
-    from shared_core.nlce import ConceptSet, NlceError, apply_nlce
+    from shared_core.adapters import apply_nlce
+    from shared_core.nlce import ConceptSet, NlceError
 
     with apply_nlce(xl, ["cat"], **LOW) as h:
         path = h.concept_set.save(str(tmp_path / "xl.nlce.safetensors"))
@@ -259,7 +261,7 @@ def test_the_default_gating_layer_of_the_sdxl_unet_is_at_one_32nd_of_the_image()
     from diffusers import UNet2DConditionModel
 
     from shared_core.nlce import gating_layer
-    from shared_core.nlce.diffusers import cross_attention_names
+    from shared_core.adapters.diffusers_unet import cross_attention_names
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
@@ -274,7 +276,8 @@ def test_the_default_gating_layer_of_the_sdxl_unet_is_at_one_32nd_of_the_image()
 def test_nlce_refuses_an_sdxl_refiner_pipeline(xl):
     from types import SimpleNamespace
 
-    from shared_core.nlce import NlceError, apply_nlce
+    from shared_core.adapters import apply_nlce
+    from shared_core.nlce import NlceError
 
     refiner = SimpleNamespace(unet=xl.unet, text_encoder=None, text_encoder_2=xl.text_encoder_2, tokenizer=None,
                               tokenizer_2=xl.tokenizer_2)
@@ -293,7 +296,7 @@ def test_hirm_nlce_renders_an_sdxl_folder_with_its_both_encoder_patch(xl, tmp_pa
 
 
 def test_pony_style_score_tags_are_concepts_like_any_other_text(xl):
-    from shared_core.nlce import apply_nlce
+    from shared_core.adapters import apply_nlce
 
     tags = "score_9, score_8_up, score_7_up"
     patch = train_model_patch(sdxl_encoders(xl), concepts=[tags], steps=1, report=False)

@@ -108,3 +108,15 @@ class HostReads(TorchDispatchMode):
         if func.overloadpacket.__name__ in self.READS:
             self.ops.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def open_pass(session, t=500.0, *, context, conditional=None, words=None, gating_shape=(4, 4), dry=False, given=None,
+              key="test", latent_hw=None):
+    """Open a pass of an NLCE ``session`` as a host adapter does around a denoiser call (``nlce.run_pass``): begin it,
+    make it ``session.current`` and hand it the context rows. Returns the pass."""
+    batch = context.shape[0]
+    p = session.begin(t, key=key, batch=batch, gating_shape=gating_shape, device=context.device, dry=dry, given=given)
+    session.current = p
+    p.host["latent_hw"] = latent_hw or gating_shape
+    session.prepare(p, context, torch.ones(batch, dtype=torch.bool) if conditional is None else conditional, words)
+    return p

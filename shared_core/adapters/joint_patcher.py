@@ -16,7 +16,7 @@ import torch
 
 from .. import nlce
 from ..errors import NlceError
-from ..nlce.driver import run_unet_pass
+from ..families import FAMILIES, joint_gating_block
 
 log = logging.getLogger("hirm")
 CLIP_END = 49407  # CLIP's end-of-text token; T5's padding is 0
@@ -40,12 +40,12 @@ def _count(tokens, stop: Callable[[int], bool]) -> int:
 
 
 def clip_row_encoder(clip, family: str, clip_l):
-    """``encode(texts)`` -> per text its real rows of the context the transformer reads, from the CLIP object itself
-    (as ``nlce.joint.joint_row_encoder`` lays them out: Flux: T5's words, then its end row; SD3: ``sd3_layout``).
+    """Per text its real rows of the context the transformer reads, from the CLIP object itself (laid out as
+    ``diffusers_joint.pipeline_row_encoder`` lays them out: Flux: T5's words, then its end row; SD3: ``sd3_layout``).
     ``clip_l``: the CLIP's CLIP-L as a transformers model (SD1.x's rows: the live floor's scale; its vocabulary: mining
     neighbours)."""
-    from ..nlce.joint import describe_joint_encoder, sd3_layout
     from ..tokenizer import clip_tokenizer
+    from .diffusers_joint import joint_row_encoder, sd3_layout
 
     t5_in_context = [True]
 
@@ -66,53 +66,68 @@ def clip_row_encoder(clip, family: str, clip_l):
             out.append(sd3_layout(cond[:n_clip], cond[77: 77 + n_t5]))
         return out
 
-    return describe_joint_encoder(encode, family, lambda: t5_in_context[0], clip_tokenizer(), clip_l)
+    return joint_row_encoder(encode, family, lambda: t5_in_context[0], clip_tokenizer(), clip_l)
 
 
 class PatcherJointNlce:
-    """NLCE on one patched Flux / SD3 MODEL: ``unet_wrapper`` (stage 1 on ``c_crossattn``, the passes), ``block``
-    (each ``dit`` block replacement: which block runs) and ``attention`` (the attention override: stages 2 and 3)."""
+    """NLCE on one patched Flux / SD3 MODEL: ``unet_wrapper`` (stage 1 on ``c_crossattn``, the passes; outside a compiled
+    diffusion model), ``block`` (each ``dit`` block replacement: which block runs) and ``attention`` (the attention
+    override: stages 2 and 3), the last two inside the diffusion model (pure tensor work)."""
 
     def __init__(self, concept_set, config, family: str, sigma_to_timestep: Callable, gating: tuple[str, int],
-                 text_first: dict):
+                 text_first: dict, patch: int):
         self.session = nlce.NlceSession(concept_set, config)
         self.family, self.sigma_to_timestep, self.gating, self.text_first = family, sigma_to_timestep, gating, text_first
+        self.patch = patch
         self.previous_wrapper = None
         self.foreign_blocks: dict[tuple[str, int], Callable] = {}
-        self._prepared, self._text_len, self._block, self._calls_in_block = None, 0, None, 0
-        self._previous_override = None
+        self._rows: dict = {}   # conditional rows per layout
+        self._words_of: dict = {}
+
+    def _words(self, context: torch.Tensor) -> torch.Tensor:
+        """Which context rows can hold words: all (Flux); all but CLIP's start row (SD3; which other rows are padding the
+        conditioning does not say). Made once per shape and device."""
+        key = (tuple(context.shape[:2]), str(context.device))
+        if key not in self._words_of:
+            words = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+            if self.family == "sd3":
+                words[:, 0] = False
+            self._words_of[key] = words
+        return self._words_of[key]
 
     def unet_wrapper(self, apply_model, args):
-        t = float(self.sigma_to_timestep(args["timestep"]).flatten()[0])
         c = args["c"]
         context = c.get("c_crossattn")
         call_through = self.previous_wrapper or (lambda f, a: f(a["input"], a["timestep"], **a["c"]))
         if context is None:
             return call_through(apply_model, args)
-        from .patcher import PatcherNlce
+        from .patcher import conditional_rows
 
-        cond = PatcherNlce.cond_rows(args, context.shape[0])
-        words = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
-        if self.family == "sd3":
-            words[:, 0] = False  # CLIP's start row; which other rows are padding the conditioning does not say
+        x = args["input"]
+        t = self.sigma_to_timestep(args["timestep"]).flatten()[0]
+        chunks = args.get("cond_or_uncond") or [0]
+        conditional = conditional_rows(self._rows, chunks, context.shape[0], context.device)
+        words = self._words(context)
+        h, w = -(-x.shape[-2] // self.patch), -(-x.shape[-1] // self.patch)
+        layout = (tuple(chunks), x.shape[0])
+        self.session.ready(x.device, layout, x.shape[0] * h * w)
         options = dict(c.get("transformer_options") or {})
-        self._previous_override = options.get("optimized_attention_override")
+        previous_override = options.get("optimized_attention_override")
         options["optimized_attention_override"] = self.attention
 
         def call():
-            self._prepared = self.session.prepare(context, cond, words)
-            self._text_len = context.shape[1]
-            return call_through(apply_model, {**args, "c": {**c, "c_crossattn": self._prepared.context,
-                                                            "transformer_options": options}})
+            p = self.session.current
+            p.host.update(previous_override=previous_override, text_len=context.shape[1], block=None, calls=0)
+            prepared = self.session.prepare(p, context, conditional, words)
+            return call_through(apply_model, {**args, "c": {**c, "c_crossattn": prepared.context, "transformer_options": options}})
 
-        try:
-            return run_unet_pass(self.session, t, call)
-        finally:
-            self._prepared = self._block = None  # no context tensors kept between passes (or copied by clone())
+        return nlce.run_pass(self.session, t, call, key=layout, batch=x.shape[0], gating_shape=(h, w), device=x.device)
 
     def block(self, kind: str, index: int):
         def run(args, extra):
-            self._block, self._calls_in_block = (kind, index), 0
+            p = self.session.current
+            if p is not None:
+                p.host.update(block=(kind, index), calls=0)
             foreign = self.foreign_blocks.get((kind, index))
             return foreign(args, extra) if foreign is not None else extra["original_block"](args)
 
@@ -120,23 +135,24 @@ class PatcherJointNlce:
 
     def attention(self, func, q, k, v, *args, **kwargs):
         """ComfyUI's ``optimized_attention_override``: ``func(q, k, v, heads, ...)`` is ComfyUI's own attention."""
-        passthrough = self._previous_override or (lambda f, *a, **kw: f(*a, **kw))
-        prepared, block = self._prepared, self._block
-        self._calls_in_block += 1
+        p = self.session.current
+        passthrough = (p and p.host["previous_override"]) or (lambda f, *a, **kw: f(*a, **kw))
+        if p is None or p.prepared is None or p.host["block"] is None or kwargs.get("mask") is not None:
+            return passthrough(func, q, k, v, *args, **kwargs)
+        p.host["calls"] += 1
+        if p.host["calls"] > 1:  # SD3.5's second attention in a block is image-only: left alone
+            return passthrough(func, q, k, v, *args, **kwargs)
+        block = p.host["block"]
         heads = args[0] if args else kwargs.get("heads")
         skip_reshape = kwargs.get("skip_reshape", False)
-        if (prepared is None or block is None or self._calls_in_block > 1 or kwargs.get("mask") is not None
-                or not prepared.has_live):  # SD3.5's second attention in a block is image-only; a mask: left alone
-            return passthrough(func, q, k, v, *args, **kwargs)
         if skip_reshape:  # (B, heads, L, D)
             qh, kh, vh = q, k, v
         else:  # (B, L, heads * D)
             qh, kh, vh = (x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2) for x in (q, k, v))
-        L, T = qh.shape[2], self._text_len
+        L, T = qh.shape[2], p.host["text_len"]
         text = slice(0, T) if self.text_first.get(block, True) else slice(L - T, L)
-        side = int((L - T) ** 0.5)
-        shape = (side, side) if side * side == L - T else (1, L - T)
-        out = self.session.joint_attend(qh, kh, vh, text, prepared, shape, block == self.gating)
+        shape = p.gating_shape if p.gating_shape[0] * p.gating_shape[1] == L - T else (1, L - T)
+        out = self.session.joint_attention(p, qh, kh, vh, text, shape, block == self.gating)
         if out is None:
             return passthrough(func, q, k, v, *args, **kwargs)
         out = out.to(q.dtype)
@@ -156,21 +172,18 @@ def install_joint_nlce(patcher, concept_set, config, sigma_to_timestep: Callable
         blocks = [("double_block", i) for i in range(len(dm.double_blocks))] + \
                  [("single_block", i) for i in range(len(dm.single_blocks))]
         text_first = {("double_block", i): not getattr(b, "flipped_img_txt", False) for i, b in enumerate(dm.double_blocks)}
-        gating = ("double_block", len(dm.double_blocks) // 2)
+        doubles = len(dm.double_blocks)
     else:
         width = dm.context_embedder.in_features
         blocks = [("double_block", i) for i in range(len(dm.joint_blocks))]
         text_first = {}
-        gating = ("double_block", len(dm.joint_blocks) // 2)
+        doubles = len(dm.joint_blocks)
         if getattr(dm, "register_length", 0):
             raise NlceError("this SD3 model prepends register tokens to the text; NLCE does not support it")
-    if width != concept_set.width:
-        raise NlceError(f"this model reads {width}-wide text rows but the concept operators are {concept_set.width} wide; "
-                        "use the CLIP that came with this model")
-    scale = 1000.0 if family == "flux" else 1.0  # Flux's model sampling gives sigma (0..1) as its timestep
-
-    state = PatcherJointNlce(concept_set, config, family, lambda s: sigma_to_timestep(s) * scale, gating, text_first)
-    state.session.warm(patcher.load_device)
+    concept_set.check_width(width, "this model", "nlce-comfyui")
+    scale = FAMILIES[family].timestep_scale  # Flux's model sampling gives sigma (0..1) as its timestep
+    state = PatcherJointNlce(concept_set, config, family, lambda s: sigma_to_timestep(s) * scale,
+                             ("double_block", joint_gating_block(doubles)), text_first, int(getattr(dm, "patch_size", 2)))
     clone = patcher.clone()
     state.previous_wrapper = clone.model_options.get("model_function_wrapper")
     replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})

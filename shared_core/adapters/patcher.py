@@ -19,9 +19,10 @@ import torch
 from .. import nlce
 from ..encoders import PATCHER_LAYOUTS, extract_text_encoder
 from ..errors import HirmError, NlceError
+from ..families import FEATURES, supported_names
 from ..hosting import patch_differences
 from ..patch import route_parts
-from ..nlce.driver import gate_key, gating_layer, run_unet_pass
+from ..nlce.driver import gating_layer, ldm_level
 
 log = logging.getLogger("hirm")
 _ATTN2 = re.compile(r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.\d+\.transformer_blocks\.(\d+)\.attn2$")
@@ -91,9 +92,20 @@ def _foreign_replace(model_options: dict, key: tuple[str, int, int]) -> Callable
     return table.get(key) or table.get(key[:2])
 
 
+def conditional_rows(cache: dict, chunks, batch: int, device) -> torch.Tensor:
+    """(batch,) bool, True for conditional rows; patchers batch equal chunks, 0 = cond, 1 = uncond (``chunks``: the
+    call's ``cond_or_uncond``). Made once per layout in ``cache`` (no copy to the device per pass)."""
+    key = (tuple(chunks), batch, str(device))
+    if key not in cache:
+        per = max(1, batch // len(chunks))
+        cache[key] = torch.tensor([c == 0 for c in chunks], dtype=torch.bool).repeat_interleave(per)[:batch].to(device)
+    return cache[key]
+
+
 class PatcherNlce:
-    """NLCE on one patched MODEL: ``context_patch`` (attn2_patch: stage 1, live tokens), ``attention``
-    (attn2 replace: stages 2 and 3) and ``unet_wrapper`` (starts each pass; the faithful dry pass).
+    """NLCE on one patched MODEL: ``unet_wrapper`` (runs each pass, outside a compiled diffusion model), ``context_patch``
+    (attn2_patch: stage 1 and the live tokens, once per pass) and ``attention`` (attn2 replace: stages 2 and 3), the
+    last two inside the diffusion model (a ``TorchCompileModel`` graph: pure tensor work, nothing read back).
 
     Where another node had already installed an attn2 replace, NLCE calls through to it: that
     block gets stage 1 (its keys and values), the gate, and stage 3 on its output; stage 2 needs
@@ -102,35 +114,27 @@ class PatcherNlce:
     """
 
     def __init__(self, concept_set, config, sigma_to_timestep: Callable, gating: tuple[str, int, int],
-                 gating_to_k: torch.nn.Module):
+                 gating_to_k: torch.nn.Module, gating_level: int):
         self.session = nlce.NlceSession(concept_set, config)
-        self.sigma_to_timestep, self.gating = sigma_to_timestep, gating
+        self.sigma_to_timestep, self.gating, self.gating_level = sigma_to_timestep, gating, gating_level
         self._gating_to_k = weakref.ref(gating_to_k)
-        self._incoming = self._prepared = None
-        self._in_pass = False
-        self._attention_calls = 0
+        self._rows: dict = {}  # (cond_or_uncond, batch, device) -> conditional rows (a tensor made once, on the host's side)
         self.previous_wrapper = None
         self.foreign: dict[tuple[str, int, int], Callable] = {}
 
-    @staticmethod
-    def cond_rows(extra: dict, batch: int) -> torch.Tensor:
-        """(batch,) bool, True for conditional rows; patchers batch equal chunks, 0 = cond, 1 = uncond."""
-        chunks = extra.get("cond_or_uncond") or [0]
-        per = max(1, batch // len(chunks))
-        return torch.tensor([c == 0 for c in chunks], dtype=torch.bool).repeat_interleave(per)[:batch]
-
     def context_patch(self, n, context, value, extra):
-        if not self._in_pass:  # begin_pass never ran: the gate and caches would carry stale state
+        p = self.session.current
+        if p is None:  # the wrapper never ran: a node applied after NLCE replaced it
             raise NlceError("NLCE's UNet wrapper was replaced by a node applied after NLCE Erasure Gate; apply NLCE Erasure Gate last")
-        self._incoming = context
-        self._prepared = self.session.prepare(context, self.cond_rows(extra, context.shape[0]), None)
-        return n, self._prepared.context, self._prepared.context
+        prepared = self.session.prepare(p, context, p.host["conditional"], None)
+        return n, prepared.context, prepared.context
 
     def attention(self, q, k, v, extra):
-        prepared = self._prepared
+        p = self.session.current
+        prepared = None if p is None else p.prepared
         if prepared is None or prepared.context.shape[0] != q.shape[0]:
             raise NlceError("NLCE's attention ran without its context patch (another node replaced it); apply NLCE Erasure Gate last")
-        self._attention_calls += 1
+        p.host["attended"] = True
         if extra.get("activations_shape"):
             shape = tuple(extra["activations_shape"][-2:])
         else:
@@ -138,29 +142,39 @@ class PatcherNlce:
         block = extra.get("block") or ("", -1)
         key = (block[0], block[1], extra.get("block_index", 0))
         is_gating = key == self.gating
-        gk = gate_key(is_gating, prepared, self._incoming, self._gating_to_k())
+        to_k = self._gating_to_k()
+        keys = None if to_k is None else (lambda: to_k(prepared.incoming))
         foreign = self.foreign.get(key)
         if foreign is None:
-            return self.session.attend(q, k, v, extra["n_heads"], prepared, shape, is_gating, gate_key=gk).to(q.dtype)
+            return self.session.cross_attention(p, q, k, v, extra["n_heads"], shape, is_gating, incoming_keys=keys).to(q.dtype)
         out = foreign(q, k, v, extra)
-        return self.session.scrub(out, prepared, shape, is_gating, q=q, k=k, heads=extra["n_heads"], gate_key=gk).to(q.dtype)
+        return self.session.scrub(p, out, q, k, extra["n_heads"], shape, is_gating, incoming_keys=keys).to(q.dtype)
 
     def unet_wrapper(self, apply_model, args):
-        t = float(self.sigma_to_timestep(args["timestep"]).flatten()[0])
+        x = args["input"]
+        t = self.sigma_to_timestep(args["timestep"]).flatten()[0]
+        chunks = args.get("cond_or_uncond") or [0]
         call = self.previous_wrapper or (lambda f, a: f(a["input"], a["timestep"], **a["c"]))
-        self._in_pass, self._attention_calls = True, 0
-        try:
-            out = run_unet_pass(self.session, t, lambda: call(apply_model, args))
-            if self._prepared is not None and self._attention_calls == 0:
-                raise NlceError("NLCE's attention was replaced by a node applied after NLCE Erasure Gate, so only part of the erasure "
-                                "ran; apply NLCE Erasure Gate last")
-            return out
-        finally:
-            self._in_pass = False
-            self._incoming = self._prepared = None  # no context tensors kept between passes (or copied by clone())
+        batch, shape = x.shape[0], nlce.session.halved(tuple(x.shape[-2:]), self.gating_level)
+        layout = (tuple(chunks), batch)
+        self.session.ready(x.device, layout, batch * shape[0] * shape[1])
+        conditional = conditional_rows(self._rows, chunks, batch, x.device)
+        passes = []
+
+        def one_pass():
+            p = self.session.current
+            p.host["conditional"] = conditional
+            passes.append(p)
+            return call(apply_model, args)
+
+        out = nlce.run_pass(self.session, t, one_pass, key=layout, batch=batch, gating_shape=shape, device=x.device)
+        if any(p.prepared is not None and not p.host.get("attended") for p in passes):
+            raise NlceError("NLCE's attention was replaced by a node applied after NLCE Erasure Gate, so only part of the erasure "
+                            "ran; apply NLCE Erasure Gate last")
+        return out
 
 
-def install_nlce(patcher, concept_set, config, sigma_to_timestep: Callable):
+def install_nlce(patcher, concept_set, config, sigma_to_timestep: Callable, feature: str = "nlce-comfyui"):
     """A clone of ``patcher`` (a MODEL) with NLCE on every cross-attention of its UNet; the input is not changed.
 
     Other nodes' patches stay: attn2 patches run before NLCE's context patch, a UNet function
@@ -168,15 +182,11 @@ def install_nlce(patcher, concept_set, config, sigma_to_timestep: Callable):
     """
     blocks = cross_attention_blocks(patcher.model.diffusion_model)
     if not blocks:
-        raise NlceError("this model has no UNet cross-attention; NLCE needs an SD1.x or SDXL model here (Flux and SD3: "
-                        "experimental, in ComfyUI and diffusers only)")
-    width = next(iter(blocks.values())).to_k.in_features
-    if width != concept_set.width:
-        raise NlceError(f"this UNet's cross-attention reads {width}-wide text rows but the concept operators are "
-                        f"{concept_set.width} wide ({concept_set.family}); use the CLIP that came with this model (SD1.x: 768, "
-                        "SDXL: 2048 wide)")
+        raise NlceError(f"this model has no UNet cross-attention; {FEATURES[feature]} supports {supported_names(feature)}")
+    concept_set.check_width(next(iter(blocks.values())).to_k.in_features, "this model's UNet", feature)
     gating = gating_layer(blocks)
-    state = PatcherNlce(concept_set, config, sigma_to_timestep, gating, blocks[gating].to_k)
+    state = PatcherNlce(concept_set, config, sigma_to_timestep, gating, blocks[gating].to_k,
+                        ldm_level(patcher.model.diffusion_model, gating[1]))
     clone = patcher.clone()
     state.previous_wrapper = clone.model_options.get("model_function_wrapper")
     state.foreign = {key: fn for key in blocks if (fn := _foreign_replace(clone.model_options, key)) is not None}

@@ -25,7 +25,7 @@ class Defences:
         """NLCE operators built with the encoders the prompts go through (patched ones for "both"), once."""
         if which not in self._operators:
             from ..nlce import make_nlce_config
-            from ..nlce.diffusers import pipeline_concept_set
+            from ..adapters import pipeline_concept_set
 
             config = make_nlce_config(self.nlce_settings.get("preset"), **{k: v for k, v in self.nlce_settings.items()
                                                                            if k != "preset"})
@@ -35,7 +35,7 @@ class Defences:
     @contextlib.contextmanager
     def on(self, defence: str, strength: float = 1.0):
         """The pipeline with ``defence`` on (patch strengths times ``strength``); as it was after."""
-        from ..nlce import apply_nlce
+        from ..adapters import apply_nlce
         from ..patch import patched_pipeline
 
         with contextlib.ExitStack() as stack:

@@ -74,16 +74,10 @@ class NlceConfig:
             raise NlceError(f"unknown NLCE setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**d)
 
-    def operator_settings(self) -> dict:
-        return {k: getattr(self, k) for k in OPERATOR_SETTINGS}
-
-    def sampling_settings(self) -> dict:
-        return {k: getattr(self, k) for k in SAMPLING_SETTINGS}
 
 
 # settings baked into a ConceptSet's bases when it is built; the others act at sampling time
 OPERATOR_SETTINGS = tuple(f.name for f in dataclasses.fields(NlceConfig) if f.metadata["operator"])
-SAMPLING_SETTINGS = tuple(f.name for f in dataclasses.fields(NlceConfig) if not f.metadata["operator"])
 
 
 NLCE_PRESETS: dict[str, dict] = {

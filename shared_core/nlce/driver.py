@@ -1,8 +1,7 @@
-"""The NLCE pass driver every host adapter calls: one UNet forward, one cross-attention layer, the gating layer.
+"""The NLCE pass driver every host adapter calls, and where a UNet's gate is read.
 
-A host adapter says only how it reaches its UNet's forward and its cross-attention projections;
-the order of the passes (the ``faithful`` schedule's dry pass), where the gate's keys come from
-and which layer is the gating layer are decided here, once.
+A host adapter says only how it reaches its denoiser's forward and its attention; the order of the passes (the
+``faithful`` schedule's dry pass) and which layer is the gating layer are decided here, once.
 """
 
 from __future__ import annotations
@@ -10,46 +9,32 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable
 
-import torch
-
 from ..errors import NlceError
-from .session import NlceSession, PreparedContext
+from .session import NlceSession, Pass
 
 # diffusers: down_blocks.2.attentions.1.transformer_blocks.0.attn2(.processor); LDM (A1111): input_blocks.8.1.transformer_blocks.0.attn2
 _DIFFUSERS = re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2(?:\.processor)?$")
 _LDM = re.compile(r"input_blocks\.(\d+)\.\d+\.transformer_blocks\.(\d+)\.attn2$")
 
 
-def run_unet_pass(session: NlceSession, timestep: float, call: Callable[[], object]):
-    """One UNet forward under NLCE; ``call()`` runs the host's UNet once and returns its output.
-
-    In the ``faithful`` schedule (stage 2 or 3 on, timestep inside the window) a dry pass without
-    intervention runs first to compute the gate; then the real pass.
-    """
+def run_pass(session: NlceSession, timestep, call: Callable[[], object], *, key, batch: int, gating_shape, device):
+    """One denoiser forward under NLCE; ``call()`` runs the host's denoiser once and returns its output, its layers reach
+    the pass as ``session.current``. In the ``faithful`` schedule (stage 2 or 3 on) a dry pass without intervention runs
+    first to read the gate (at every step: the timestep window is applied to the gate, not decided on the host)."""
     cfg = session.config
-    if cfg.schedule == "faithful" and (cfg.stage2 or cfg.stage3) and session.in_window(timestep):
-        session.begin_pass(timestep, dry=True)
-        call()
-    session.begin_pass(timestep)
-    return call()
+    where = {"key": key, "batch": batch, "gating_shape": gating_shape, "device": device}
+    given = None
+    if cfg.schedule == "faithful" and (cfg.stage2 or cfg.stage3):
+        given = _run(session, session.begin(timestep, dry=True, **where), call)[1].gate
+    return _run(session, session.begin(timestep, given=given, **where), call)[0]
 
 
-def gate_key(is_gating_layer: bool, prepared: PreparedContext, context: torch.Tensor, to_k: Callable | None):
-    """Keys from the context as it came in (before stage 1), at the gating layer only: the gate is then read
-    from the same keys as the faithful schedule's dry pass. None where it is not needed."""
-    if is_gating_layer and prepared.has_live and prepared.context is not context and to_k is not None:
-        return to_k(context)
-    return None
-
-
-def cross_attention(session: NlceSession, query: torch.Tensor, context: torch.Tensor, prepared: PreparedContext,
-                    to_k: Callable, to_v: Callable, heads: int, spatial_shape: tuple[int, int], is_gating_layer: bool,
-                    scale: float | None = None) -> torch.Tensor:
-    """One cross-attention layer between the host's ``to_q`` and ``to_out``: keys and values from the stage-1
-    context, stages 2 and 3 (``NlceSession.attend``). ``context`` is the layer's text rows as they came in."""
-    key, value = to_k(prepared.context), to_v(prepared.context)
-    return session.attend(query, key, value, heads, prepared, spatial_shape, is_gating_layer, scale=scale,
-                          gate_key=gate_key(is_gating_layer, prepared, context, to_k))
+def _run(session: NlceSession, p: Pass, call):
+    session.current = p
+    try:
+        return call(), p
+    finally:
+        session.current = None
 
 
 def _depth(name) -> tuple[int, int, int] | None:
@@ -72,5 +57,17 @@ def gating_layer(names: Iterable):
     """
     found = [(d, n) for n in names if (d := _depth(n)) is not None]
     if not found:
-        raise NlceError("this UNet has no cross-attention in its down blocks; NLCE needs an SD1.x-style UNet")
+        raise NlceError("this UNet has no cross-attention in its down blocks; NLCE needs an SD1.x or SDXL UNet")
     return max(found, key=lambda x: x[0])[1]
+
+
+def diffusers_level(name: str) -> int:
+    """Stride-2 downsamplings before a diffusers UNet's cross-attention ``name`` (every down block before it has one)."""
+    return int(_DIFFUSERS.search(name)[1])
+
+
+def ldm_level(diffusion_model, number: int) -> int:
+    """Stride-2 downsamplings before an LDM UNet's ``input_blocks[number]`` (A1111, Forge, ComfyUI: a block that is a
+    ``Downsample`` halves the size)."""
+    blocks = dict(diffusion_model.input_blocks.named_children())
+    return sum(any(type(m).__name__ == "Downsample" for m in blocks[str(i)].children()) for i in range(number) if str(i) in blocks)

@@ -9,83 +9,23 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
-from ..errors import HirmError, NlceError
+from ..errors import NlceError
+from ..families import FAMILIES, refusal
 from ..files import atomic_write, write_safetensors
 from .config import NlceConfig, make_nlce_config
+from .rows import RowEncoder
 
 FORMAT = "hirm-nlce-operators"
 VERSION = 2  # 2: the model family the operators were built for, and the live-floor scale; 1 (SD1.x) still read
-FAMILIES = {"sd1": "SD1.x (CLIP-L's final output, 768 wide)", "sdxl": "SDXL (CLIP-L and CLIP-G penultimate rows, 2048 wide)",
-            "flux": "Flux (T5 rows, 4096 wide)", "sd3": "SD3 (CLIP-L and CLIP-G rows, then T5 rows, 4096 wide)"}
-Encoder = Callable[[list[str]], list[torch.Tensor]]
 
 
-def clip_row_encoder(text_model, tokenizer, device=None) -> Encoder:
-    """``encode(texts)`` -> per text, its real-token rows (start, words, end) of the final-layer-norm output, fp32:
-    what an SD1.x UNet cross-attends to.
-
-    The encoder runs where ``text_model`` lives (it is never moved); rows are returned on
-    ``device`` (default CPU). A text longer than 77 tokens is refused.
-    """
-    from ..textenc import encode
-
-    def rows(texts, ids):
-        return encode(text_model, ids, batch_size=64)[0]
-
-    return _row_encoder(rows, tokenizer, text_model, "sd1", device)
-
-
-def sdxl_row_encoder(clip_l, tokenizer_l, clip_g, tokenizer_g, device=None) -> Encoder:
-    """``encode(texts)`` -> per text, its real-token rows of what SDXL's UNet cross-attends to: CLIP-L's and CLIP-G's
-    penultimate-layer outputs side by side (768 + 1280 = 2048 wide), fp32. ``encode.reference`` gives the same texts'
-    rows as an SD1.x model would read them from this CLIP-L (for ``live_floor_scale``)."""
-    from ..textenc import layer_rows, tokenize
-
-    def rows(texts, ids):
-        ids_g = tokenize(tokenizer_g, texts)[:, : ids.shape[1]]  # bigG's own tokenizer (it pads with "!")
-        return torch.cat([layer_rows(clip_l, ids)[0], layer_rows(clip_g, ids_g)[0]], dim=-1)
-
-    encode = _row_encoder(rows, tokenizer_l, clip_l, "sdxl", device)
-    encode.reference = clip_row_encoder(clip_l, tokenizer_l, device)
-    return encode
-
-
-def _row_encoder(rows: Callable[[list[str], torch.Tensor], torch.Tensor], tokenizer, text_model, family: str, device) -> Encoder:
-    from ..encoders import text_module
-    from ..textenc import real_token_mask, tokenize
-
-    def encode_rows(texts: list[str]) -> list[torch.Tensor]:
-        try:
-            ids = tokenize(tokenizer, list(texts), what="NLCE concept")
-        except HirmError as e:
-            raise NlceError(str(e)) from None
-        mask = real_token_mask(tokenizer, ids)
-        # attention is causal: rows up to the end token do not depend on the padding after it
-        hidden = rows(list(texts), ids[:, : int(mask.sum(1).max())])
-        return [hidden[i][mask[i][: hidden.shape[1]]].to(device or "cpu") for i in range(len(texts))]
-
-    encode_rows.tokenizer = tokenizer
-    encode_rows.token_embedding = text_module(text_model).embeddings.token_embedding.weight.detach()
-    encode_rows.family = family
-    return encode_rows
-
-
-def prompt_token_mask(tokenizer, prompts: list[str], length: int = 77) -> torch.Tensor:
-    """(len(prompts), length) bool: True on the rows of the prompts' words (not start, end or padding).
-
-    For hosts that know the prompt text: pass the rows of each prompt as ``token_mask`` to
-    ``NlceSession.prepare``. Prompts are truncated to ``length`` like the pipelines do.
-    """
-    from ..textenc import real_token_mask
-
-    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")["input_ids"]
-    words = real_token_mask(tokenizer, ids) & (ids != tokenizer.eos_token_id)
-    words[:, 0] = False
-    return words
+def describe_family(key: str) -> str:
+    fam = FAMILIES.get(key)
+    return f"{fam.name} ({fam.rows})" if fam is not None else key
 
 
 def spectral_weights(s: torch.Tensor, a: float) -> torch.Tensor:
@@ -178,8 +118,19 @@ class ConceptSet:
     def check_family(self, family: str, where: str = "this model") -> None:
         """Refuse operators built for another model family (NlceError, one line)."""
         if family != self.family:
-            raise NlceError(f"these NLCE operators were built for {FAMILIES.get(self.family, self.family)}, but {where} is "
-                            f"{FAMILIES.get(family, family)}; build them with this model's text encoders")
+            raise NlceError(f"these NLCE operators were built for {describe_family(self.family)}, but {where} is "
+                            f"{describe_family(family)}; build them with this model's text encoders")
+
+    def check_width(self, width: int, where: str, feature: str) -> None:
+        """Refuse (NlceError, one line) a denoiser that reads ``width``-wide text rows these operators do not live in;
+        a model of a family ``feature`` does not support is told so (``families.refusal``)."""
+        if width == self.width:
+            return
+        fam = next((f for f in FAMILIES.values() if f.context_width == width), None)
+        if fam is not None and fam.supports[feature] == "no":
+            raise NlceError(refusal(feature, fam.key, where))
+        raise NlceError(f"{where} reads {width}-wide text rows but these NLCE operators are {self.width} wide "
+                        f"({describe_family(self.family)}); build them with the text encoders of the same model")
 
     def concept_projector(self, i: int) -> torch.Tensor:
         """``P_F`` of concept ``i`` (d x d)."""
@@ -241,7 +192,7 @@ class ConceptSet:
             terms = json.loads(meta.get("terms", "{}"))
             config, width = NlceConfig.from_dict(json.loads(meta["config"])), int(meta["width"])
             family, scale = meta.get("family", "sd1"), float(meta.get("live_floor_scale", "1.0"))  # version 1: SD1.x only
-            if family not in FAMILIES or not (scale > 0 and scale < float("inf")):
+            if family not in FAMILIES or not FAMILIES[family].context_width or not (scale > 0 and scale < float("inf")):
                 raise ValueError(f"family {family!r}, live-floor scale {scale!r}")
             bases = [(tensors[f"concept.{i}.basis"], tensors[f"concept.{i}.weights"]) for i in range(len(concepts))]
             nbases = [(tensors[f"neighbor.{i}.basis"], tensors[f"neighbor.{i}.weights"]) if f"neighbor.{i}.basis" in tensors else None
@@ -281,24 +232,16 @@ def _neighbors_for(concepts: list[str], neighbors) -> dict[str, list[str]]:
     return {c: list(neighbors) for c in concepts}
 
 
-def _words(encode: Encoder, rows: torch.Tensor) -> torch.Tensor:
-    """A text's word rows among its real rows: ``encode.word_rows`` where the encoder says (T5 has no start row; SD3's
-    context has two segments), else all but the first (start) and the last (end)."""
-    pick = getattr(encode, "word_rows", None)
-    return pick(rows) if pick is not None else rows[1:-1]
-
-
-def _rows(encode: Encoder, texts: list[str], drop_start_row: bool) -> torch.Tensor:
+def _rows(encode: RowEncoder, texts: list[str], drop_start_row: bool) -> torch.Tensor:
     """The real-token rows of ``texts`` stacked (n, d); without each text's start row(s) when asked."""
     rows = encode(texts)
     for text, r in zip(texts, rows):
-        if _words(encode, r).shape[0] < 1:
+        if encode.word_rows(r).shape[0] < 1:
             raise NlceError(f"{text!r} has no real tokens after tokenising; give words the tokenizer knows")
-    drop = getattr(encode, "without_start", lambda r: r[1:])
-    return torch.cat([drop(r) if drop_start_row else r for r in rows])
+    return torch.cat([encode.without_start(r) if drop_start_row else r for r in rows])
 
 
-def build_concept_set(encode: Encoder, concepts, neighbors=None, config: NlceConfig | None = None) -> ConceptSet:
+def build_concept_set(encode, concepts, neighbors=None, config: NlceConfig | None = None) -> ConceptSet:
     """Operators for ``concepts`` (and their ``neighbors``) from the text encoder behind ``encode``.
 
     ``concepts``: a list of concepts, each a text, ``"a | b"`` or a list of terms forming ONE
@@ -306,6 +249,7 @@ def build_concept_set(encode: Encoder, concepts, neighbors=None, config: NlceCon
     {concept: [neighbours]}.
     """
     config = config or make_nlce_config()
+    encode = RowEncoder.of(encode)
     if isinstance(concepts, str):
         concepts = [concepts]
     entries = [concept_terms(c) for c in concepts or []]
@@ -323,7 +267,7 @@ def build_concept_set(encode: Encoder, concepts, neighbors=None, config: NlceCon
         clash = [n for n in ns if _key(n) in erased]
         if clash:
             raise NlceError(f"neighbour {clash[0]!r} is itself a concept to erase; remove it from the neighbours")
-    family = getattr(encode, "family", "sd1")
+    family = encode.family
     scale = _live_floor_scale(encode, [t for c in names for t in terms[c]]) if family != "sd1" else 1.0
     bases, nbases = [], []
     for c in names:
@@ -335,10 +279,10 @@ def build_concept_set(encode: Encoder, concepts, neighbors=None, config: NlceCon
     return ConceptSet(names, table, bases, nbases, config, terms, family, scale)
 
 
-def _live_floor_scale(encode: Encoder, texts: list[str]) -> float:
+def _live_floor_scale(encode: RowEncoder, texts: list[str]) -> float:
     """How much longer the concept's word rows are in ``encode``'s space than as SD1.x reads them (CLIP-L's final
     layer-normed output, ``encode.reference``): the median row norm of the words (not start, not end) in each."""
-    def word_norms(rows, coder):
-        return torch.cat([_words(coder, r) for r in rows]).norm(dim=-1)
+    def word_norms(coder: RowEncoder):
+        return torch.cat([coder.word_rows(r) for r in coder(texts)]).norm(dim=-1)
 
-    return float(word_norms(encode(texts), encode).median() / word_norms(encode.reference(texts), encode.reference).median())
+    return float(word_norms(encode).median() / word_norms(encode.reference).median())

@@ -1,4 +1,4 @@
-"""NLCE inside A1111's LDM UNet for the length of one job, and the concept operators it uses.
+"""NLCE inside AUTOMATIC1111's LDM UNet for the length of one job (the adapter ``a1111_extension/jobs.py`` installs).
 
 A1111 replaces ``CrossAttention.forward`` on the class with its chosen attention optimisation,
 so NLCE sets an instance ``forward`` on every ``*attn2`` module of ``sd_model.model.diffusion_model``
@@ -11,12 +11,15 @@ to learn where the words of each prompt are in its conditioning rows.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
 
-from shared_core import nlce
-from shared_core.errors import NlceError
+from .. import nlce
+from ..errors import NlceError
+from ..nlce.driver import ldm_level
+from ..nlce.session import halved
 
 CHUNK = 77  # A1111 encodes prompts in chunks of 77 rows (start, 75 tokens, end)
 
@@ -89,21 +92,18 @@ def uncond_tensors(p) -> list[torch.Tensor]:
 
 
 class A1111Nlce:
-    """NLCE installed on one A1111 SD1.x model for one job; ``remove()`` puts every method back."""
+    """NLCE installed on one A1111 SD1.x / SDXL model for one job; ``remove()`` puts every method back."""
 
     def __init__(self, sd_model, concepts: nlce.ConceptSet, config, uncond: Callable[[], list[torch.Tensor]],
-                 check: Callable[[], None] = lambda: None):
+                 check: Callable[[], None] = lambda: None, where: str = "this model"):
         dm = sd_model.model.diffusion_model
         self.attention = {n: m for n, m in dm.named_modules() if n.endswith("attn2")}
         gating = nlce.gating_layer(self.attention)
-        width = self.attention[gating].to_k.in_features
-        if width != concepts.width:
-            raise NlceError(f"this UNet's cross-attention reads {width}-wide text rows but the text encoders give "
-                            f"{concepts.width}; NLCE supports SD1.x and SDXL base models")
+        concepts.check_width(self.attention[gating].to_k.in_features, f"{where}'s UNet", "nlce-a1111")
         self.sd_model, self.dm, self.gating = sd_model, dm, gating
+        self.level = ldm_level(dm, int(re.search(r"input_blocks\.(\d+)\.", gating)[1]))
         self.session = nlce.NlceSession(concepts, config)
         self.uncond, self.check = uncond, check
-        self.latent_hw: tuple[int, int] | None = None
         self.recorded: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (conditioning rows, word mask) per prompt
         self._rows: dict = {}
         self.patched: list[Patched] = []
@@ -144,9 +144,21 @@ class A1111Nlce:
         session = self.session
 
         def forward(x, timesteps=None, context=None, *args, **kwargs):
-            t = float(timesteps.flatten()[0]) if torch.is_tensor(timesteps) else float(timesteps)
-            self.latent_hw, self._rows = tuple(x.shape[-2:]), {}
-            return nlce.run_unet_pass(session, t, lambda: original(x, timesteps, context, *args, **kwargs))
+            t = timesteps.flatten()[0].float() if torch.is_tensor(timesteps) else float(timesteps)
+            self._rows = {}
+            batch, shape = x.shape[0], halved(tuple(x.shape[-2:]), self.level)
+            cond, words = self.rows(context) if context is not None else (torch.ones(batch, dtype=torch.bool), None)
+            layout = (tuple(cond.tolist()), batch)  # worked out on the host (A1111's rows() compares tensors there)
+            session.ready(x.device, layout, batch * shape[0] * shape[1])
+
+            def call():
+                p = session.current
+                p.host["latent_hw"] = tuple(x.shape[-2:])
+                if context is not None:
+                    session.prepare(p, context, cond, words)
+                return original(x, timesteps, context, *args, **kwargs)
+
+            return nlce.run_pass(session, t, call, key=layout, batch=batch, gating_shape=shape, device=x.device)
         return forward
 
     def _cross_attention(self, module, is_gating: bool):
@@ -161,14 +173,14 @@ class A1111Nlce:
                                     "extension that passes it")
                 if mask is not None:
                     raise NlceError("NLCE cannot run with an attention mask on the prompt; disable the extension that sets it")
-                if self.latent_hw is None:
+                p = session.current
+                prepared = None if p is None else p.prepared
+                if prepared is None or prepared.incoming.shape != context.shape:
                     raise NlceError("NLCE's UNet hook did not run before cross-attention; another extension replaced the UNet")
                 self.check()
-                cond, words = self.rows(context)
-                prepared = session.prepare(context, cond, words)
-                shape = nlce.spatial_shape_for(x.shape[1], self.latent_hw)
-                out = nlce.cross_attention(session, module.to_q(x), context, prepared, module.to_k, module.to_v, module.heads,
-                                           shape, is_gating)
+                shape = nlce.spatial_shape_for(x.shape[1], p.host["latent_hw"])
+                out = session.cross_attention(p, module.to_q(x), module.to_k(prepared.context), module.to_v(prepared.context),
+                                              module.heads, shape, is_gating, incoming_keys=lambda: module.to_k(prepared.incoming))
                 return module.to_out(out.to(x.dtype))
             return forward
         return make
