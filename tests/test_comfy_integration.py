@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODE_IDS = ["HirmTrainErasurePatch", "HirmApplyEncoderPatch", "HirmSaveErasurePatch", "HirmLoadErasurePatch",
             "HirmLoadErasurePatchFromHub", "HirmNlceGate"]
+GATE = ("cat", "dog", "object", 1.0, True, 1.0, "mask", "single-pass")  # NLCE Erasure Gate's widgets after model, clip
 
 
 class Records(logging.Handler):
@@ -41,7 +42,8 @@ def pack(tmp_path_factory):
     sys.path.insert(0, COMFY)
     from comfy.cli_args import args
 
-    args.cpu = True  # as `main.py --cpu`
+    args.cpu = True  # as `main.py --cpu --use-pytorch-cross-attention`: ComfyUI's default CPU attention asks psutil for
+    args.use_pytorch_cross_attention = True  # the free memory inside the model, which torch.compile cannot trace
     import folder_paths
     import utils.extra_config  # before nodes, which puts comfy/ (with its own utils.py) first on sys.path
     import nodes
@@ -62,6 +64,8 @@ def pack(tmp_path_factory):
         assert asyncio.run(nodes.load_custom_node(str(custom / "hirm_erasure")))
     finally:
         logging.getLogger().removeHandler(records)
+    # the stock TorchCompileModel node, as ComfyUI loads its built-in extra nodes
+    assert asyncio.run(nodes.load_custom_node(os.path.join(COMFY, "comfy_extras", "nodes_torch_compile.py"), module_parent="comfy_extras"))
     package = nodes.NODE_CLASS_MAPPINGS["HirmTrainErasurePatch"].__module__.split(".comfy_hirm.")[0]
     return {"nodes": nodes, "load_warnings": [r.getMessage() for r in records.records], "shared": shared,
             "own": base / "models" / "erasure_patches",
@@ -507,3 +511,49 @@ def test_nlce_gate_on_an_sdxl_model_erases_in_the_conditional_half_and_leaves_th
     last = state.session.diagnostics[-1]
     cond = 1 if last["active"][0] == [] else 0
     assert last["live_tokens"][1 - cond] == []  # nothing is live in the unconditional half
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+
+
+def compiled_against_eager(pack, model, clip, sample, order):
+    """(|compiled - eager| of vanilla, of NLCE, NLCE's graph breaks, graphs NLCE compiled, |second run - first|): the
+    stock TorchCompileModel node (inductor) chained with NLCE Erasure Gate in ``order``."""
+    from torch._dynamo.utils import counters
+
+    def compile_node(m):
+        return run(pack, "TorchCompileModel", m, "inductor")[0]
+
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        vanilla_gap = (sample(compile_node(model)) - sample(model)).abs().max()
+        eager = sample(run(pack, "HirmNlceGate", model, clip, *GATE)[0])
+        torch._dynamo.reset()
+        counters.clear()
+        chained = compile_node(run(pack, "HirmNlceGate", model, clip, *GATE)[0]) if order == "gate-then-compile" else \
+            run(pack, "HirmNlceGate", compile_node(model), clip, *GATE)[0]
+        compiled, again = sample(chained), sample(chained)
+    return vanilla_gap, (compiled - eager).abs().max(), dict(counters["graph_break"]), counters["stats"]["unique_graphs"], \
+        (again - compiled).abs().max()
+
+
+def check_compiled(result):
+    vanilla_gap, gap, breaks, graphs, rerun = result
+    assert breaks == {} and graphs == 1  # one graph per denoiser call: NLCE adds no break, and nothing recompiles
+    assert rerun == 0 and gap <= max(4 * vanilla_gap, 1e-5)  # as close to eager as compiling vanilla ComfyUI is
+
+
+@pytest.mark.parametrize("order", ["gate-then-compile", "compile-then-gate"])
+def test_nlce_gate_with_the_stock_torch_compile_node_on_sd15(pack, clip, model, order):
+    check_compiled(compiled_against_eager(pack, model, clip, lambda m: sample_at_t500(pack, m, clip, "cat"), order))
+
+
+def test_nlce_gate_with_the_stock_torch_compile_node_on_flux(pack, flux):
+    model, clip = flux
+    check_compiled(compiled_against_eager(pack, model, clip, lambda m: sample_flux(pack, m, clip, "a photo of a cat"),
+                                          "gate-then-compile"))
+
+
+def test_nlce_gate_with_the_stock_torch_compile_node_on_sdxl(pack, sdxl):
+    model, clip = sdxl
+    check_compiled(compiled_against_eager(pack, model, clip, lambda m: sample_at_t500(pack, m, clip, "cat"), "gate-then-compile"))

@@ -99,6 +99,19 @@ def prompt_words(pipe, family: str, prompts: list[str], rows: int) -> torch.Tens
 # ---------------------------------------------------------------------------------------------- processors
 
 
+def _rotary_takes_sequence_dim() -> bool:
+    import inspect
+
+    try:
+        from diffusers.models.embeddings import apply_rotary_emb
+    except ImportError:
+        return False
+    return "sequence_dim" in inspect.signature(apply_rotary_emb).parameters
+
+
+_ROTARY_SEQUENCE_DIM = _rotary_takes_sequence_dim()  # diffusers 0.33+: rotary on (B, tokens, heads, dim) as Flux runs it
+
+
 class JointProcessor:
     """A joint-attention block with NLCE's stages 2 and 3 on the image queries; the block's own processor where the
     settings leave it alone. ``kind``: "double" (Flux: text first, its own projections), "single" (Flux: one projection
@@ -118,25 +131,33 @@ class JointProcessor:
             return original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **kwargs)
         B = hidden_states.shape[0]
         heads = attn.heads
+        text_len = p.host["text_len"]
+        flux = self.kind in ("double", "single")
+        # Flux's own processor keeps (B, tokens, heads, dim) up to the attention; SD3's (B, heads, tokens, dim)
+        seq = 1 if flux and _ROTARY_SEQUENCE_DIM else 2
 
         def split(x):
-            return x.view(B, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+            x = x.view(B, -1, heads, x.shape[-1] // heads)
+            return x if seq == 1 else x.transpose(1, 2)
 
         q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
         if getattr(attn, "norm_q", None) is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
-        text_len = p.host["text_len"]
         if encoder_hidden_states is not None:
             eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             if getattr(attn, "norm_added_q", None) is not None:
                 eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
             first = self.kind == "double"
-            q, k, v = ((torch.cat([a, b], dim=2) if first else torch.cat([b, a], dim=2)) for a, b in ((eq, q), (ek, k), (ev, v)))
-        text = slice(0, text_len) if self.kind in ("double", "single") else slice(q.shape[2] - text_len, q.shape[2])
+            q, k, v = ((torch.cat([a, b], dim=seq) if first else torch.cat([b, a], dim=seq)) for a, b in ((eq, q), (ek, k), (ev, v)))
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 
-            q, k = apply_rotary_emb(q, image_rotary_emb), apply_rotary_emb(k, image_rotary_emb)
+            rotate = (lambda x: apply_rotary_emb(x, image_rotary_emb, sequence_dim=1)) if seq == 1 else \
+                (lambda x: apply_rotary_emb(x, image_rotary_emb))
+            q, k = rotate(q), rotate(k)
+        if seq == 1:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        text = slice(0, text_len) if flux else slice(q.shape[2] - text_len, q.shape[2])
         image_tokens = q.shape[2] - text_len
         grid = p.host["grid"]
         shape = grid if grid[0] * grid[1] == image_tokens else (1, image_tokens)

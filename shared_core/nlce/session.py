@@ -124,7 +124,9 @@ class NlceSession:
                 p.given = None if given is None else given * window
             else:
                 p.carry = self._carry(key, batch * p.gating_shape[0] * p.gating_shape[1], device)
-                same_run = t <= p.carry.last_t  # the timestep went up: a new sampling run, nothing carries over
+                # a sampling run's timesteps go down: one that does not (a new run, or another call at this step, such
+                # as Flux's true-CFG negative prompt) takes nothing over
+                same_run = t < p.carry.last_t
                 p.previous = self._carried(p) * (same_run & window)
                 p.carry.last_t.copy_(t)
         if not compiling():
@@ -142,7 +144,7 @@ class NlceSession:
             window = None if p.dry or not self.config.stage1 else p.window
             p.prepared = prepare_rows(self.operators(context.device), context, conditional, words, window)
             if p.seen is not None:
-                p.seen["live"] = p.prepared.live_by_concept.detach()
+                p.seen["live"] = p.prepared.live_by_concept
         return p.prepared
 
     def _gate_here(self, p: Pass, raw: torch.Tensor):
@@ -243,26 +245,20 @@ class NlceSession:
     # -- diagnostics (eager only: Python bookkeeping, never inside a compiled call) -------------------------------
 
     def _open_entry(self, p: Pass) -> None:
-        p.seen = {"t": p.t.detach(), "dry": p.dry, "window": p.window, "live": None, "gate": None}
+        p.seen = {"t": p.t, "dry": p.dry, "window": p.window, "live": None, "gate": None}
         self._seen.append(p.seen)
         if len(self._seen) > MAX_DIAGNOSTICS + 256:  # a long-lived host session stays small
             self._read(self._seen[: len(self._seen) - MAX_DIAGNOSTICS])
             del self._seen[: len(self._seen) - MAX_DIAGNOSTICS]
 
     def _record_gate(self, p: Pass, gate, source: str) -> None:
-        if p.seen is None or gate is None or p.seen["gate"] is not None and source != "this pass":
-            return
-        g = gate.detach().float()
-        rows = p.prepared.live.any(dim=-1)  # statistics over the rows the gate can act on (all rows if none)
-        weight = torch.where(rows.any(), rows, torch.ones_like(rows)).float()[:, None, None, None].expand_as(g)
-        n = weight.sum()
-        stats = torch.stack([(g * weight).sum() / n, (g * weight).amax(), ((g > self.config.gate_threshold).float() * weight).sum() / n])
-        p.seen["gate"] = {"stats": stats, "shape": list(gate.shape[-2:]), "source": source}
-        if self.record_maps:
-            p.seen["gate_map"] = g[:, 0]
+        """Keep the gate a pass applied, for the diagnostics (its statistics are worked out when they are read: no
+        operator runs here)."""
+        if p.seen is not None and gate is not None and (p.seen["gate"] is None or source == "this pass"):
+            p.seen["gate"] = {"map": gate, "shape": list(gate.shape[-2:]), "source": source}
 
     def _read(self, entries: list[dict]) -> None:
-        """Turn the device tensors of ``entries`` into plain values (one read per 256 passes at most)."""
+        """Turn the tensors ``entries`` keep into plain values (one read per 256 passes at most)."""
         for e in entries:
             if "done" in e:
                 continue
@@ -276,14 +272,19 @@ class NlceSession:
                 e["active"] = [[c for i, c in enumerate(self.concepts.concepts) if live[b, i].any()] for b in range(live.shape[0])]
                 if not live.any():  # the gate is 0 everywhere and changes nothing: no gate, as the reference says
                     e["gate"] = None
-                    e.pop("gate_map", None)
             else:
                 e["live_tokens"] = e["active"] = None
+            if not e["dry"] and not e["intervened"]:  # outside the timestep window a real pass applies no gate
+                e["gate"] = None
             gate = e["gate"]
-            if gate is not None and "stats" in gate:
-                gate["mean"], gate["max"], gate["area"] = gate.pop("stats").tolist()
-            if "gate_map" in e:
-                e["gate_map"] = e["gate_map"].cpu()
+            if gate is not None:
+                g = gate.pop("map").detach().float()[:, 0]
+                rows = live.flatten(1).any(1).to(g.device) if live is not None else torch.ones(len(g), dtype=torch.bool)
+                g_live = g[rows] if rows.any() else g
+                gate["mean"], gate["max"] = float(g_live.mean()), float(g_live.amax())
+                gate["area"] = float((g_live > self.config.gate_threshold).float().mean())
+                if self.record_maps:
+                    e["gate_map"] = g.cpu()
             e["done"] = True
 
     @property
