@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared_core import nlce
-from shared_core.common import split_list
+from shared_core.common import check_strength, split_list
 from shared_core.errors import HirmError, NlceError
 
 MAX_PATCHES = 3
@@ -73,7 +73,7 @@ class ErasureSettings:
         for i in range(1, MAX_PATCHES + 1):
             name = (values[f"patch_{i}"] or "").strip()
             if name and name != NO_PATCH:
-                strength = _number(values[f"strength_{i}"], f"strength of erasure patch {i}")
+                strength = check_strength(values[f"strength_{i}"], f"strength of erasure patch {i}")
                 if strength != 0.0:
                     patches.append((name, strength))
         return cls.build(patches=patches, nlce=bool(values["nlce"]), concepts=values["concepts"],
@@ -157,7 +157,7 @@ def parse_patch_list(text: str) -> list[tuple[str, float]]:
         name, sep, strength = item.rpartition(":")
         if not sep or not name.strip():
             raise HirmError(f"cannot read erasure patch entry {item!r}; expected file:strength")
-        out.append((name.strip(), _number(strength, f"strength of {name.strip()}")))
+        out.append((name.strip(), check_strength(_number(strength, f"strength of {name.strip()}"), f"strength of {name.strip()}")))
     return out
 
 

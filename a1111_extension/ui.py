@@ -11,6 +11,7 @@ import threading
 import gradio as gr
 
 from shared_core import hirm, nlce
+from shared_core.common import STRENGTH_HELP, STRENGTH_RANGE
 from shared_core.errors import HirmError
 
 from . import host, library, training
@@ -42,7 +43,7 @@ def settings() -> list[tuple]:
     return [
         ("erasure_patch_folder", "", "Folder of erasure patches (empty: models/erasure_patches)", None, None),
         ("erasure_default_strength", UI_DEFAULTS["strength_1"], "Starting strength of each erasure patch slot", gr.Slider,
-         {"minimum": 0.0, "maximum": 2.0, "step": 0.05}),
+         {"minimum": STRENGTH_RANGE[0], "maximum": STRENGTH_RANGE[1], "step": 0.05}),
         ("erasure_nlce_preset", UI_DEFAULTS["preset"], "Starting NLCE preset", gr.Dropdown, {"choices": list(nlce.NLCE_PRESETS)}),
         ("erasure_nlce_schedule", UI_DEFAULTS["schedule"], "Starting NLCE schedule (faithful: 2x cost)", gr.Dropdown,
          {"choices": list(SCHEDULES)}),
@@ -69,8 +70,8 @@ def accordion(elem_id) -> tuple[list, list, list[str]]:
             with gr.Row():
                 slots.append(gr.Dropdown(label=f"erasure patch {i} (models/erasure_patches)", choices=choices, value=D[f"patch_{i}"],
                                          allow_custom_value=True, elem_id=elem_id(f"patch_{i}")))
-                slots.append(gr.Slider(label=f"patch {i} strength", minimum=0.0, maximum=2.0, step=0.05, value=D[f"strength_{i}"],
-                                       elem_id=elem_id(f"strength_{i}")))
+                slots.append(gr.Slider(label=f"patch {i} strength ({STRENGTH_HELP})", minimum=STRENGTH_RANGE[0],
+                                       maximum=STRENGTH_RANGE[1], step=0.05, value=D[f"strength_{i}"], elem_id=elem_id(f"strength_{i}")))
         refresh = gr.Button(value="Refresh patch list", elem_id=elem_id("refresh"))
         use_nlce = gr.Checkbox(label="NLCE: erase concepts in the UNet's cross-attention while sampling (SD1.x, SDXL; no training)",
                                value=D["nlce"], elem_id=elem_id("nlce"))

@@ -10,12 +10,13 @@ patcher, never modified here).
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from shared_core.encoders import canonical_parameters
+from shared_core.encoders import OPENCLIP_MODULES, OPENCLIP_QKV, canonical_parameters
 from shared_core.errors import HirmError, PatchMismatchError
 from shared_core.patch import BaseMismatchWarning, applied_patches, apply_patch, check_compatible, forget_applied
 
@@ -137,16 +138,16 @@ def openclip_slots(tower) -> dict[str, Slot]:
     for i, block in enumerate(tower.transformer.resblocks):
         base = f"text_model.encoder.layers.{i}."
         attn = block.attn
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        for j, name in enumerate(OPENCLIP_QKV):
             rows = (j * width, (j + 1) * width)
-            out[f"{base}self_attn.{name}.weight"] = Slot(attn.in_proj_weight[rows[0]:rows[1]], attn, _BACKUP["weight"], 0, rows)
-            out[f"{base}self_attn.{name}.bias"] = Slot(attn.in_proj_bias[rows[0]:rows[1]], None)  # Lora keeps no in_proj_bias
-        out[f"{base}self_attn.out_proj.weight"] = Slot(attn.out_proj.weight, attn, _BACKUP["weight"], 1)
-        out[f"{base}self_attn.out_proj.bias"] = Slot(attn.out_proj.bias, attn, _BACKUP["bias"])
-        for canonical, module in (("layer_norm1", block.ln_1), ("layer_norm2", block.ln_2), ("mlp.fc1", block.mlp.c_fc),
-                                  ("mlp.fc2", block.mlp.c_proj)):
-            for kind in ("weight", "bias"):
-                out[f"{base}{canonical}.{kind}"] = Slot(getattr(module, kind), module, _BACKUP[kind])
+            out[f"{base}{name}.weight"] = Slot(attn.in_proj_weight[rows[0]:rows[1]], attn, _BACKUP["weight"], 0, rows)
+            out[f"{base}{name}.bias"] = Slot(attn.in_proj_bias[rows[0]:rows[1]], None)  # Lora keeps no in_proj_bias
+        for canonical, path in OPENCLIP_MODULES.items():
+            module = operator.attrgetter(path)(block)
+            owner = attn if path == "attn.out_proj" else module  # A1111's Lora backs up out_proj with its attention:
+            for kind in ("weight", "bias"):                      # the weight as the pair (in_proj_weight, out_proj.weight)
+                index = 1 if owner is attn and kind == "weight" else None
+                out[f"{base}{canonical}.{kind}"] = Slot(getattr(module, kind), owner, _BACKUP[kind], index)
     return out
 
 

@@ -19,7 +19,7 @@ class ApplyEncoderPatch(io.ComfyNode):
             inputs=[io.Clip.Input("clip", tooltip="the CLIP to patch (a clone is patched)"),
                     ErasurePatch.Input("patch", tooltip="from Train, Load or Load from Hub"),
                     io.Float.Input("strength", default=1.0, min=lo, max=hi, step=0.05,
-                                   tooltip="1: the patch as trained; 0: no change; negative values undo an erasure")],
+                                   tooltip=core.common.STRENGTH_HELP)],
             outputs=[io.Clip.Output(tooltip="the CLIP with the patch; connect it to CLIP Text Encode")],
         )
 

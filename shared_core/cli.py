@@ -12,7 +12,7 @@ import warnings
 from . import __version__, cli_eval, cli_hub, cli_nlce
 from .common import parse_patch_arg, resolve_device, slug
 from .errors import HirmError
-from .files import atomic_folder, atomic_write, check_target
+from .files import atomic_write, check_target
 
 SOURCE_HELP = ("the text encoder: a single-file checkpoint (SD1.x, SDXL, Flux/SD3 clip_l, ComfyUI state dict), "
                "a diffusers or transformers model folder, or a Hugging Face Hub repo id")
@@ -185,138 +185,16 @@ def cmd_apply(args) -> int:
     _never_the_input(args.out, args.source)
     if not os.path.isfile(args.source) and os.path.lexists(args.out):  # a folder output: checked before any loading
         raise HirmError(f"--out {args.out} already exists; a patched text-encoder folder is written only to a new path")
+    from .merge import merge_into_checkpoint, merge_into_folder
+
     if os.path.isfile(args.source):
-        _apply_to_checkpoint(args.source, patches, args.out, args.force)
+        notes = merge_into_checkpoint(args.source, patches, args.out, args.force)
     else:
-        _apply_to_folder(args.source, patches, args.out, args.component)
+        notes = merge_into_folder(args.source, patches, args.out, args.component)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.out} with {len(patches)} patch(es): " + "; ".join(f"{p.describe()} x{s}" for p, s in patches))
     return 0
-
-
-def _is_patched_checkpoint(path: str) -> bool:
-    """A checkpoint this tool wrote (``hirm apply`` records its patches in the header)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return "hirm_patches" in (f.metadata() or {})
-    except Exception:
-        return False
-
-
-def _apply_to_checkpoint(source: str, patches, out: str, force: bool = False) -> None:
-    """A copy of a single-file checkpoint with the patches merged into its CLIP-L (safetensors).
-
-    The copy is streamed tensor by tensor: the checkpoint is never held in memory whole.
-    """
-    from .encoders import (KeyLayout, SafetensorsFile, canonical_to_openclip, extract_text_encoder, host_key, load_state_dict_file,
-                           openclip_g_prefix, text_components)
-    from .files import write_safetensors
-    from .patch import merged_state_dict
-
-    if not out.endswith(".safetensors"):
-        raise HirmError("--out for a single-file checkpoint must end in .safetensors")
-    check_target(out, force, _is_patched_checkpoint, "checkpoint", "pass --force to replace a checkpoint this tool wrote")
-    sd = load_state_dict_file(source)
-    found = text_components(sd.keys())
-    changed = {}
-    for component, pairs in _parts_by_component(patches, found, source).items():
-        prefix, canon = extract_text_encoder(sd, component, source=source)
-        if prefix == openclip_g_prefix(sd):  # SDXL's bigG in OpenCLIP layout: q/k/v go back into the fused in_proj
-            changed.update(canonical_to_openclip(merged_state_dict(canon, pairs), sd, prefix))
-        else:
-            layout = KeyLayout(prefix, nested=prefix + "text_model.embeddings.token_embedding.weight" in sd)
-            changed.update(merged_state_dict({host_key(k, layout): v for k, v in canon.items()}, pairs, lambda n: host_key(n, layout)))
-        _warn_base_mismatch(canon, pairs)
-    meta = sd.metadata() if isinstance(sd, SafetensorsFile) else {}
-    meta["hirm_patches"] = json.dumps([{"concepts": p.concepts, "strength": s, "base": p.metadata.get("base_fingerprint")}
-                                       for p, s in patches])
-    view = _Overlay(sd, changed)
-    atomic_write(out, lambda f: write_safetensors(f, view, meta), overwrite=force, is_ours=_is_patched_checkpoint, what="checkpoint")
-
-
-def _parts_by_component(patches, found: list[str], source: str) -> dict[str, list]:
-    """{component: [(single-encoder patch, strength)]} for the encoders ``found`` in the model (``patch.route_parts``;
-    its notes go to stderr)."""
-    from .patch import route_parts
-
-    out: dict[str, list] = {}
-    for patch, strength in patches:
-        parts, notes = route_parts(patch, found, source)
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-        for c, part in parts.items():
-            out.setdefault(c, []).append((part, strength))
-    return out
-
-
-class _Overlay(dict):
-    """``base`` with ``changed`` on top, read one tensor at a time (a lazy file stays lazy)."""
-
-    def __init__(self, base, changed):
-        super().__init__()
-        self.base, self.changed = base, changed
-
-    def __getitem__(self, key):
-        return self.changed[key] if key in self.changed else self.base[key]
-
-    def __iter__(self):
-        return iter(self.base)
-
-    def __len__(self):
-        return len(self.base)
-
-    def __contains__(self, key):
-        return key in self.base
-
-    def keys(self):
-        return list(self.base)
-
-    def info(self, key):
-        if key in self.changed or not hasattr(self.base, "info"):
-            t = self[key]
-            return t.dtype, tuple(t.shape)
-        return self.base.info(key)
-
-
-def _warn_base_mismatch(canon, patches) -> None:
-    from .encoders import base_signature
-    from .patch import BaseMismatchWarning, base_mismatch_note
-
-    signature = base_signature(canon)
-    for p, _ in patches:
-        if note := base_mismatch_note(p, signature, "this checkpoint"):
-            warnings.warn(note, BaseMismatchWarning, stacklevel=2)
-
-
-def _apply_to_folder(source: str, patches, out: str, component: str) -> None:
-    """A patched text encoder (+ tokenizer) in transformers/diffusers format at ``out``. With patches for several
-    encoders (SDXL) and ``--component auto``: ``out/text_encoder`` + ``out/tokenizer`` and ``out/text_encoder_2`` +
-    ``out/tokenizer_2``, the pipeline's own folder names."""
-    import torch
-
-    from .encoders import load_text_encoder, source_components
-    from .patch import apply_patch
-
-    if component == "auto":
-        wanted = sorted({c for p, _ in patches for c in p.components})
-        components = [c for c in wanted if c in source_components(source)] or wanted[:1]
-    else:
-        components = [component]
-    subfolders = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
-    encoders = {}
-    for c, pairs in _parts_by_component(patches, components, source).items():
-        enc = encoders[c] = load_text_encoder(source, component=c, dtype=torch.float32)
-        for p, s in pairs:
-            apply_patch(enc.model, p, s)
-
-    def write(tmp):
-        for c, enc in encoders.items():
-            model_dir, tok_dir = (os.path.join(tmp, d) for d in subfolders[c]) if len(encoders) > 1 else (tmp, tmp)
-            enc.model.save_pretrained(model_dir)
-            enc.tokenizer.save_pretrained(tok_dir)
-
-    atomic_folder(out, write, "text-encoder folder")
 
 
 def cmd_export(args) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import numbers
 import os
 import re
 import unicodedata
@@ -70,18 +71,16 @@ def resolve_device(device: str | None) -> str:
 # The strengths every entry point accepts: beyond 4x the trained change a patch stops meaning anything
 # (and large values overflow fp16 weights); negative values undo an erasure, which is allowed.
 STRENGTH_RANGE = (-4.0, 4.0)
+STRENGTH_HELP = "1: the patch as trained; 0: no change; negative values undo an erasure (from -4 to 4)"
 
 
 def check_strength(strength, what: str = "strength") -> float:
-    """``strength`` as a float, or a one-line HirmError when it is not a finite number in ``STRENGTH_RANGE``."""
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise HirmError(f"{what} must be a number, got {strength!r}") from None
+    """``strength`` as a float, or HirmError, one line, the same in every host: a number (not text, not True/False),
+    finite, within ``STRENGTH_RANGE``."""
     lo, hi = STRENGTH_RANGE
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise HirmError(f"{what} must be a finite number from {lo:g} to {hi:g}, got {strength!r}")
-    return value
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not (math.isfinite(strength) and lo <= strength <= hi):
+        raise HirmError(f"{what} must be a number from {lo:g} to {hi:g}, got {strength!r}")
+    return float(strength)
 
 
 def parse_patch_arg(text: str) -> tuple[str, float]:

@@ -161,6 +161,13 @@ def extract_text_encoder(state_dict: Mapping[str, torch.Tensor], component: str 
     return prefix, out
 
 
+# The modules of an OpenCLIP text block (SDXL's bigG in single files and A1111) under their canonical names; q/k/v are
+# fused in ``attn.in_proj_*``, in that order.
+OPENCLIP_MODULES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
+                    "mlp.fc2": "mlp.c_proj"}
+OPENCLIP_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
 def openclip_to_canonical(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """An OpenCLIP text tower (SDXL's bigG in a single-file checkpoint) under canonical names."""
     out = {
@@ -169,14 +176,13 @@ def openclip_to_canonical(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[s
         "text_model.final_layer_norm.weight": sd[prefix + "ln_final.weight"],
         "text_model.final_layer_norm.bias": sd[prefix + "ln_final.bias"],
     }
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    names = {oc: canonical for canonical, oc in OPENCLIP_MODULES.items()}
     block = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
     fused = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
     for k in [k for k in sd.keys() if k.startswith(prefix)]:
         if m := fused.match(k):  # fused q/k/v: in_proj_weight / in_proj_bias
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), sd[k].chunk(3, dim=0)):
-                out[f"text_model.encoder.layers.{m.group(1)}.self_attn.{name}.{m.group(2)}"] = part
+            for name, part in zip(OPENCLIP_QKV, sd[k].chunk(3, dim=0)):
+                out[f"text_model.encoder.layers.{m.group(1)}.{name}.{m.group(2)}"] = part
         elif m := block.match(k):
             layer, module, kind = m.groups()
             if module != "attn":
@@ -189,8 +195,6 @@ def canonical_to_openclip(changed: Mapping[str, torch.Tensor], openclip_sd: Mapp
     """Canonical tensors of an OpenCLIP text tower (e.g. patched ones) under the tower's own names (``prefix`` +
     ``transformer.resblocks.N...``): q/k/v go back into the fused ``attn.in_proj_*`` (the other two thirds taken from
     ``openclip_sd``), the rest by name. The inverse of ``openclip_to_canonical`` for the tensors given."""
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
-             "mlp.fc2": "mlp.c_proj"}
     out: dict[str, torch.Tensor] = {}
     layer = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
     for name, value in changed.items():
@@ -198,16 +202,16 @@ def canonical_to_openclip(changed: Mapping[str, torch.Tensor], openclip_sd: Mapp
         if not m:
             raise HirmError(f"{name} has no place in an OpenCLIP text tower that this tool writes; only transformer layers")
         index, module, kind = m.groups()
-        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        if module in OPENCLIP_QKV:
             key = f"{prefix}transformer.resblocks.{index}.attn.in_proj_{kind}"
             fused = out.get(key, openclip_sd[key])
             third = fused.shape[0] // 3
-            part = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj").index(module)
+            part = OPENCLIP_QKV.index(module)
             fused = fused.clone()
             fused[part * third:(part + 1) * third] = value.to(fused.dtype)
             out[key] = fused
         else:
-            out[f"{prefix}transformer.resblocks.{index}.{names[module]}.{kind}"] = value
+            out[f"{prefix}transformer.resblocks.{index}.{OPENCLIP_MODULES[module]}.{kind}"] = value
     return out
 
 

@@ -36,12 +36,6 @@ def _remember(cache: OrderedDict, key, make: Callable):
     return value
 
 
-def train_on_weights(weights: Mapping[str, torch.Tensor], config, *, device="cpu", progress: Callable | None = None,
-                     should_cancel: Callable | None = None) -> ErasurePatch:
-    """A HiRM patch (``config``: a ``HirmConfig``) trained on a fp32 model built from canonical ``weights`` (one encoder)."""
-    return train_on_encoders({"clip_l": (weights, None)}, config, device=device, progress=progress, should_cancel=should_cancel)
-
-
 def _trained_names(weights: Mapping[str, torch.Tensor], config) -> set[str]:
     """The canonical names training changes: the model gets its own copies of these and shares the rest (frozen)."""
     from .encoders import config_from_state_dict

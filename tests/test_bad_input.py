@@ -119,11 +119,11 @@ def test_non_finite_or_huge_strengths_are_refused_before_anything_is_written(tmp
 def test_apply_patch_refuses_huge_strengths_and_leaves_the_weights(trained):
     model, _, patch = trained
     before = snapshot(model)
-    for strength in (float("nan"), float("inf"), 1e39, -5):
-        with pytest.raises(HirmError, match="strength"):
+    for strength in (float("nan"), float("inf"), 1e39, -5, 50, "1", "0.5", True, None):
+        with pytest.raises(HirmError, match=r"strength must be a number from -4 to 4, got"):
             apply_patch(model, patch, strength)
     assert same_weights(model, before)
-    assert check_strength("0.5") == 0.5
+    assert check_strength(0.5) == 0.5 and check_strength(2) == 2.0
 
 
 def test_two_threads_patching_one_model_leave_it_exactly_as_it_was(trained):

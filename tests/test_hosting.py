@@ -16,7 +16,12 @@ from shared_core import hirm, nlce
 from shared_core.adapters import patcher
 from shared_core.encoders import PATCHER_LAYOUTS, KeyLayout, canonical_from_host, canonical_parameters, host_key
 from shared_core.errors import HirmError, NlceError, PatchMismatchError
-from shared_core.hosting import concept_set_for, patch_differences, train_on_weights
+from shared_core.hosting import concept_set_for, patch_differences, train_on_encoders
+
+
+def train_on_weights(weights, config, **kw):
+    """One CLIP-L's canonical weights, as the hosts hand them to ``train_on_encoders``."""
+    return train_on_encoders({"clip_l": (weights, None)}, config, **kw)
 from shared_core.patch import ErasurePatch
 
 

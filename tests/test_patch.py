@@ -13,7 +13,8 @@ from shared_core.hirm import train_patch
 from shared_core.hirm.train import trained_parameter_names
 from shared_core.hirm.config import make_config
 from shared_core.patch import (
-    BaseMismatchWarning, ErasurePatch, apply_patch, canonical_name, file_key, load_patch, patched, read_metadata, save_patch,
+    BaseMismatchWarning, ErasurePatch, applied_patches, apply_patch, canonical_name, file_key, load_patch, patched, read_metadata,
+    save_patch,
 )
 
 
@@ -148,13 +149,16 @@ def test_stacking_and_order(trained):
         got = combined[name]
         assert torch.allclose(got, expected, atol=1e-6)
     assert same_weights(model, weights)
+    only_other = apply_patch(model, other, 0.5)
+    alone = snapshot(model)
+    only_other.remove()
     first = apply_patch(model, patch)
-    second = apply_patch(model, other)
-    with pytest.raises(HirmError, match="reverse order"):
-        first.remove()
+    second = apply_patch(model, other, 0.5)
+    first.remove()  # out of order: the weights are those of the other patch alone, bit for bit
+    assert same_weights(model, alone) and applied_patches(model) == [second]
     second.remove()
-    first.remove()
-    assert same_weights(model, weights)
+    first.remove()  # already off: nothing happens
+    assert same_weights(model, weights) and applied_patches(model) == []
 
 
 def test_patch_for_another_base_warns(trained):

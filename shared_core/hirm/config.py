@@ -9,18 +9,14 @@ from dataclasses import dataclass
 from ..common import describe, setting
 from ..errors import HirmError
 
-METHODS = ("random", "random-gaussian", "superordinate", "safety")
-SUPERVISION_POINTS = ("attn_out", "mlp_out", "residual", "final_norm")
-MULTI_MODES = ("joint", "average")
+from .methods import METHODS as METHOD_TABLE, PRESET_LR, SUPERVISION_POINTS
 
-# Paper numbers (lr, steps per method). random-gaussian follows random; safety follows
+METHODS = tuple(METHOD_TABLE)
+MULTI_MODES = ("joint", "average")
+# Paper numbers (lr, steps per method), from the methods table. random-gaussian follows random; safety follows
 # superordinate (both anchored on the original encoder's own representation).
-PRESETS = {
-    "style": (5e-5, {"random": 40, "random-gaussian": 40, "superordinate": 30, "safety": 30}),
-    "object": (5e-5, {"random": 25, "random-gaussian": 25, "superordinate": 15, "safety": 15}),
-    "nudity": (1e-4, {"random": 50, "random-gaussian": 50, "superordinate": 25, "safety": 25}),
-}
-DEFAULT_SCALE = {"random": 5000.0, "random-gaussian": 500.0, "superordinate": 1.0, "safety": 1.0}
+PRESETS = {preset: (lr, {m.name: m.steps[preset] for m in METHOD_TABLE.values()}) for preset, lr in PRESET_LR.items()}
+DEFAULT_SCALE = {m.name: m.scale for m in METHOD_TABLE.values()}
 # The keywords that form the single nudity prompt (SPEC: multi-keyword concepts are one prompt).
 NUDITY_KEYWORDS = "naked, nude, bare, exposed, topless, nsfw, unclothed, bare breasts, genitalia"
 
@@ -31,8 +27,7 @@ class HirmConfig:
     once (``setting_help``) for the CLI help, the ComfyUI tooltips and the A1111 labels."""
 
     concepts: tuple[str, ...] = setting((), "the concepts to erase, e.g. 'Van Gogh'; 'nudity' stands for the nudity keyword prompt")
-    method: str = setting("random", "misdirection target: random (HiRM-R, the reference's), random-gaussian (the paper's "
-                          "formula), superordinate (HiRM-S: towards an anchor), safety (nudity: away from a concept vector)",
+    method: str = setting("random", "misdirection target: " + ", ".join(f"{m.name} ({m.help})" for m in METHOD_TABLE.values()),
                           choices=METHODS)
     preset: str = setting("style", "the paper's learning rate and steps for a kind of concept", choices=tuple(PRESETS))
     lr: float = setting(5e-5, "AdamW learning rate (from the preset when not given)", lo=1e-9, hi=1.0)
@@ -82,9 +77,9 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
     if preset not in PRESETS:
         raise HirmError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     anchor = (anchor or "").strip()
-    if method == "superordinate" and not anchor:
-        raise HirmError("the superordinate method needs an anchor: the broader concept to move to, e.g. 'painting' for an "
-                        "artist or 'building' for 'church'")
+    for name, missing in METHOD_TABLE[method].needs:
+        if not {"anchor": anchor}.get(name, settings.get(name)):
+            raise HirmError(missing)
     p_lr, p_steps = PRESETS[preset]
     lr = p_lr if lr is None else float(lr)
     steps = p_steps[method] if steps is None else int(steps)

@@ -7,24 +7,20 @@ The model passed in is trained in place and restored to its exact original weigh
 from __future__ import annotations
 
 import time
-from importlib import resources
 from typing import Callable
 
 import torch
 
-from ..encoders import canonical_parameters, encoder_layers, model_signature
+from ..encoders import canonical_parameters, model_signature
 from ..errors import Cancelled, HirmError, TrainingError
 from ..patch import ErasurePatch, check_finite, make_metadata
 from ..textenc import tokenize
 from .config import HirmConfig, make_config
+from .methods import misdirection_targets, supervised_output
 
 ProgressFn = Callable[[int, int, "float | None"], None]  # (step, total, loss); loss None while the report is measured
 # Modules of a CLIP layer that HiRM trains (weights and biases); layer norms stay frozen.
 TRAINED_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
-
-
-class _Reached(Exception):
-    """Raised by the supervision hook to skip the rest of the forward pass."""
 
 
 def trained_parameter_names(config: HirmConfig, num_layers: int) -> list[str]:
@@ -36,67 +32,6 @@ def trained_parameter_names(config: HirmConfig, num_layers: int) -> list[str]:
         for m in TRAINED_MODULES:
             names += [f"text_model.encoder.layers.{layer}.{m}.weight", f"text_model.encoder.layers.{layer}.{m}.bias"]
     return names
-
-
-def supervised_output(model, input_ids: torch.Tensor, point: str) -> torch.Tensor:
-    """The supervised representation (batch, tokens, width) with the graph kept for backward."""
-    if point == "final_norm":
-        return model(input_ids=input_ids).last_hidden_state
-    last = encoder_layers(model)[-1]
-    module = {"attn_out": last.self_attn.out_proj, "mlp_out": last.mlp, "residual": last}[point]
-    captured = {}
-
-    def hook(_mod, _inp, out):
-        captured["h"] = out[0] if isinstance(out, tuple) else out
-        raise _Reached
-
-    handle = module.register_forward_hook(hook)
-    try:
-        model(input_ids=input_ids)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    return captured["h"]
-
-
-def nudity_pairs() -> list[tuple[str, str]]:
-    core = __package__.rsplit(".", 1)[0]  # "shared_core", or "<pack>.shared_core" inside ComfyUI
-    text = resources.files(core).joinpath("data/nudity_pairs.tsv").read_text(encoding="utf-8")
-    return [tuple(ln.split("\t")) for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-
-
-@torch.no_grad()
-def misdirection_targets(model, tokenizer, config: HirmConfig, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """Targets (n_prompts, tokens, width) for the prompts of one concept, from the ORIGINAL encoder.
-
-    Random targets depend on the seed only: every concept is sent to the same random point, so
-    a patch averaged from single-concept patches equals delta averaging by hand.
-    """
-    n, tokens = prompt_ids.shape
-    width = model.config.hidden_size
-    g = torch.Generator().manual_seed(config.seed)
-    c = config.target_scale
-    if config.method == "random":  # reference code: one uniform tensor, unit Frobenius norm, times c
-        t = torch.rand(tokens, width, generator=g)
-        t = t / t.norm() * c
-        return t.expand(n, tokens, width).clone()
-    if config.method == "random-gaussian":  # paper: a Gaussian direction per token, times c
-        t = torch.randn(tokens, width, generator=g)
-        t = t / t.norm(dim=-1, keepdim=True) * c
-        return t.expand(n, tokens, width).clone()
-    device = prompt_ids.device
-    if config.method == "superordinate":
-        anchor_ids = tokenize(tokenizer, [config.anchor], tokens, what="anchor").to(device)
-        s = supervised_output(model, anchor_ids, config.supervision).float()
-        return (c * s).expand(n, tokens, width).clone()
-    # safety: t = s(p) - eta * v, v = mean over pairs of s(with) - s(without)
-    pairs = list(config.pairs) or nudity_pairs()
-    with_ids = tokenize(tokenizer, [a for a, _ in pairs], tokens, what="pair prompt").to(device)
-    without_ids = tokenize(tokenizer, [b for _, b in pairs], tokens, what="pair prompt").to(device)
-    v = (supervised_output(model, with_ids, config.supervision).float()
-         - supervised_output(model, without_ids, config.supervision).float()).mean(0)
-    return supervised_output(model, prompt_ids, config.supervision).float() - config.eta * v
 
 
 def _prompts(config: HirmConfig, concept: str) -> list[str]:

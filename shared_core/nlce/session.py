@@ -55,6 +55,10 @@ class Carry:
     def __init__(self, size: int, device):
         self.buffer = torch.zeros(size, dtype=torch.float32, device=device)
         self.last_t = torch.full((), float("-inf"), dtype=torch.float32, device=device)
+        mark = getattr(torch._dynamo, "mark_static_address", None)
+        if mark is not None:  # updated in place at a fixed address: CUDA graphs (mode="reduce-overhead") can replay them
+            mark(self.buffer)
+            mark(self.last_t)
 
     def fits(self, size: int, device) -> bool:
         return self.buffer.numel() >= size and self.buffer.device == torch.device(device)

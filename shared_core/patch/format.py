@@ -1,4 +1,4 @@
-"""Erasure patch files: format, validation, atomic writing, apply/remove on a text encoder.
+"""Erasure patch files: the patch value, its file format, validation and atomic writing (applying: ``apply.py``).
 
 A patch is a safetensors file of weight differences (``delta = W_trained - W_base``) with
 metadata. Tensor names follow the full-weight-difference convention of ComfyUI's and A1111's
@@ -9,25 +9,20 @@ is documented in docs/patch-format.md.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import re
-import threading
 import unicodedata
-import warnings
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
-from . import __version__
-from .encoders import canonical_parameters, encoder_architecture, model_signature, signature_id, signatures_match
-from .common import check_strength
-from .errors import HirmError, PatchFileError, PatchMismatchError
+from .. import __version__
+from ..encoders import encoder_architecture, signature_id
+from ..errors import HirmError, PatchFileError, PatchMismatchError
 
 FORMAT_NAME = "hirm-erasure-patch"
 # 2: metadata under the "hirm." prefix, "format" = "pt" (the safetensors convention); 1 still read.
@@ -43,10 +38,6 @@ _JSON_FIELDS = ("concepts", "config", "encoder", "base_signature", "report", "fo
                 "report_seconds", "source", "components")
 MAX_TENSORS = 4096  # far above any real patch (a whole CLIP-G is 580 tensors): a bigger header is refused unread
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-class BaseMismatchWarning(UserWarning):
-    """The patch was trained on other base weights than the encoder it is applied to."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,9 +179,6 @@ class ErasurePatch:
     def report(self) -> dict[str, Any] | None:
         return self.metadata.get("report")
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.deltas.values()) + sum(p.nbytes() for p in self.parts.values())
-
     def describe(self) -> str:
         """One line for logs and UIs."""
         return (f"{', '.join(self.concepts) or '?'} [{self.method}] on {self.family}, "
@@ -267,7 +255,7 @@ def save_patch(patch: ErasurePatch, path: str, dtype: torch.dtype = torch.float1
     An existing file is replaced only with ``overwrite`` and only if it is an erasure patch itself;
     a patch that would not pass ``load_patch`` is refused before anything is written.
     """
-    from .files import atomic_write, write_safetensors
+    from ..files import atomic_write, write_safetensors
 
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise HirmError(f"patches are stored as float16, bfloat16 or float32, not {dtype}")
@@ -527,224 +515,3 @@ def expected_shape(name: str, enc: Mapping[str, Any]) -> tuple[int, ...] | None:
     return out_in if kind == "weight" else (out_in[0],)
 
 
-# ----------------------------------------------------------------------------------------------
-# Applying to a transformers CLIPTextModel
-
-
-def base_mismatch_note(patch: ErasurePatch, signature: list[float], where: str = "this encoder") -> str | None:
-    """The one-line note for a patch trained on other base weights than ``signature`` describes (None when they match)."""
-    if signatures_match(signature, patch.metadata.get("base_signature", [])):
-        return None
-    return (f"erasure patch '{', '.join(patch.concepts)}' was trained on other base weights "
-            f"({patch.metadata.get('base_fingerprint')}) than {where} ({signature_id(signature)}), e.g. another "
-            "fine-tune; it may erase less or drift more: retrain it on this model for best results")
-
-
-class _Applied:
-    """What the core knows about one model's applied patches (never stored on the model itself)."""
-
-    def __init__(self):
-        self.lock = threading.RLock()
-        self.stack: list[AppliedPatch] = []
-        self.base_signature: list[float] | None = None
-
-
-_APPLIED: "weakref.WeakKeyDictionary[Any, _Applied]" = weakref.WeakKeyDictionary()
-_APPLIED_LOCK = threading.Lock()
-
-
-def _applied(model) -> _Applied:
-    with _APPLIED_LOCK:
-        state = _APPLIED.get(model)
-        if state is None:
-            state = _APPLIED[model] = _Applied()
-        return state
-
-
-def applied_patches(model) -> list["AppliedPatch"]:
-    """The patches applied to ``model`` and not yet removed, oldest first."""
-    state = _APPLIED.get(model)
-    return list(state.stack) if state else []
-
-
-def forget_applied(model) -> None:
-    """Drop what the core knows of ``model``'s patches without touching its weights: for a host that has just
-    reloaded them from a file (so that nothing stale is ever written back over new weights)."""
-    state = _APPLIED.get(model)
-    if state is not None:
-        with state.lock:
-            state.stack.clear()
-            state.base_signature = None
-
-
-@dataclass(eq=False)
-class AppliedPatch:
-    """Handle of a patch applied to a model; ``remove()`` restores the weights bit for bit."""
-
-    model: Any
-    patch: ErasurePatch
-    strength: float
-    originals: dict[str, torch.Tensor]
-    base_matches: bool
-
-    def remove(self) -> None:
-        state = _applied(self.model)
-        with state.lock:
-            if self not in state.stack:
-                return
-            if state.stack[-1] is not self:
-                raise HirmError("patches must be removed in reverse order of application; remove the most recent one first")
-            params = canonical_parameters(self.model)
-            with torch.no_grad():
-                for name, orig in self.originals.items():
-                    params[name].data.copy_(orig)
-            state.stack.pop()
-            if not state.stack:
-                state.base_signature = None
-
-
-def route_parts(patch: ErasurePatch, have: list[str], where: str = "this model") -> tuple[dict[str, ErasurePatch], list[str]]:
-    """({component: single-encoder patch}, notes): which parts of ``patch`` go to which of the text encoders a model
-    ``have`` (``clip_l``, ``clip_g``). A part whose encoder the model lacks is left out with a note (an SDXL patch on
-    SD1.x: its clip_g half); a CLIP-L patch on SDXL gets a note that CLIP-G keeps the concept; a patch none of whose
-    parts fit is refused (PatchMismatchError)."""
-    usable = [c for c in patch.components if c in have]
-    name = ", ".join(patch.concepts)
-    if not usable:
-        raise PatchMismatchError(f"erasure patch '{name}' is for {patch.family} but {where} has "
-                                 f"{', '.join(have) or 'no CLIP text encoder'}; use a patch trained on this model's encoders "
-                                 "(clip_l: SD1.x, SDXL, Flux; clip_g: SDXL)")
-    notes = [f"{where} has no {c}: the {c} half of erasure patch '{name}' is left out" for c in patch.components if c not in have]
-    if patch.components == ["clip_l"] and "clip_g" in have:
-        notes.append(f"erasure patch '{name}' changes clip_l only; {where}'s clip_g still carries the concept (a patch trained "
-                     "on this SDXL model changes both)")
-    return {c: patch.part(c) for c in usable}, notes
-
-
-def check_compatible(patch: ErasurePatch, model) -> None:
-    """Refuse a patch for another encoder architecture (raises PatchMismatchError). A multi-encoder patch fits
-    when one of its parts does."""
-    patch = patch.for_encoder(model)
-    arch = encoder_architecture(model)
-    enc = patch.encoder
-    if (enc.get("hidden_size"), enc.get("num_layers")) != (arch["hidden_size"], arch["num_layers"]):
-        raise PatchMismatchError(
-            f"this patch is for {enc.get('family', '?')} (width {enc.get('hidden_size')}, {enc.get('num_layers')} layers) "
-            f"but the encoder is {arch['family']} (width {arch['hidden_size']}, {arch['num_layers']} layers); "
-            "use a patch trained on this encoder")
-    params = canonical_parameters(model)
-    for name, delta in patch.deltas.items():
-        if name not in params or tuple(params[name].shape) != tuple(delta.shape):
-            raise PatchMismatchError(f"patch tensor {name} does not fit this encoder; use a patch trained on this encoder")
-
-
-def apply_patch(model, patch: ErasurePatch, strength: float = 1.0) -> AppliedPatch:
-    """Add ``strength * delta`` to the model's weights in place; returns a handle to undo it.
-
-    Refuses a patch for another architecture, or a strength outside ``STRENGTH_RANGE``, before
-    touching anything; warns (``BaseMismatchWarning``) when the base weights differ from those the
-    patch was trained on. Safe to call from several threads: each model has its own lock. Of a
-    multi-encoder patch (SDXL) the part for this encoder is applied (``ErasurePatch.for_encoder``).
-    """
-    strength = check_strength(strength)
-    patch = patch.for_encoder(model)
-    check_compatible(patch, model)
-    state = _applied(model)
-    with state.lock:
-        if not state.stack:
-            state.base_signature = model_signature(model)
-        note = base_mismatch_note(patch, state.base_signature)
-        if note:
-            warnings.warn(note, BaseMismatchWarning, stacklevel=2)
-        params = canonical_parameters(model)
-        originals = {n: params[n].detach().clone() for n in patch.deltas}
-        new = {n: (params[n].data.float() + strength * d.to(params[n].device, torch.float32)).to(params[n].dtype)
-               for n, d in patch.deltas.items()}
-        check_finite(new, f"the encoder with '{', '.join(patch.concepts)}' at strength {strength:g}",
-                     "nothing was changed: lower the strength", PatchMismatchError)
-        with torch.no_grad():
-            for name, value in new.items():
-                params[name].data.copy_(value)
-        handle = AppliedPatch(model, patch, strength, originals, note is None)
-        state.stack.append(handle)
-        return handle
-
-
-@contextlib.contextmanager
-def patched(model, patches: ErasurePatch | Iterable[tuple[ErasurePatch, float]], strength: float = 1.0):
-    """Context manager: the model carries the patch(es) inside the block, its own weights after.
-
-    The block holds the model's lock: another thread using ``patched`` on the same model waits
-    until this block ends (nested blocks in one thread are fine).
-    """
-    pairs = [(patches, strength)] if isinstance(patches, ErasurePatch) else list(patches)
-    with _applied(model).lock:
-        handles = []
-        try:
-            for p, s in pairs:
-                handles.append(apply_patch(model, p, s))
-            yield handles
-        finally:
-            for h in reversed(handles):
-                h.remove()
-
-
-def pipeline_encoders(pipe) -> dict[str, Any]:
-    """{component: model} of a diffusers pipeline's CLIP text encoders: ``text_encoder`` is CLIP-L (SD1.x, SDXL, SD3,
-    Flux), ``text_encoder_2`` CLIP-G where it is a CLIP (SDXL, SD3; Flux's is T5, left out)."""
-    out = {}
-    for component, name in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
-        model = getattr(pipe, name, None)
-        if getattr(getattr(model, "config", None), "model_type", None) in ("clip_text_model", "clip_text_with_projection_model"):
-            out[component] = model
-    return out
-
-
-class PatchNote(UserWarning):
-    """Something a user should know about a patch on a pipeline (a half left out, a half missing)."""
-
-
-@contextlib.contextmanager
-def patched_pipeline(pipe, patches: ErasurePatch | Iterable[tuple[ErasurePatch, float]], strength: float = 1.0):
-    """Context manager: every CLIP text encoder of a diffusers pipeline carries its part of the patch(es) inside the
-    block (SD1.x: ``text_encoder``; SDXL: ``text_encoder`` and ``text_encoder_2``), its own weights after.
-
-    What ``route_parts`` notes (e.g. a CLIP-L patch on SDXL leaves CLIP-G as it was) is issued as a ``PatchNote``
-    warning; a patch none of whose parts fits the pipeline is refused before anything changes.
-    """
-    pairs = [(patches, strength)] if isinstance(patches, ErasurePatch) else list(patches)
-    encoders = pipeline_encoders(pipe)
-    routed = []
-    for patch, s in pairs:
-        parts, notes = route_parts(patch, list(encoders), "this pipeline")
-        for note in notes:
-            warnings.warn(note, PatchNote, stacklevel=3)
-        routed += [(encoders[c], part, s) for c, part in parts.items()]
-    with contextlib.ExitStack() as stack:
-        for model, part, s in routed:
-            stack.enter_context(patched(model, part, s))
-        yield
-
-
-def merged_state_dict(canonical_sd: Mapping[str, torch.Tensor], patches: Iterable[tuple[ErasurePatch, float]],
-                      name_map=lambda n: n) -> dict[str, torch.Tensor]:
-    """A copy of the changed tensors of a state dict with patches added (for writing files).
-
-    ``name_map`` turns a canonical name into the state dict's own key. Patches are single-encoder
-    patches (``ErasurePatch.part`` of a multi-encoder patch).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for patch, strength in patches:
-        if patch.parts:
-            raise HirmError(f"merged_state_dict takes one encoder's patch; pass patch.part(component) of {patch.describe()}")
-        strength = check_strength(strength)
-        for name, delta in patch.deltas.items():
-            key = name_map(name)
-            if key not in canonical_sd:
-                raise PatchMismatchError(f"the checkpoint has no {key}; use a patch trained on this encoder")
-            base = out.get(key, canonical_sd[key])
-            if tuple(base.shape) != tuple(delta.shape):
-                raise PatchMismatchError(f"patch tensor {name} does not fit {key} {tuple(base.shape)}; use a patch trained on this encoder")
-            out[key] = (base.float() + strength * delta.float()).to(base.dtype)
-    check_finite(out, "the patched weights", "nothing was written: lower the strength", PatchMismatchError)
-    return out
