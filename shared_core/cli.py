@@ -55,7 +55,7 @@ def cmd_train(args) -> int:
         raise HirmError(NO_SOURCE)
     import torch
 
-    from .encoders import load_text_encoders, source_components
+    from .loading import load_text_encoders, source_components
     from .hirm import make_config, train_model_patch
     from .patch import is_patch_file, save_patch
     from .report import format_report
@@ -146,7 +146,8 @@ def cmd_inspect(args) -> int:
         if patch.parts:
             out["components"] = {c: {"encoder": p.encoder, "base_fingerprint": p.metadata.get("base_fingerprint")}
                                  for c, p in patch.parts.items()}
-        out.update(valid=True, tensors=patch.tensor_count(), size_bytes=os.path.getsize(args.file))
+        out.update(valid=True, tensors=patch.tensor_count(), size_bytes=os.path.getsize(args.file),
+                   checksum_verified=bool(meta.get("checksum")))
         print(json.dumps(out, indent=2))
         return 0
     cfg = meta.get("config") or {}
@@ -167,6 +168,8 @@ def cmd_inspect(args) -> int:
         ("tensors", f"{patch.tensor_count()} ({meta.get('delta_dtype', '?')}, {os.path.getsize(args.file) / 1e6:.1f} MB)"),
         ("tool / created", f"{meta.get('tool')} / {meta.get('created')}"),
         ("training time", f"{meta.get('train_seconds')} s"),
+        ("checksum", "verified (" + meta["checksum"][:19] + "...)" if meta.get("checksum") else
+         "none: written before checksums (hirm 0.1), so damaged data cannot be told from the file alone"),
     ]
     if meta.get("source"):
         rows.append(("source", json.dumps(meta["source"])))

@@ -78,7 +78,8 @@ def run_ls(repo: str, revision: str | None = None, encoder: str | None = None, c
         return 0
     match = None
     if encoder:
-        from .encoders import load_text_encoder, model_signature, signatures_match
+        from .encoders import model_signature, signatures_match
+        from .loading import load_text_encoder
 
         sig = model_signature(load_text_encoder(encoder, component=component).model)
         match = {r["filename"]: bool(r["base_signatures"].get(component)) and signatures_match(r["base_signatures"][component], sig)

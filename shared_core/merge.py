@@ -11,8 +11,8 @@ import warnings
 
 import torch
 
-from .encoders import (KeyLayout, SafetensorsFile, base_signature, canonical_to_openclip, extract_text_encoder, host_key,
-                       load_state_dict_file, load_text_encoder, openclip_g_prefix, source_components, text_components)
+from .encoders import KeyLayout, base_signature, canonical_to_openclip, extract_text_encoder, host_key, openclip_g_prefix, text_components
+from .loading import SafetensorsFile, load_state_dict_file, load_text_encoder, source_components
 from .errors import HirmError
 from .files import atomic_folder, atomic_write, check_target, write_safetensors
 from .patch import BaseMismatchWarning, apply_patch, base_mismatch_note, merged_state_dict, route_parts

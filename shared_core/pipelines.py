@@ -28,7 +28,8 @@ def load_pipeline(model: str, device: str):
     if os.path.isfile(model):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        from .encoders import load_state_dict_file, text_components
+        from .encoders import text_components
+        from .loading import load_state_dict_file
 
         xl = "clip_g" in text_components(load_state_dict_file(model).keys())
         cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline

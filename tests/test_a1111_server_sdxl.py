@@ -47,7 +47,8 @@ def test_sdxl_a_both_encoder_patch_nlce_and_both_change_the_picture_and_the_mode
 
 
 def test_sdxl_the_training_tab_trains_both_encoders_of_the_loaded_checkpoint(server):
-    from shared_core.encoders import load_text_encoders, model_signature, signatures_match
+    from shared_core.encoders import model_signature, signatures_match
+    from shared_core.loading import load_text_encoders
     from shared_core.patch import load_patch
 
     status = train_through_the_tab(server, "xl-tiger")

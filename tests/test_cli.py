@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from tiny import canonical_state_dict, tiny_clip
 
 from shared_core.cli import main
-from shared_core.encoders import load_text_encoder
+from shared_core.loading import load_text_encoder
 from shared_core.patch import load_patch
 
 

@@ -6,9 +6,8 @@ import torch
 from safetensors.torch import save_file
 from tiny import canonical_state_dict, openclip_state_dict, random_clip, tiny_clip, tiny_config
 
-from shared_core.encoders import (
-    base_signature, build_text_model, canonical_parameters, encoder_architecture, load_text_encoder, model_signature, signatures_match,
-)
+from shared_core.encoders import base_signature, build_text_model, canonical_parameters, encoder_architecture, model_signature, signatures_match
+from shared_core.loading import load_text_encoder
 from shared_core.errors import EncoderSourceError
 from shared_core.textenc import encode, tokenize
 

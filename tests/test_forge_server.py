@@ -188,7 +188,7 @@ def test_sdxl_a_both_encoder_patch_and_nlce_in_forge_and_the_plain_image_after_e
     the plain image is byte-identical after each job."""
     if not SDXL:
         pytest.skip("set HIRM_SDXL_CHECKPOINT (a single-file SDXL base checkpoint) for the SDXL cases")
-    from shared_core.encoders import load_text_encoders
+    from shared_core.loading import load_text_encoders
     from shared_core.hirm import train_model_patch
     from shared_core.patch import save_patch
 

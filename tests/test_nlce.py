@@ -466,3 +466,49 @@ def test_prompt_token_masks_mark_the_words_only():
     _, tok = tiny_clip()
     mask = prompt_token_mask(tok, ["a photo of a cat", ""], length=10)
     assert mask.tolist() == [[False] + [True] * 5 + [False] * 4, [False] * 10]
+
+
+def test_hostile_operator_files_get_one_line_refusals_before_anything_is_applied(table, tmp_path):
+    """Operator files are checked as patch files are: metadata types, tensor names, dtypes, shapes, values, checksum."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cs = build_concept_set(fixed_encoder(table), ["cat"], {"cat": ["dog"]})
+    good = cs.save(str(tmp_path / "good.safetensors"))
+    with safe_open(good, "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    plain = {k: v for k, v in meta.items() if k != "checksum"}  # an older file: no checksum to get in the way
+
+    def variant(name, tensors_=None, **changes):
+        path = str(tmp_path / f"{name}.safetensors")
+        save_file(tensors_ if tensors_ is not None else tensors, path, metadata={**plain, **changes})
+        return path
+
+    cases = {
+        variant("concepts-dict", concepts=json.dumps({"cat": 1})): "concepts must be a list of texts",
+        variant("neighbors-list", neighbors=json.dumps(["dog"])): "neighbours must map",
+        variant("config-list", config=json.dumps([1])): "config must be a JSON object",
+        variant("width-text", width="wide"): "metadata is incomplete",
+        variant("family", family="sd2"): "family 'sd2' is not one NLCE supports",
+        variant("unknown", {**tensors, "extra.0.basis": torch.zeros(2)}): "unexpected tensor 'extra.0.basis'",
+        variant("missing", {k: v for k, v in tensors.items() if k != "concept.0.weights"}): "missing",
+        variant("huge", {**tensors, "concept.0.basis": tensors["concept.0.basis"] * 3e38}): "not an orthonormal basis",
+        variant("nan", {**tensors, "concept.0.weights": tensors["concept.0.weights"] * float("nan")}): "NaN or Inf",
+        variant("shape", {**tensors, "concept.0.basis": torch.zeros(D + 1, 2)}): "has shape",
+        variant("weights", {**tensors, "concept.0.weights": tensors["concept.0.weights"] + 5}): "between 0 and 1",
+    }
+    for dtype in (torch.int8, torch.bool, getattr(torch, "float8_e4m3fn", torch.int16)):
+        cases[variant(f"dtype-{dtype}", {**tensors, "concept.0.basis": tensors["concept.0.basis"].to(dtype)})] = "operators are float16"
+    with safe_open(good, "pt") as f:
+        flipped = {k: f.get_tensor(k) for k in f.keys()}
+    flipped["concept.0.basis"] = flipped["concept.0.basis"].clone()
+    flipped["concept.0.basis"].view(torch.int32).view(-1)[0] ^= 1
+    cases[variant("flipped", flipped, checksum=meta["checksum"])] = "checksum"
+    for path, words in cases.items():
+        with pytest.raises(NlceError, match=words) as e:
+            ConceptSet.load(path)
+        assert "\n" not in str(e.value), path
+    half = {k: (v.half() if k.endswith("basis") else v) for k, v in tensors.items()}  # fp16 bases are read as fp32
+    assert ConceptSet.load(variant("half", half)).bases[0][0].dtype == torch.float32

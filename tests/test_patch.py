@@ -184,3 +184,37 @@ def test_same_base_does_not_warn(trained):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_patch(model, patch).remove()
+
+
+def test_a_checksum_over_names_dtypes_shapes_and_bytes_is_written_and_verified(tmp_path, trained, capsys):
+    """A flipped bit, or a header that declares another dtype over the same bytes, is refused; a file written before
+    checksums still loads, and ``inspect`` says it has none."""
+    import json
+
+    from shared_core.cli import main
+
+    src = save_patch(trained[2], str(tmp_path / "p.safetensors"))
+    assert read_metadata(src)["checksum"].startswith("sha256:")
+
+    def flip(t):
+        k = next(iter(t))
+        t[k] = t[k].clone()
+        t[k].view(torch.int16).view(-1)[0] ^= 1  # one bit of one value: still finite, still the same shape
+
+    def relabel(t):  # the same bytes declared as bfloat16 (what a tampered Hub file did)
+        for k in t:
+            t[k] = t[k].view(torch.bfloat16)
+
+    for change in (flip, relabel):
+        with pytest.raises(PatchFileError, match="do not match the patch's checksum"):
+            load_patch(_rewrite(src, str(tmp_path / f"{change.__name__}.safetensors"), tensor_change=change))
+    old = _rewrite(src, str(tmp_path / "old.safetensors"))
+    from safetensors import safe_open
+    from safetensors.torch import save_file as write
+
+    with safe_open(old, framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "hirm.checksum"}
+    write(load_file(old), old, metadata=meta)
+    assert load_patch(old).concepts == trained[2].concepts
+    assert main(["inspect", old]) == 0 and "written before checksums" in capsys.readouterr().out
+    assert main(["inspect", src, "--json"]) == 0 and json.loads(capsys.readouterr().out)["checksum_verified"] is True

@@ -11,7 +11,8 @@ from tiny_pipeline import G_WIDTH, L_WIDTH, sdxl_encoders, tiny_pipeline, tiny_s
 
 from shared_core.adapters import patcher
 from shared_core.cli import main
-from shared_core.encoders import PATCHER_LAYOUTS, host_key, load_text_encoders
+from shared_core.encoders import PATCHER_LAYOUTS, host_key
+from shared_core.loading import load_text_encoders
 from shared_core.errors import PatchMismatchError
 from shared_core.export import to_diffusers_lora
 from shared_core.hirm import train_model_patch, train_patch

@@ -78,7 +78,7 @@ def prepare(source: str, base, checkpoint: str, config: dict | None = None):
 def train_patch(checkpoint: str, path: str, concept: str = "cat", every_encoder: bool = False) -> None:
     """A HiRM patch trained (2 steps) with the project's own API on the checkpoint's CLIP-L, or on every text encoder it
     has (SDXL: CLIP-L and CLIP-G, one patch)."""
-    from shared_core.encoders import load_text_encoders
+    from shared_core.loading import load_text_encoders
     from shared_core.hirm import train_model_patch
     from shared_core.patch import save_patch
 

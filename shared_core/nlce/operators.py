@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import unicodedata
 from typing import Mapping
 
 import torch
@@ -154,8 +156,9 @@ class ConceptSet:
     # -- files ---------------------------------------------------------------------------------
 
     def save(self, path: str, overwrite: bool = False) -> str:
-        """Write bases, concepts, neighbours and settings as safetensors, atomically (an existing file only
-        with ``overwrite``, and only if it is an operator file itself)."""
+        """Write bases, concepts, neighbours, settings and a checksum of the tensors as safetensors, atomically (an
+        existing file only with ``overwrite``, and only if it is an operator file itself)."""
+        from ..patch.metadata import checksum
 
         tensors = {}
         for i, (b, w) in enumerate(self.bases):
@@ -166,45 +169,99 @@ class ConceptSet:
         meta = {"format": FORMAT, "format_version": str(VERSION), "concepts": json.dumps(self.concepts),
                 "terms": json.dumps(self.terms), "neighbors": json.dumps(self.neighbors),
                 "config": json.dumps(self.config.to_dict()), "width": str(self.width), "family": self.family,
-                "live_floor_scale": repr(self.live_floor_scale)}
+                "live_floor_scale": repr(self.live_floor_scale), "checksum": checksum(tensors)}
         return atomic_write(path, lambda f: write_safetensors(f, tensors, meta), overwrite=overwrite, is_ours=is_operator_file,
                             what="NLCE operator file")
 
     @classmethod
     def load(cls, path: str) -> "ConceptSet":
-        from safetensors import safe_open
+        """Read and check an operator file as patch files are checked (``_check_file``); NlceError, one line, for
+        anything that is not a sound operator file. What this accepts, every host can apply."""
+        return _check_file(path)
 
-        if not os.path.isfile(path):
-            raise NlceError(f"{path}: no such NLCE operator file")
-        try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise NlceError(f"{path}: not a readable safetensors file ({type(e).__name__}); save it again with ConceptSet.save") from None
-        if meta.get("format") != FORMAT:
-            raise NlceError(f"{path}: not an NLCE operator file (format {meta.get('format')!r}); pass a file written by ConceptSet.save")
-        if meta.get("format_version") not in ("1", str(VERSION)):
-            raise NlceError(f"{path}: NLCE operator format version {meta.get('format_version')} is not supported (this tool reads "
-                            f"1 to {VERSION})")
-        try:
-            concepts, neighbors = json.loads(meta["concepts"]), json.loads(meta["neighbors"])
-            terms = json.loads(meta.get("terms", "{}"))
-            config, width = NlceConfig.from_dict(json.loads(meta["config"])), int(meta["width"])
-            family, scale = meta.get("family", "sd1"), float(meta.get("live_floor_scale", "1.0"))  # version 1: SD1.x only
-            if family not in FAMILIES or not FAMILIES[family].context_width or not (scale > 0 and scale < float("inf")):
-                raise ValueError(f"family {family!r}, live-floor scale {scale!r}")
-            bases = [(tensors[f"concept.{i}.basis"], tensors[f"concept.{i}.weights"]) for i in range(len(concepts))]
-            nbases = [(tensors[f"neighbor.{i}.basis"], tensors[f"neighbor.{i}.weights"]) if f"neighbor.{i}.basis" in tensors else None
-                      for i in range(len(concepts))]
-        except (KeyError, ValueError, TypeError) as e:
-            raise NlceError(f"{path}: damaged NLCE operator file ({type(e).__name__}: {e}); save it again") from None
-        for b, w in bases + [nb for nb in nbases if nb is not None]:
-            if b.ndim != 2 or b.shape[0] != width or w.shape != (b.shape[1],) or not (torch.isfinite(b).all() and torch.isfinite(w).all()):
-                raise NlceError(f"{path}: damaged NLCE operator file (bad shapes or values); save it again")
-        if not concepts:
-            raise NlceError(f"{path}: the NLCE operator file holds no concept")
-        return cls(concepts, neighbors, bases, nbases, config, terms, family, scale)
+
+_NAME = re.compile(r"(concept|neighbor)\.(0|[1-9]\d{0,5})\.(basis|weights)")
+_FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def _check_file(path: str) -> ConceptSet:
+    from safetensors import safe_open
+
+    from ..patch.metadata import checksum
+
+    def damaged(what: str) -> NlceError:
+        return NlceError(f"{path}: damaged NLCE operator file ({what}); build and save the operators again")
+
+    if not os.path.isfile(path):
+        raise NlceError(f"{path}: no such NLCE operator file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            table = {k: (str(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception:
+        raise NlceError(f"{path}: not a readable safetensors file (another format, or truncated); pass a file written by "
+                        "ConceptSet.save") from None
+    if meta.get("format") != FORMAT:
+        raise NlceError(f"{path}: not an NLCE operator file; pass a file written by ConceptSet.save")
+    if meta.get("format_version") not in ("1", str(VERSION)):
+        raise NlceError(f"{path}: NLCE operator format version {str(meta.get('format_version'))[:20]!r} is not one this tool "
+                        f"reads (1 to {VERSION})")
+    try:
+        concepts, neighbors = json.loads(meta["concepts"]), json.loads(meta["neighbors"])
+        terms, config = json.loads(meta.get("terms", "{}")), json.loads(meta["config"])
+        width, scale = int(meta["width"]), float(meta.get("live_floor_scale", "1.0"))
+    except (KeyError, ValueError, TypeError):
+        raise damaged("its metadata is incomplete or not the JSON and numbers it should be") from None
+    family = meta.get("family", "sd1")  # version 1: SD1.x only
+    texts = lambda v: isinstance(v, list) and all(isinstance(x, str) and _printable(x) for x in v)  # noqa: E731
+    if not (texts(concepts) and concepts and all(c.strip() for c in concepts)):
+        raise damaged("concepts must be a list of texts")
+    if not (isinstance(neighbors, dict) and all(isinstance(k, str) and texts(v) for k, v in neighbors.items())):
+        raise damaged("neighbours must map concepts to lists of texts")
+    if not (isinstance(terms, dict) and all(isinstance(k, str) and texts(v) for k, v in terms.items())):
+        raise damaged("terms must map concepts to lists of texts")
+    if not isinstance(config, dict):
+        raise damaged("config must be a JSON object")
+    config = NlceConfig.from_dict(config)  # NlceError naming the setting
+    if family not in FAMILIES or not FAMILIES[family].context_width:
+        raise damaged(f"family {str(family)[:40]!r} is not one NLCE supports")
+    if not (0 < width <= 65536 and 0 < scale < float("inf")):
+        raise damaged("width or live-floor scale out of range")
+    expected = {f"concept.{i}.{k}" for i in range(len(concepts)) for k in ("basis", "weights")}
+    names = set(table)
+    unknown = sorted(n for n in names if not _NAME.fullmatch(n) or int(n.split(".")[1]) >= len(concepts))
+    if unknown or not expected <= names:
+        raise damaged(f"unexpected tensor {unknown[0]!r}" if unknown else "a concept's basis or weights are missing")
+    for name, (dtype, shape) in table.items():
+        if dtype not in _FLOATS:
+            raise damaged(f"tensor {name} is {dtype}; operators are float16, bfloat16 or float32")
+        partner = name.rsplit(".", 1)[0] + (".weights" if name.endswith("basis") else ".basis")
+        if partner not in table:
+            raise damaged(f"{partner} is missing")
+        if name.endswith("basis") and not (len(shape) == 2 and shape[0] == width and 1 <= shape[1] <= width
+                                           and table[partner][1] == (shape[1],)):
+            raise damaged(f"tensor {name} has shape {shape}, expected ({width}, rank) with weights (rank,)")
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "checksum" in meta and checksum(tensors) != meta["checksum"]:
+        raise NlceError(f"{path}: the tensors do not match the operator file's checksum (damaged data, or a header changed "
+                        "after writing); build and save the operators again")
+    tensors = {k: v.float() for k, v in tensors.items()}
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise damaged(f"tensor {name} holds NaN or Inf values")
+        if name.endswith("basis") and not torch.allclose(t.T @ t, torch.eye(t.shape[1]), atol=1e-2):
+            raise damaged(f"{name} is not an orthonormal basis")
+        if name.endswith("weights") and not ((t >= 0) & (t <= 1 + 1e-4)).all():
+            raise damaged(f"{name} must lie between 0 and 1")
+    pair = lambda kind, i: (tensors[f"{kind}.{i}.basis"], tensors[f"{kind}.{i}.weights"])  # noqa: E731
+    bases = [pair("concept", i) for i in range(len(concepts))]
+    nbases = [pair("neighbor", i) if f"neighbor.{i}.basis" in tensors else None for i in range(len(concepts))]
+    return ConceptSet(concepts, neighbors, bases, nbases, config, terms, family, scale)
+
+
+def _printable(text: str) -> bool:
+    return len(text) <= 1000 and not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
 
 
 def is_operator_file(path: str) -> bool:
