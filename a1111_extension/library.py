@@ -6,7 +6,7 @@ import os
 from collections import OrderedDict
 
 from shared_core.errors import PatchFileError
-from shared_core.patch import load_patch
+from shared_core.patch import is_patch_file, load_patch
 
 FOLDER_NAME = "erasure_patches"
 _LOADED: OrderedDict = OrderedDict()  # (path, inode, mtime, size) -> ErasurePatch
@@ -14,13 +14,15 @@ _KEEP = 8
 
 
 def list_patch_files(folder: str) -> list[str]:
-    """``.safetensors`` files under ``folder`` (subfolders too), as '/'-separated relative names, sorted."""
+    """The erasure patches under ``folder`` (subfolders too), as '/'-separated relative names, sorted: ``.safetensors``
+    files whose header says they are erasure patches (a LoRA or a damaged file in the folder is not offered)."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in files:
-            if f.endswith(".safetensors") and not f.startswith(".tmp-hirm-"):  # not a half-written file
-                found.append(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/"))
+            path = os.path.join(root, f)
+            if f.endswith(".safetensors") and not f.startswith(".") and is_patch_file(path):  # not a half-written file
+                found.append(os.path.relpath(path, folder).replace(os.sep, "/"))
     return sorted(found, key=str.lower)
 
 
@@ -71,7 +73,10 @@ def load(folder: str, name: str):
     stat = os.stat(path)
     key = (path, stat.st_ino, stat.st_mtime_ns, stat.st_size)  # patches are replaced by rename: a new inode
     if key not in _LOADED:
-        _LOADED[key] = load_patch(path)
+        try:
+            _LOADED[key] = load_patch(path)
+        except PatchFileError as e:  # the message reaches API clients: the folder's shown name, never the server's path
+            raise PatchFileError(str(e).replace(path, shown_file(path))) from None
         while len(_LOADED) > _KEEP:
             _LOADED.popitem(last=False)
     _LOADED.move_to_end(key)

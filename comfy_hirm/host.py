@@ -87,6 +87,19 @@ def progress_callback():
     return progress
 
 
+def steps_callback(message: str):
+    """``progress(done, total)`` for long core work outside training (building NLCE operators): ``message`` in the
+    console when it starts, then the node's progress bar; a Cancel stops it between steps."""
+    bar = comfy.utils.ProgressBar(1)
+    log.info("%s", message)
+
+    def progress(done, total):
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return progress
+
+
 def check_interrupted() -> bool:
     """``should_cancel`` for the core: raises ComfyUI's own interruption when the user pressed Cancel."""
     mm.throw_exception_if_processing_interrupted()

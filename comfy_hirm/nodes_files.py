@@ -24,9 +24,9 @@ class SaveErasurePatch(io.ComfyNode):
             inputs=[ErasurePatch.Input("patch", tooltip="the patch to save"),
                     io.String.Input("filename", default="erasure-patch",
                                     tooltip="file name in models/erasure_patches (a subfolder like 'styles/van-gogh' works)"),
-                    io.Boolean.Input("overwrite", default=False, label_on="replace a patch of that name",
-                                     label_off="add a number (_00001) if the name is taken",
-                                     tooltip="only another erasure patch is ever replaced; any other file is left alone")],
+                    io.Boolean.Input("overwrite", default=False, label_on="replace", label_off="new name",
+                                     tooltip="replace: an erasure patch of that name is replaced (any other file is left "
+                                             "alone); new name: a number (_00001) is added when the name is taken")],
             outputs=[io.String.Output(display_name="path", tooltip="where the patch was written")],
         )
 

@@ -369,12 +369,19 @@ def signature_id(signature: list[float]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def signatures_match(a: list[float], b: list[float]) -> bool:
-    """Same base weights up to fp16/bf16 rounding."""
+def signatures_match(a: list[float], b: list[float], fp8: bool = False) -> bool:
+    """Same base weights up to fp16/bf16 rounding; with ``fp8`` (one side was taken from weights stored in float8, as
+    ComfyUI's ``--fp8_e4m3fn-text-enc`` keeps them) up to e4m3's rounding, subnormals included: coarse enough that a
+    close fine-tune cannot be told apart then, only another model."""
     if len(a) != len(b):
         return False
     a_t, b_t = torch.tensor(a), torch.tensor(b)
-    return bool(torch.all((a_t - b_t).abs() <= 8e-3 * torch.maximum(a_t.abs(), b_t.abs()) + 1e-6))
+    rel, atol = (0.07, 2.0 ** -9) if fp8 else (8e-3, 1e-6)
+    return bool(torch.all((a_t - b_t).abs() <= rel * torch.maximum(a_t.abs(), b_t.abs()) + atol))
+
+
+def is_float8(t: torch.Tensor) -> bool:
+    return "float8" in str(t.dtype)
 
 
 def model_signature(model) -> list[float]:

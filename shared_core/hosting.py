@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .encoders import KeyLayout, base_signature, build_text_model, host_key, weights_digest
+from .encoders import KeyLayout, base_signature, build_text_model, host_key, is_float8, weights_digest
 from .errors import NlceError, PatchMismatchError
 from .patch import ErasurePatch, base_mismatch_note
 
@@ -82,17 +82,19 @@ def patch_differences(host_state: Mapping[str, torch.Tensor], patch: ErasurePatc
             raise PatchMismatchError(f"patch tensor {name} does not fit {where}'s text encoder (a patch for another "
                                      "architecture); use a patch trained on this model's encoder")
         out[key] = delta
-    note = base_mismatch_note(patch, base_signature(canonical_from_host(host_state, layout)), where)
+    canonical = canonical_from_host(host_state, layout)
+    note = base_mismatch_note(patch, base_signature(canonical), where, fp8=any(is_float8(t) for t in canonical.values()))
     return out, note
 
 
 def concept_set_for(weights: Mapping[str, torch.Tensor] | Mapping[str, Mapping[str, torch.Tensor]], concepts, neighbors, config,
-                    device="cpu"):
+                    device="cpu", progress: Callable | None = None):
     """NLCE operators for ``concepts`` built with a model's text encoders (cached): ``weights`` is one encoder's canonical
     weights (SD1.x's CLIP-L) or ``{"clip_l": ..., "clip_g": ...}`` (SDXL: the operators live in the 2048-wide rows its
     UNet reads).
 
-    ``neighbors`` is anything ``nlce.neighbor_table`` reads ("auto" mines them, never another erased concept).
+    ``neighbors`` is anything ``nlce.neighbor_table`` reads ("auto" mines them, never another erased concept);
+    ``progress(done, total)`` is told as each concept is mined and built.
     """
     from . import nlce
     from .tokenizer import clip_tokenizer
@@ -113,6 +115,6 @@ def concept_set_for(weights: Mapping[str, torch.Tensor] | Mapping[str, Mapping[s
         else:
             raise NlceError("NLCE needs CLIP-L (SD1.x) or CLIP-L and CLIP-G together (SDXL); an SDXL refiner's CLIP-G alone "
                             "is not supported")
-        return nlce.build_concept_set(encode, list(concepts), nlce.neighbor_table(encode, concepts, neighbors), config)
+        return nlce.operators_with_progress(encode, list(concepts), neighbors, config, progress)
 
     return _remember(_OPERATORS, key, make)

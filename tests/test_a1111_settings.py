@@ -86,6 +86,7 @@ def test_the_patch_folder_lists_patches_in_subfolders_and_keeps_names_inside_it(
     write_patch(tmp_path / "artists", "A.safetensors", model)
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".tmp-hirm-123.safetensors").write_text("half written")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a patch")  # a damaged file, or a LoRA: not offered
     assert library.list_patch_files(str(tmp_path)) == ["artists/A.safetensors", "b.safetensors"]
     assert library.load(str(tmp_path), "artists/A.safetensors").concepts == ["cat"]
     with pytest.raises(PatchFileError, match="outside"):
@@ -98,6 +99,10 @@ def test_the_patch_folder_lists_patches_in_subfolders_and_keeps_names_inside_it(
         library.patch_path(str(folder), "gone.safetensors")
     assert str(missing.value) == ("erasure patch 'gone.safetensors' is not in models/erasure_patches; put it there and press "
                                   "the refresh button")
+    (folder / "bad.safetensors").write_bytes(b"not a patch")
+    with pytest.raises(PatchFileError) as bad:  # a damaged file picked by name over the API: its shown name only
+        library.load(str(folder), "bad.safetensors")
+    assert str(bad.value).startswith("models/erasure_patches/bad.safetensors: ") and str(tmp_path) not in str(bad.value)
 
 
 def test_a_patch_file_rewritten_in_place_is_read_again(tmp_path):

@@ -61,6 +61,8 @@ def test_trainable_layers_setting(clip):
     assert {n.split(".")[3] for n in patch.deltas} == {"0", "1"}
     with pytest.raises(HirmError, match="does not exist"):
         train_patch(model, tok, concepts=["cat"], steps=1, trainable_layers=[7], report=False)
+    with pytest.raises(HirmError, match="0 and -3 are the same layer of this 3-layer encoder"):  # stepped twice, before
+        train_patch(model, tok, concepts=["cat"], steps=1, trainable_layers=[0, -3], report=False)
 
 
 def test_multi_concept_joint_and_average(clip):

@@ -160,6 +160,11 @@ def test_patch_keys_follow_patcher_names_and_wrong_encoders_are_refused():
         patcher.clip_patches(wide, patch)
     _, notes = patcher.clip_patches(comfy_sd(seed=9), patch)
     assert len(notes) == 1 and "other base weights" in notes[0]
+    if hasattr(torch, "float8_e4m3fn"):  # ComfyUI's --fp8_e4m3fn-text-enc: the same base, stored in fp8, is the same base
+        fp8 = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() and v.ndim else v for k, v in sd.items()}
+        assert patcher.clip_patches(fp8, patch)[1] == []
+        other = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() and v.ndim else v for k, v in comfy_sd(seed=9).items()}
+        assert "other base weights" in patcher.clip_patches(other, patch)[1][0]
     diffs, _ = patch_differences(sd, patch, PATCHER_LAYOUTS["clip_l"])
     assert {k: v for k, (_, (v,)) in patches.items()}.keys() == diffs.keys()
 

@@ -218,3 +218,16 @@ def test_a_checksum_over_names_dtypes_shapes_and_bytes_is_written_and_verified(t
     assert load_patch(old).concepts == trained[2].concepts
     assert main(["inspect", old]) == 0 and "written before checksums" in capsys.readouterr().out
     assert main(["inspect", src, "--json"]) == 0 and json.loads(capsys.readouterr().out)["checksum_verified"] is True
+
+
+def test_the_base_mismatch_note_names_the_fingerprints_of_the_signatures_it_compared(trained):
+    """A patch whose stored fingerprint disagrees with its signature (SDXL halves swapped) is described by its signature."""
+    from shared_core.encoders import model_signature, signature_id
+    from shared_core.patch import base_mismatch_note
+
+    model, _, patch = trained
+    other = random_clip(tiny_config(), seed=7)
+    relabelled = patch.with_metadata(base_signature=model_signature(other))  # the fingerprint label still says this model's
+    note = base_mismatch_note(relabelled, model_signature(model), "this checkpoint")
+    assert f"({signature_id(model_signature(other))}) than this checkpoint ({signature_id(model_signature(model))})" in note
+    assert base_mismatch_note(patch, model_signature(model)) is None

@@ -197,10 +197,10 @@ def install_joint_nlce(patcher, concept_set, config, sigma_to_timestep: Callable
     return clone, state
 
 
-def joint_concept_set(clip, clip_l_weights, family: str, concepts, neighbors, config, device="cpu"):
+def joint_concept_set(clip, clip_l_weights, family: str, concepts, neighbors, config, device="cpu", progress=None):
     """NLCE operators for a Flux / SD3 MODEL, built with the CLIP object that encodes its prompts (``clip_l_weights``:
     its CLIP-L under canonical names, the live floor's reference and the vocabulary ``"auto"`` mines)."""
     from ..encoders import build_text_model
 
     encode = clip_row_encoder(clip, family, build_text_model(clip_l_weights, device=device, own=lambda _: False))
-    return nlce.build_concept_set(encode, list(concepts), nlce.neighbor_table(encode, concepts, neighbors), config)
+    return nlce.operators_with_progress(encode, list(concepts), neighbors, config, progress)

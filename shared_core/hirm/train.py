@@ -24,11 +24,15 @@ TRAINED_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "
 
 
 def trained_parameter_names(config: HirmConfig, num_layers: int) -> list[str]:
-    names = []
-    for layer in config.trainable_layers:
-        if not -num_layers <= layer < num_layers:
-            raise HirmError(f"trainable layer {layer} does not exist (the encoder has {num_layers} layers)")
-        layer %= num_layers
+    names, seen = [], {}
+    for given in config.trainable_layers:
+        if not -num_layers <= given < num_layers:
+            raise HirmError(f"trainable layer {given} does not exist (the encoder has {num_layers} layers)")
+        layer = given % num_layers
+        if layer in seen:  # 0 and -3 on 3 layers: the same parameters twice would be stepped twice
+            raise HirmError(f"trainable layers {seen[layer]} and {given} are the same layer of this {num_layers}-layer encoder; "
+                            "give each layer once")
+        seen[layer] = given
         for m in TRAINED_MODULES:
             names += [f"text_model.encoder.layers.{layer}.{m}.weight", f"text_model.encoder.layers.{layer}.{m}.bias"]
     return names

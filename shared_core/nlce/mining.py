@@ -94,11 +94,12 @@ def mine_neighbors(encode, concept, candidates: list[str] | None = None, top_k: 
     return [(pool_words[i], round(float(sims[i]), 4)) for i in chosen]
 
 
-def neighbor_table(encode, concepts, neighbors=None, top_k: int = 8) -> dict:
+def neighbor_table(encode, concepts, neighbors=None, top_k: int = 8, on_concept=None) -> dict:
     """What ``build_concept_set`` takes as neighbours, with ``"auto"`` resolved.
 
     ``neighbors``: None or "" (none), "auto" (mined per concept, never a word of another erased
-    concept), a list shared by every concept, or {concept: [neighbours]} (passed through).
+    concept), a list shared by every concept, or {concept: [neighbours]} (passed through). ``on_concept()`` is called
+    after each concept is mined.
     """
     from .operators import concept_terms
 
@@ -106,7 +107,11 @@ def neighbor_table(encode, concepts, neighbors=None, top_k: int = 8) -> dict:
         if neighbors.strip().lower() == "auto":
             concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
             names = [concept_terms(c)[0] for c in concepts]
-            return {n: [w for w, _ in mine_neighbors(encode, c, top_k=top_k, exclude=[o for o in concepts if o is not c])]
-                    for n, c in zip(names, concepts)}
+            table = {}
+            for n, c in zip(names, concepts):
+                table[n] = [w for w, _ in mine_neighbors(encode, c, top_k=top_k, exclude=[o for o in concepts if o is not c])]
+                if on_concept is not None:
+                    on_concept()
+            return table
         return [n.strip() for n in re.split(r"[\n,]", neighbors) if n.strip()] or None
     return neighbors

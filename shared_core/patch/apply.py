@@ -37,12 +37,15 @@ class PatchLockError(HirmError):
     """Waiting for a model's lock would deadlock (another thread waits for a lock this thread holds)."""
 
 
-def base_mismatch_note(patch: ErasurePatch, signature: list[float], where: str = "this encoder") -> str | None:
-    """The one-line note for a patch trained on other base weights than ``signature`` describes (None when they match)."""
-    if signatures_match(signature, patch.metadata.get("base_signature", [])):
+def base_mismatch_note(patch: ErasurePatch, signature: list[float], where: str = "this encoder", fp8: bool = False) -> str | None:
+    """The one-line note for a patch trained on other base weights than ``signature`` describes (None when they match;
+    ``fp8``: ``signature`` was taken from float8 weights, compared at their precision)."""
+    theirs = patch.metadata.get("base_signature", [])
+    if signatures_match(signature, theirs, fp8):
         return None
-    return (f"erasure patch '{', '.join(patch.concepts)}' was trained on other base weights "
-            f"({patch.metadata.get('base_fingerprint')}) than {where} ({signature_id(signature)}), e.g. another "
+    a, b = signature_id(theirs), signature_id(signature)  # both from the signatures compared, never a stored label
+    than = f"({a}) than {where} ({b})" if a != b else f"than {where} (both fingerprints {a}, but the weights differ beyond fp16 rounding)"
+    return (f"erasure patch '{', '.join(patch.concepts)}' was trained on other base weights {than}, e.g. another "
             "fine-tune; it may erase less or drift more: retrain it on this model for best results")
 
 
