@@ -60,12 +60,17 @@ def cmd_train(args) -> int:
     from .patch import is_patch_file, save_patch
     from .report import format_report
 
+    from .lists import read_list
+
     pairs = _read_pairs(args.pairs) if args.pairs else None
-    config = make_config(args.concept or [], method=args.method, preset=args.preset, steps=args.steps, lr=args.lr,
+    concepts = list(args.concept or []) + (read_list(args.concepts, "concept") if args.concepts else [])
+    preserve = read_list(args.preserve, "prompt to keep", unique=False) if args.preserve else ()
+    config = make_config(concepts, method=args.method, preset=args.preset, steps=args.steps, lr=args.lr,
                          anchor=args.anchor, seed=args.seed, trainable_layers=args.layers, supervision=args.supervision,
                          templates=args.template, neighbors=args.neighbor, multi=args.multi, eta=args.eta,
-                         target_scale=args.scale, **({"pairs": pairs} if pairs else {}))
-    out = args.out or f"erasure-{slug('-'.join(config.concepts))}.safetensors"
+                         target_scale=args.scale, preserve=preserve, preservation=args.preservation,
+                         batch_prompts=args.batch_prompts, **({"pairs": pairs} if pairs else {}))
+    out = args.out or f"erasure-{slug('-'.join(config.concepts[:3]) + (f'-and-{len(config.concepts) - 3}-more' if len(config.concepts) > 3 else ''))}.safetensors"
     _never_the_input(out, args.source)
     check_target(out, args.force, is_patch_file, "erasure patch")  # before training: no half a minute for nothing
     device = resolve_device(args.device)
@@ -339,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a HiRM erasure patch", description="Train a HiRM erasure patch for one or more concepts.")
     t.add_argument("source", nargs="?", help=SOURCE_HELP)
     t.add_argument("--concept", action="append", help=h("concepts", False) + " (repeat for several)")
+    t.add_argument("--concepts", metavar="FILE", help="a text file of concepts to erase, one per line ('#' comments; "
+                                                     "with --concept, both)")
+    t.add_argument("--preserve", metavar="FILE", help="a text file of prompts to keep unchanged, one per line, besides the "
+                                                     "shipped ones (several concepts: the preservation term)")
+    t.add_argument("--preservation", type=float, help=h("preservation"))
+    t.add_argument("--batch-prompts", type=int, default=8, help=h("batch_prompts"))
     t.add_argument("--method", default="random", choices=METHODS, help=h("method", False))
     t.add_argument("--anchor", help=h("anchor"))
     t.add_argument("--preset", choices=sorted(PRESETS), help=h("preset", False) + " (default: style; nudity for --method safety)")

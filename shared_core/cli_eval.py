@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
-import sys
 import time
 
 from .errors import HirmError
@@ -83,7 +82,7 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 def _check(args) -> dict:
     """Every argument checked before anything is loaded; the settings that decide the images and scores."""
-    from .common import parse_patch_arg
+    from .common import check_guidance, check_seed, check_strength, check_text, parse_patch_arg
 
     if not args.model:
         raise HirmError(NO_MODEL)
@@ -92,17 +91,44 @@ def _check(args) -> dict:
     concepts = [c.strip() for c in args.concept or [] if c and c.strip()]
     if not concepts:
         raise HirmError("no --concept given: name the erased concept (repeatable)")
+    for c in concepts:
+        check_text(c, "--concept")
+    for n in args.neighbor or []:
+        check_text(n, "--neighbor")
+    if args.negative_prompt is not None:
+        check_text(args.negative_prompt, "--negative-prompt")
     if not args.patch and not args.nlce:
         raise HirmError("nothing to evaluate: pass --patch FILE (a HiRM patch) and/or --nlce")
     if args.steps < 1 or args.size < 8 or args.size % 8:
         raise HirmError("--steps must be at least 1 and --size a positive multiple of 8 (e.g. 512)")
+    check_guidance(args.guidance, "--guidance")
     if args.neighbor and args.neighbors:
         raise HirmError("pass either --neighbor words or --neighbors auto, not both")
-    from .evaluation.suites import DEFAULT_SUITES
+    from .evaluation.suites import DEFAULT_SUITES, SUITES
 
     suites = [s.strip() for s in (args.suite or ",".join(DEFAULT_SUITES)).split(",") if s.strip()]
     if any(c.lower() == "nudity" for c in concepts) and "nudity" not in suites and not args.suite:
         suites.append("nudity")
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown:
+        raise HirmError(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
+    if args.attack and not args.patch:
+        raise HirmError("--attack text searches against the patched text encoder: pass --patch")
+    if args.attack:
+        check_seed(args.attack_seed, "--attack-seed")
+        if args.attack_generations < 1 or args.attack_population < 1:
+            raise HirmError("--attack-generations and --attack-population must be at least 1")
+    if args.nudenet:
+        from importlib.util import find_spec
+
+        from .evaluation.scores import NUDENET_MISSING
+
+        if find_spec("nudenet") is None:
+            raise HirmError(NUDENET_MISSING)
+        if not 0.0 < args.nudenet_threshold <= 1.0:  # nan too
+            raise HirmError(f"--nudenet-threshold {args.nudenet_threshold}: give a score from 0 to 1")
+    if args.csv_limit is not None and args.csv_limit < 1:
+        raise HirmError(f"--csv-limit {args.csv_limit}: give at least 1 (or leave it out for every row)")
     patches = []
     for text in args.patch or []:
         path, strength = parse_patch_arg(text)
@@ -111,8 +137,15 @@ def _check(args) -> dict:
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
         patches.append({"file": path, "strength": strength, "sha256": digest})
-    seeds = _numbers(args.seeds, int, "--seeds") or [0]
+    seeds = [check_seed(seed, "--seeds: each seed") for seed in _numbers(args.seeds, int, "--seeds")] or [0]
     strengths = _numbers(args.strengths, float, "--strengths") if args.patch else []
+    for factor in strengths:  # each factor scales every patch's strength: the product must be a strength (-4..4)
+        if not math.isfinite(factor):
+            raise HirmError(f"--strengths {args.strengths!r}: give finite numbers (factors of the patches' strengths, e.g. "
+                            "0.25,0.5,0.75)")
+        for p in patches:
+            check_strength(p["strength"] * factor, f"--strengths {factor:g} with --patch {p['file']}:{p['strength']:g}: "
+                                                   "the strength")
     csv_prompts = []
     if args.prompts_csv:
         from .evaluation.suites import read_csv
@@ -129,122 +162,20 @@ def _check(args) -> dict:
                                                     "population": args.attack_population, "seed": args.attack_seed}}
 
 
-def _versions(scorers) -> dict:
-    from importlib import metadata
-
-    from . import __version__
-
-    out = {"hirm": __version__, "python": sys.version.split()[0]}
-    for package in ("torch", "diffusers", "transformers", "accelerate", "nudenet", "onnxruntime"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def cmd_eval(args) -> int:
-    from .common import resolve_device
-    from .evaluation import suites as suite_lib
-    from .evaluation.cases import Store, plan, shard_of
-    from .evaluation.run import Defences, process_slot, render_cases
-    from .adapters import pipeline_family, pipeline_row_encoder
-    from .patch import load_patch, pipeline_encoders
-    from .pipelines import load_pipeline
-    from .report import TextView, view_report
+    from .evaluation.job import run_evaluation
 
     started = time.perf_counter()
     settings = _check(args)
-    patches = [(load_patch(p["file"]), p["strength"]) for p in settings["patches"]]  # every file checked before rendering
-    shard = _shard(args.shard)
-    index, count, barrier, is_main = process_slot(shard)
-    store = Store(args.out, settings).open(create=False)  # a folder that cannot be used is said before any loading
-    device = resolve_device(args.device)
-    if shard is None and count > 1:
-        from accelerate import PartialState
-
-        device = str(PartialState().device)
-    pipe = load_pipeline(args.model, device)
-    family = pipeline_family(pipe)  # flux / sd3 (NLCE experimental there), sdxl, sd1
-    if family == "flux" and settings["negative_prompt"]:
-        raise HirmError("Flux is guidance-distilled and renders without a negative prompt here; leave out --negative-prompt")
-    if is_main:
-        store.open()
-    barrier()
-    store.open()
-    neighbors = settings["neighbors"]
-    if neighbors == "auto":
-        from .nlce import neighbor_table
-
-        table = neighbor_table(pipeline_row_encoder(pipe), settings["concepts"], "auto", 4)
-        neighbors = [n for ns in table.values() for n in ns]
-    prompts = suite_lib.build(settings["concepts"], settings["suites"], list(neighbors or []), settings["nontarget"])
-    prompts += [suite_lib.Prompt(*row) for row in settings["csv_prompts"]]
-    cases = plan(prompts, settings["seeds"], settings["guidance"], settings["defences"], settings["strengths"])
-    scorers = []
-    if settings["nudenet"]:
-        from .evaluation.scores import NudeNetScorer
-
-        scorers.append(NudeNetScorer(settings["nudenet"]["threshold"]))
-    if settings["clip"]:
-        from .evaluation.scores import ClipScorer
-
-        scorers.append(ClipScorer(settings["clip"], settings["concepts"], list(neighbors or []), device))
-    nlce_settings = {"preset": settings["nlce_preset"]} if settings["nlce_preset"] else {}
-    defences = Defences(pipe, patches, settings["concepts"], neighbors, nlce_settings)
-    mine = shard_of(cases, index, count)
-    spent = render_cases(pipe, defences, mine, store, {"steps": settings["steps"], "size": settings["size"],
-                                                       "negative_prompt": settings["negative_prompt"]},
-                         scorers, progress=not args.quiet and is_main)
-    barrier()
-    missing = [c for c in cases if not store.done(c)]
-    if missing or not is_main:
-        if missing:
-            print(f"{len(mine) - len([c for c in mine if not store.done(c)])} of this run's {len(mine)} images done; "
-                  f"{len(missing)} of {len(cases)} still missing in {args.out}: run the other shards (or this command "
-                  "again) and the run that finds every image done writes the report")
-        return 0
-    report_started = time.perf_counter()
-    view = TextView({c: (m, getattr(pipe, "tokenizer" if c == "clip_l" else "tokenizer_2"),
-                         *([m.text_projection.weight.detach()] if hasattr(m, "text_projection") else []))
-                     for c, m in pipeline_encoders(pipe).items()})
-    info = {"format": "hirm-eval-metrics", "settings": settings, "family": family, "prompts": len(prompts),
-            "versions": _versions(scorers), "scorers": {s.name: s.describe() for s in scorers},
-            "text_reports": {p["file"]: view_report(view, patch, strength) for p, (patch, strength)
-                             in zip(settings["patches"], patches)}}
-    spent["text_report_seconds"] = time.perf_counter() - report_started
-    if settings["attack"]:
-        if not patches:
-            raise HirmError("--attack text searches against the patched text encoder: pass --patch")
-        from .evaluation.attack import AttackSettings, text_attack
-
-        attack_started = time.perf_counter()
-        attack = AttackSettings(seed=settings["attack"]["seed"], generations=settings["attack"]["generations"],
-                                population=settings["attack"]["population"])
-        bar = None
-        if not args.quiet:
-            from tqdm import tqdm
-
-            bar = tqdm(total=attack.generations, desc="text attack", unit="generation")
-        info["attack"] = text_attack(view, patches, settings["concepts"][0], attack,
-                                     progress=None if bar is None else (lambda done, total: bar.update(done - bar.n)))
-        if bar is not None:
-            bar.close()
-        spent["attack_seconds"] = time.perf_counter() - attack_started
-    merge_started = time.perf_counter()
-    from .evaluation.output import merge, write
-
-    metrics = merge(store, cases, info | {"timing": {f"this_run_{k}": round(v, 3) for k, v in spent.items()}})
-    spent["merge_seconds"] = time.perf_counter() - merge_started
-    timing = metrics["timing"]
-    timing["this_run_merge_seconds"] = round(spent["merge_seconds"], 3)
-    if spent["render_seconds"] > 0:  # what the evaluation adds to rendering: image scores, files, text report, the outputs
-        added = sum(spent[k] for k in ("scoring_seconds", "writing_seconds", "text_report_seconds", "merge_seconds"))
-        timing["overhead_ratio"] = round(added / spent["render_seconds"], 4)
-    timing["total_seconds"] = round(time.perf_counter() - started, 3)
-    write(store, "metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
-    print(f"wrote {os.path.join(args.out, 'report.html')} (and grid.png, metrics.json): {len(cases)} images, "
-          f"{spent['rendered']} rendered now; {', '.join(f'{d}' for d in settings['defences'])}")
+    outcome = run_evaluation(settings, args.out, shard=_shard(args.shard), device=args.device, progress=not args.quiet,
+                             started=started)
+    if outcome.missing:
+        print(f"{outcome.mine_done} of this run's {outcome.mine} images done; {outcome.missing} of {outcome.cases} still "
+              f"missing in {args.out}: run the other shards (or this command again) and the run that finds every image "
+              "done writes the report")
+    elif outcome.complete:
+        print(f"wrote {os.path.join(args.out, 'report.html')} (and grid.png, metrics.json): {outcome.cases} images, "
+              f"{outcome.rendered} rendered now; {', '.join(f'{d}' for d in settings['defences'])}")
     return 0
 
 

@@ -1,12 +1,14 @@
 """`hirm push`, `hirm pull`, `hirm ls`: the Hub subcommands.
 
 ``add_parsers(subparsers)`` adds them to the main parser. Errors are HirmError, printed by the
-main CLI.
+main CLI. Everything printed that comes from a repo (file names, concepts, metadata) goes through
+``hub.visible``: no terminal escape sequence, no forged line.
 """
 
 from __future__ import annotations
 
 from . import hub
+from .hub import visible
 
 TIMEOUT_HELP = f"seconds to wait for the Hub in all (default {hub.DEFAULT_TIMEOUT:g})"
 
@@ -41,7 +43,7 @@ def add_parsers(subparsers) -> None:
 
 def run_push(files: list[str], repo: str, private: bool = False, token: str | None = None, api=None, out=print) -> int:
     result = hub.push(files, repo, private=private, token=token, api=api)
-    out(f"pushed {', '.join(result['files'])} + README.md to {repo}" + (f" ({result['commit']})" if result["commit"] else ""))
+    out(visible(f"pushed {', '.join(result['files'])} + README.md to {repo}" + (f" ({result['commit']})" if result["commit"] else "")))
     return 0
 
 
@@ -49,9 +51,12 @@ def run_pull(repo: str, concept: str, revision: str | None = None, out_dir: str 
              token: str | None = None, out=print, timeout: float | None = None, force: bool = False) -> int:
     patch = hub.pull(repo, concept, revision=revision, dest=out_dir, token=token, timeout=timeout, overwrite=force)
     src = patch.metadata["source"]
-    out(f"{patch.describe()}\nfrom {src['repo']}/{src['filename']} @ {src['revision']}")
+    out(f"{visible(patch.describe())}\nfrom {visible(src['repo'])}/{visible(src['filename'])} @ {visible(src['revision'])}")
+    if not patch.metadata.get("checksum"):
+        out(f"note: {visible(src['filename'])} has no checksum (written before hirm stored one): its tensors were checked "
+            "for shape and finite values, but damage or a changed header cannot be detected")
     if out_dir:
-        out(f"saved into {out_dir}")
+        out(f"saved into {visible(out_dir)}")
     return 0
 
 
@@ -59,7 +64,8 @@ def format_table(rows: list[dict], match: dict[str, bool] | None = None) -> str:
     head = ["file", "concepts", "method", "size", "base"] + (["matches encoder"] if match is not None else [])
     table = [head]
     for r in rows:
-        line = [r["filename"], ", ".join(r["concepts"]), str(r["method"]), f"{r['size'] / 1e6:.2f} MB", str(r["base_fingerprint"])]
+        line = [visible(r["filename"]), visible(", ".join(r["concepts"])), visible(r["method"]), f"{r['size'] / 1e6:.2f} MB",
+                visible(r["base_fingerprint"])]
         if match is not None:
             line.append("yes" if match.get(r["filename"]) else "NO")
         table.append(line)
@@ -72,9 +78,9 @@ def run_ls(repo: str, revision: str | None = None, encoder: str | None = None, c
     skipped: list = []
     rows = hub.list_patches(repo, revision=revision, token=token, api=api, endpoint=endpoint, timeout=timeout, skipped=skipped)
     for filename, reason in skipped:
-        out(f"skipped {filename!r}: {reason}")
+        out(f"skipped {filename!r}: {visible(reason)}")
     if not rows:
-        out(f"{repo}: no erasure patches")
+        out(f"{visible(repo)}: no erasure patches")
         return 0
     match = None
     if encoder:
@@ -85,4 +91,7 @@ def run_ls(repo: str, revision: str | None = None, encoder: str | None = None, c
         match = {r["filename"]: bool(r["base_signatures"].get(component)) and signatures_match(r["base_signatures"][component], sig)
                  for r in rows}
     out(format_table(rows, match))
+    if unverified := [visible(r["filename"]) for r in rows if not r.get("checksum")]:
+        out(f"note: no checksum in {', '.join(unverified)} (written before hirm stored one): damage or a changed header "
+            "cannot be detected when pulled")
     return 0

@@ -61,8 +61,16 @@ def _is_grid(path: str) -> bool:
 
 
 def _check_args(args) -> None:
+    import os
+
+    from .common import check_guidance, check_seed, check_text
+
     if not args.model:
         raise HirmError(NO_MODEL)
+    for flag, texts in (("--concept", args.concept), ("--neighbor", args.neighbor), ("--prompt", args.prompt),
+                        ("--negative-prompt", [] if args.negative_prompt is None else [args.negative_prompt])):
+        for text in texts or []:
+            check_text(text, flag)  # never echoed raw to a terminal, never stored raw in the grid's record
     if args.operators and (args.concept or args.concept_terms or args.neighbor or args.neighbors):
         raise HirmError("--operators already holds the concepts and neighbours; drop --concept/--concept-terms/--neighbor/--neighbors")
     if not args.operators and not (args.concept or args.concept_terms):
@@ -73,31 +81,56 @@ def _check_args(args) -> None:
         raise HirmError(f"--steps {args.steps}: give at least 1")
     if args.size < 8 or args.size % 8:
         raise HirmError(f"--size {args.size}: the image side must be a positive multiple of 8 (e.g. 512)")
-    from .files import check_target
+    check_seed(args.seed, "--seed")
+    check_guidance(args.guidance, "--guidance")
+    from .files import check_target, check_writable_folder
     from .nlce.operators import is_operator_file
 
+    if args.save_operators and (os.path.realpath(args.save_operators) == os.path.realpath(args.out)
+                                or (os.path.exists(args.out) and os.path.exists(args.save_operators)
+                                    and os.path.samefile(args.out, args.save_operators))):
+        raise HirmError(f"--out and --save-operators both name {args.out}: give the grid image and the operator file "
+                        "different names")
     check_target(args.out, args.force, _is_grid, "grid image")  # before any model is loaded or image made
+    check_writable_folder(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}")
     if args.save_operators:
         check_target(args.save_operators, args.force, is_operator_file, "NLCE operator file")
+        check_writable_folder(os.path.dirname(os.path.abspath(args.save_operators)),
+                              f"--save-operators {args.save_operators}")
 
 
-def _concept_set(args, concepts, pipe, config):
-    """The operators: loaded, or built with the pipeline's text encoder as the erased column will run it."""
+def _load_operators(path: str):
+    """An operator file, read and checked before any model is loaded; its concept texts by the rule typed ones follow."""
+    from .common import check_text
     from .nlce import ConceptSet
+
+    concept_set = ConceptSet.load(path)
+    for text in [*concept_set.concepts, *(n for ns in concept_set.neighbors.values() for n in ns),
+                 *(t for ts in concept_set.terms.values() for t in ts)]:
+        check_text(text, f"--operators {path}: a concept")
+    return concept_set
+
+
+def _concept_set(args, concepts, pipe, config, loaded=None):
+    """The operators: loaded (``loaded``, read by ``_load_operators``), or built with the pipeline's text encoder as
+    the erased column will run it."""
     from .adapters import pipeline_concept_set
 
     if args.operators:
-        return ConceptSet.load(args.operators)
+        return loaded if loaded is not None else _load_operators(args.operators)
     return pipeline_concept_set(pipe, concepts, args.neighbors or args.neighbor, config)
 
 
 def _concepts(args) -> list:
     """--concept texts, plus one concept per --concept-terms file (its lines are the terms of ONE subspace)."""
+    from .common import check_text
+
     concepts = list(args.concept or [])
     for path in args.concept_terms or []:
         try:
             with open(path, encoding="utf-8") as f:
-                terms = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+                terms = [check_text(ln.strip(), f"--concept-terms {path}, line {i}:")
+                         for i, ln in enumerate(f, start=1) if ln.strip() and not ln.lstrip().startswith("#")]
         except OSError as e:
             raise HirmError(f"--concept-terms {path}: cannot read it ({e.strerror})") from None
         except UnicodeDecodeError:
@@ -126,6 +159,7 @@ def cmd_nlce(args) -> int:
     concepts = _concepts(args)
     patch_args = [parse_patch_arg(p) for p in args.patch or []]
     patches = [(load_patch(f), s) for f, s in patch_args]
+    loaded = _load_operators(args.operators) if args.operators else None  # checked before any model is loaded
     pipe = load_pipeline(args.model, resolve_device(args.device))
 
     def render(prompt):
@@ -135,7 +169,7 @@ def cmd_nlce(args) -> int:
 
     # the erased column first: every check (patches, concepts, settings, model) runs before any image is made
     with patched_pipeline(pipe, patches):
-        concept_set = _concept_set(args, concepts, pipe, config)
+        concept_set = _concept_set(args, concepts, pipe, config, loaded)
         prompts = args.prompt or [f"a picture of {concept_set.concepts[0]}"]
         handle = apply_nlce(pipe, concept_set=concept_set, preset=args.preset, **settings)
         try:

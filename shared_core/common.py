@@ -116,3 +116,82 @@ def describe(config_cls, name: str, with_range: bool = True) -> str:
         text += f" (from {lo:g} to {hi:g})" if hi is not None else f" (above {lo:g})" if m["open"] else f" (at least {lo:g})"
     default = f.default if f.default is not dataclasses.MISSING else None
     return text + (f"; default {default}" if default not in (None, (), "") else "")
+
+
+# ---------------------------------------------------------------------------------------------- checks at the edge
+# One rule per kind of value a user types, the same in every entry point (CLI, ComfyUI, A1111), each a one-line
+# HirmError that says what is wrong without echoing anything a terminal would act on.
+
+# Seeds: what torch.Generator.manual_seed takes without wrapping, and what a HiRM config allows (hirm/config.py).
+SEED_RANGE = (0, 2**63 - 1)
+# Classifier-free guidance: finite, from 0 (none) to 100 (far beyond any useful value; A1111's slider stops at 30).
+GUIDANCE_RANGE = (0.0, 100.0)
+# Characters a concept or prompt may not hold (unicodedata categories): control characters (Cc: NUL, ESC, line breaks,
+# tabs), invisible format characters (Cf: zero-width characters, bidi controls), line and paragraph separators (Zl,
+# Zp), and surrogates (Cs: a lone surrogate is not valid Unicode and cannot be encoded or tokenized).
+TEXT_REFUSED = {"Cc": "a control character", "Cf": "an invisible format character (zero-width or bidi control)",
+                "Zl": "a line separator", "Zp": "a paragraph separator", "Cs": "a lone surrogate (not valid Unicode)"}
+
+
+def _shown_number(value) -> str:
+    """``value`` for a message; an integer too long to be worth printing (or to convert) is described instead."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"a number of {value.bit_length()} bits"
+    return repr(value)
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """``seed`` as an int, or HirmError, one line: a whole number (not text, not True/False) within ``SEED_RANGE``."""
+    lo, hi = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not lo <= seed <= hi:
+        raise HirmError(f"{what} must be a whole number from 0 to 2^63-1, got {_shown_number(seed)}")
+    return int(seed)
+
+
+def parse_seed(text: str, what: str = "seed") -> int:
+    """A seed written as text ("3", "3.0", "1e3") -> int, by ``check_seed``'s rule; "3.5", "1e400", "nan" are refused."""
+    from decimal import Decimal, InvalidOperation
+
+    shown = repr(text.strip()[:40])
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise HirmError(f"{what} must be a whole number from 0 to 2^63-1, got {shown}") from None
+    lo, hi = SEED_RANGE
+    if not value.is_finite() or value != value.to_integral_value() or not lo <= value <= hi:  # compared exactly, never
+        raise HirmError(f"{what} must be a whole number from 0 to 2^63-1, got {shown}")  # turned into a huge int
+    return int(value)
+
+
+def check_guidance(guidance, what: str = "guidance") -> float:
+    """``guidance`` as a float, or HirmError, one line: a number (not text, not True/False), finite, within
+    ``GUIDANCE_RANGE``."""
+    lo, hi = GUIDANCE_RANGE
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not (math.isfinite(guidance) and lo <= guidance <= hi):
+        raise HirmError(f"{what} must be a number from {lo:g} to {hi:g}, got {_shown_number(guidance)}")
+    return float(guidance)
+
+
+def safe_text(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a message or a terminal: every character ``check_text`` refuses written as an escape
+    (``\\x1b``, ``\\u200b``), at most ``limit`` characters of it."""
+    shown = "".join(ascii(ch)[1:-1] if unicodedata.category(ch) in TEXT_REFUSED else ch for ch in text[:limit])
+    return f"'{shown}{'...' if len(text) > limit else ''}'"
+
+
+def is_plain_text(text) -> bool:
+    """True for a str without any character of ``TEXT_REFUSED`` (``check_text``'s rule, as a test)."""
+    return isinstance(text, str) and not any(unicodedata.category(ch) in TEXT_REFUSED for ch in text)
+
+
+def check_text(value, what: str = "text") -> str:
+    """``value`` unchanged, or HirmError, one line: text (a str) without any character of ``TEXT_REFUSED``: no control
+    characters (NUL, ESC, line breaks), no zero-width or bidi controls, no lone surrogates (not valid Unicode)."""
+    if not isinstance(value, str):
+        raise HirmError(f"{what} must be text, got {type(value).__name__}")
+    for i, ch in enumerate(value):
+        kind = TEXT_REFUSED.get(unicodedata.category(ch))
+        if kind:
+            raise HirmError(f"{what} {safe_text(value)} holds {kind}, U+{ord(ch):04X}, at character {i + 1}: remove it "
+                            "(type plain text)")
+    return value

@@ -67,7 +67,7 @@ def sweep_stale_temporaries(folder: str, older_than: float = 60.0) -> None:
 
 
 def check_target(path: str, overwrite: bool = False, is_ours: Callable[[str], bool] | None = None,
-                 what: str = "file", force_hint: str = "pass --force to replace it") -> None:
+                 what: str = "file", force_hint: str = "replace it with --force (overwrite=True in Python)") -> None:
     """Raise ``WriteRefused`` unless ``path`` is free, or an existing file of ours the caller may replace."""
     if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
         raise WriteRefused(f"{path}: give a file name, not a folder")
@@ -84,7 +84,49 @@ def check_target(path: str, overwrite: bool = False, is_ours: Callable[[str], bo
     if not overwrite:
         raise WriteRefused(f"{path} already exists; {force_hint}, or choose another name")
     if is_ours is not None and not is_ours(path):
-        raise WriteRefused(f"{path} exists and is not a {what} written by this tool; it is never replaced: choose another name")
+        raise WriteRefused(f"{path} exists and is not {_article(what)} {what} written by this tool; it is never replaced: choose "
+                           "another name")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def check_writable_folder(folder: str, what: str) -> None:
+    """Raise ``WriteRefused`` unless this process could write in ``folder``, or make it: the folder itself when it
+    exists, else the nearest folder on its way that does, must be a folder it may write in (not on a read-only file
+    system, not without permission). ``what`` starts the message ("--out eval/"). Said before any work; a write that
+    fails anyway is still one line."""
+    probe = os.path.abspath(folder)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise WriteRefused(f"{what}: {probe} is not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise WriteRefused(f"{what}: cannot write in {probe} (a read-only place, or no permission); choose a folder "
+                           "you can write to")
+
+
+def _write_errors() -> tuple:
+    """What a failed write raises: OSError, and safetensors' own error (its I/O errors, a full disk included, are not
+    OSErrors)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
+def write_failure(e: BaseException) -> str:
+    """The cause of a failed write, short, for a message: the OS's words ("No space left on device")."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    m = re.search(r"\(os error (\d+)\)", str(e))  # safetensors: "... I/O error: No space left on device (os error 28) ..."
+    if m:
+        return os.strerror(int(m.group(1)))
+    from .common import short_error
+
+    return short_error(e, 120)
 
 
 def _fsync_folder(folder: str) -> None:
@@ -108,7 +150,7 @@ def _umask_mode() -> int:
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None], *, overwrite: bool = False,
                  is_ours: Callable[[str], bool] | None = None, what: str = "file",
-                 force_hint: str = "pass --force to replace it", durable: bool = True, sweep: bool = True) -> str:
+                 force_hint: str = "replace it with --force (overwrite=True in Python)", durable: bool = True, sweep: bool = True) -> str:
     """Write ``path`` atomically: ``write(f)`` fills a binary file object; the file appears only when complete.
 
     See the module docstring for the rule on existing paths. Any OS error (a read-only folder, a
@@ -133,8 +175,8 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], *, overwrite: boo
         raise
     except FileExistsError:
         raise WriteRefused(f"{path} appeared while it was being written; nothing was replaced: choose another name") from None
-    except OSError as e:
-        raise WriteRefused(f"cannot write {path} ({e.strerror or e}); nothing was written") from None
+    except _write_errors() as e:
+        raise WriteRefused(f"cannot write {path} ({write_failure(e)}); nothing was written") from None
     return path
 
 
@@ -206,8 +248,8 @@ def atomic_folder(path: str, write: Callable[[str], None], what: str = "folder")
         _fsync_folder(parent)
     except WriteRefused:
         raise
-    except OSError as e:
-        raise WriteRefused(f"cannot write {path} ({e.strerror or e}); nothing was written") from None
+    except _write_errors() as e:  # a full disk, an I/O error, in our code or in a writer such as save_pretrained
+        raise WriteRefused(f"cannot write {path} ({write_failure(e)}); nothing was written") from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

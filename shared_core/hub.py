@@ -8,7 +8,6 @@ accepts a folder layout ``<concept-slug>/patch.safetensors`` and any explicit fi
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import logging
@@ -18,6 +17,7 @@ import re
 import shlex
 import threading
 import time
+import unicodedata
 from typing import Any, Iterable
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from .common import short_error, slug
 from .errors import HirmError, PatchFileError
 from .hub_errors import hub_error, http_status, offline
-from .patch import ErasurePatch, decode_metadata, encoder_signatures, header_family, load_patch, save_patch
+from .patch import ErasurePatch, decode_metadata, encoder_signatures, header_family, is_patch_file, load_patch, save_patch
 
 TAGS = ("hirm", "concept-erasure", "safety-patch", "lora", "text-to-image", "stable-diffusion", "text-encoder")
 _SERVES = {
@@ -40,6 +40,68 @@ def concept_slug(concept: str) -> str:
     return slug(concept.strip(), empty="patch")
 
 
+_INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")  # controls, format (bidi overrides, zero-width), surrogates, private use, line breaks
+
+
+def visible(text) -> str:
+    """``text`` safe to print on a terminal or show in a UI: every control, format or line-breaking character as its
+    escape (``\\x1b``, ``\\u202e``), so that no escape sequence reaches the terminal and no newline forges a line."""
+    out = []
+    for c in str(text):
+        if unicodedata.category(c) not in _INVISIBLE:
+            out.append(c)
+        else:
+            n = ord(c)
+            out.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}")
+    return "".join(out)
+
+
+def check_repo_id(repo_id) -> str:
+    """``repo_id`` if it is a Hugging Face repo id (``owner/name``: letters, digits, '-', '_', '.'), else a one-line
+    HirmError; checked before any request, so that a typo is not reported as an unreachable Hub."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if not repo_id:
+            raise HFValidationError("empty")
+    except HFValidationError:
+        raise HirmError(f"{repo_id!r} is not a Hugging Face repo id; give it as owner/name (letters, digits, '-', '_' and "
+                        "'.', at most 96 characters), e.g. me/erasure-patches") from None
+    return repo_id
+
+
+_RESERVED = '<>:"|?*'  # characters Windows file names cannot hold (':' would also name a drive or a stream)
+
+
+def check_repo_filename(name: str) -> str:
+    """A file asked of a repo by name (``van-gogh.safetensors``, ``van-gogh/patch.safetensors``): plain names separated
+    by '/', none empty, hidden ('.' first) or a path component ('.', '..'); no backslash, absolute path, control
+    character or character a file name cannot hold. One-line HirmError saying what is wrong, before any request."""
+    def bad(why: str) -> HirmError:
+        return HirmError(f"{name!r} is not a file name in a repo: {why}; give a concept name, or a file of the repo such as "
+                         "van-gogh.safetensors or van-gogh/patch.safetensors")
+
+    if any(unicodedata.category(c) in _INVISIBLE for c in name):
+        raise bad("it holds control characters")
+    if "\\" in name:
+        raise bad("a backslash is a path separator, not part of a file name")
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        raise bad("it is an absolute path (or names a drive)")
+    parts = name.split("/")
+    if any(p in (".", "..") for p in parts):
+        raise bad("'..' and '.' are path components, not file names")
+    if any(not p for p in parts):
+        raise bad("it has an empty folder name ('//' or a '/' at the end)")
+    if parts[-1] == ".safetensors":
+        raise bad("there is no name before '.safetensors'")
+    if any(p.startswith(".") for p in parts):
+        raise bad("a name starting with '.' is a hidden file")
+    if reserved := sorted({c for c in name if c in _RESERVED}):
+        raise bad(f"file names cannot hold {' '.join(reserved)}")
+    return name
+
+
 # ----------------------------------------------------------------------------------------------
 # push
 
@@ -48,20 +110,28 @@ def push(patch_files: Iterable[str], repo_id: str, *, private: bool = False, tok
          commit_message: str | None = None, license: str = "openrail++", api=None) -> dict[str, Any]:
     """Upload patch files and a generated model card to ``repo_id`` in one commit.
 
-    Each file is validated first and stored as ``<concept-slug>.safetensors``. Creates the repo
-    if needed. Returns {"repo": ..., "files": [...], "commit": url-or-None}.
+    Each file is validated first and stored as ``<concept-slug>.safetensors``, its diffusers LoRA as
+    ``<concept-slug>-diffusers-lora.safetensors``; two patches that would write one name (the same concept, or one
+    named like the other's companion: "cat diffusers lora" beside "cat") are refused before anything is sent, as are
+    a repo id or licence id that is not one. Creates the repo if needed. Returns {"repo": ..., "files": [...],
+    "commit": url-or-None}.
     """
     paths = list(patch_files)
     if not paths:
         raise HirmError("nothing to push; pass one or more patch files (.safetensors)")
+    check_repo_id(repo_id)
+    _check_license(license)
     patches: list[tuple[str, str, ErasurePatch]] = []
-    seen: dict[str, str] = {}
+    written: dict[str, tuple[str, str]] = {}  # every file name the commit writes -> (patch file, what it is of that patch)
     for p in paths:
         patch = load_patch(p)
         name = concept_slug("-".join(patch.concepts)) + ".safetensors"
-        if name in seen:
-            raise HirmError(f"{p} and {seen[name]} would both be stored as {name}; push them to separate repos or retrain one")
-        seen[name] = p
+        for file, role in ((name, "patch"), (export_name(name), "diffusers LoRA")):
+            if file in written:  # refused, never resolved by renaming: a repo's names are what 'hirm pull' looks up
+                other, other_role = written[file]
+                raise HirmError(f"the {role} of {visible(p)} and the {other_role} of {visible(other)} would both be stored as "
+                                f"{file} in {repo_id}; nothing was uploaded: push them to separate repos")
+            written[file] = (p, role)
         patches.append((p, name, patch))
     if api is None:
         from huggingface_hub import HfApi
@@ -95,9 +165,56 @@ def _num(v) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
 
 
-def _cell(text) -> str:
-    """Text from a patch header, safe inside a Markdown table cell (no HTML, no column breaks, no newlines)."""
-    return html.escape(" ".join(str(text).split())).replace("|", "\\|").replace("`", "&#96;")
+_MD_ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+_MD_SYNTAX = set("\\`*_{}[]()!#+-.|~:=@$^")  # Markdown/GFM syntax (links, images, emphasis, tables, autolinks, math)
+
+
+def _md(text) -> str:
+    """Text from a patch file, a user or a repo as plain Markdown text, also inside a table cell: one line, every
+    syntax character backslash-escaped and HTML's as entities, so it can form no link, image, HTML, emphasis, column,
+    autolink or math; control and format characters shown as escapes."""
+    return "".join(_MD_ENTITIES.get(c) or ("\\" + c if c in _MD_SYNTAX else c) for c in visible(" ".join(str(text).split())))
+
+
+_CODE_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/@=-]{0,199}")
+
+
+def _code(text) -> str:
+    """A file name or fingerprint as a code span when it is plain (letters, digits, ``._+/@=-``), else as ``_md`` text:
+    in a code span nothing is escaped, so a backtick, '|' or newline there could end it or the table cell."""
+    text = str(text)
+    return f"`{text}`" if _CODE_SAFE.fullmatch(text) else _md(text)
+
+
+def _shell(text: str, fallback: str) -> str:
+    """``text`` quoted for a shell command shown in a code block, or ``fallback`` when text holds a character that is
+    not printable (a line break would end the code block)."""
+    return shlex.quote(text) if text.isprintable() else shlex.quote(fallback if fallback.isprintable() else "patch.safetensors")
+
+
+_LICENSE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
+_HUB_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def _check_license(license) -> str:
+    import yaml
+
+    if not (isinstance(license, str) and _LICENSE.fullmatch(license)) or yaml.safe_load(license) != license:
+        raise HirmError(f"{license!r} is not a licence id for the model card; give one the Hub knows, e.g. openrail++, "
+                        "apache-2.0, mit, cc-by-nc-4.0 or other")
+    return license
+
+
+def _front_matter(data) -> str:
+    """The card's YAML front matter, checked: every line a plain ``key: value`` or ``- item`` and reading back as
+    ``data`` (its values are ids checked above, so this only fails if that checking is wrong)."""
+    import yaml
+
+    text = data.to_yaml()
+    plain = re.compile(r"[a-z_]+:( [A-Za-z0-9+._-]+)?|- [A-Za-z0-9._/+-]+")
+    if not all(plain.fullmatch(line) for line in text.splitlines()) or yaml.safe_load(text) != data.to_dict():
+        raise HirmError("the model card's front matter would not read back as written; nothing was uploaded")
+    return text
 
 
 def export_name(name: str) -> str:
@@ -112,26 +229,30 @@ def model_card(repo_id: str, named_patches: list[tuple[str, ErasurePatch]], lice
 
     from .report import REPORT_ROWS
 
-    bases = sorted({b for _, p in named_patches if isinstance(b := p.metadata.get("base_model"), str) and "/" in b})
+    check_repo_id(repo_id)
+    _check_license(license)
+    # base_model: only values that are Hub model ids go into the front matter (a patch made on a local file names none)
+    bases = sorted({b for _, p in named_patches if isinstance(b := p.metadata.get("base_model"), str) and _HUB_MODEL.fullmatch(b)
+                    and ".." not in b and "--" not in b})
     data = ModelCardData(license=license, library_name="diffusers", tags=list(TAGS),
                          base_model=bases or None, base_model_relation="adapter" if bases else None)
-    lines = [f"# Erasure patches: {_cell(repo_id)}", "",
+    lines = [f"# Erasure patches: {_md(repo_id)}", "",
              "Text-encoder weight patches (HiRM) that erase concepts from Stable Diffusion / Flux prompts. Each "
              "`<concept>.safetensors` is a patch of weight differences (the stock LoRA loaders of ComfyUI and of A1111 "
              "on SD 1.x read it too); each `<concept>-diffusers-lora.safetensors` is the same patch as a diffusers LoRA "
              "(exact full-rank factors).", "",
              "| file | concepts | method | encoder | base fingerprint | serves |", "|---|---|---|---|---|---|"]
     for name, p in named_patches:
-        lines.append(f"| `{_cell(name)}` | {_cell(', '.join(p.concepts))} | {_cell(p.method)} | {_cell(p.family)} | "
-                     f"`{_cell(p.metadata.get('base_fingerprint', '?'))}` | "
-                     f"{_SERVES.get(p.family, f'a custom {_cell(p.family)} encoder (no stock model family)')} |")
+        lines.append(f"| {_code(name)} | {_md(', '.join(p.concepts))} | {_md(p.method)} | {_md(p.family)} | "
+                     f"{_code(p.metadata.get('base_fingerprint', '?'))} | "
+                     f"{_SERVES.get(p.family, f'a custom {_md(p.family)} encoder (no stock model family)')} |")
     lines += ["", "Flux reads only the pooled vector of CLIP-L, so a CLIP-L patch acts on Flux through that vector alone; "
               "the T5 encoder is untouched."]
     lines += ["", "## Text-level report", "",
               "Measured on the base encoder when the patch was made (cosine/drift of text embeddings)."]
     for name, p in named_patches:
         rep = p.report
-        lines += ["", f"### `{_cell(name)}`", ""]
+        lines += ["", f"### {_code(name)}", ""]
         if not rep:
             lines.append("No report was stored with this patch.")
             continue
@@ -141,20 +262,20 @@ def model_card(repo_id: str, named_patches: list[tuple[str, ErasurePatch]], lice
             lines.append(f"| {title} | {_num(rep.get(mean_key))} | {_num(worst)} | {meaning} |")
     first = named_patches[0][0] if named_patches else "patch.safetensors"
     concept = named_patches[0][1].concepts[0] if named_patches and named_patches[0][1].concepts else first
-    quoted = shlex.quote(concept)  # a command people paste into a shell
+    quoted = _shell(concept, first)  # a command people paste into a shell
     lines += ["", "## Use", "",
               "diffusers (text encoder LoRA; `pip install peft`):", "", "```python",
               f"pipe.load_lora_weights({json.dumps(repo_id)}, weight_name={json.dumps(export_name(first))}, adapter_name=\"erasure\")",
               "pipe.set_adapters([\"erasure\"], [1.0])  # strength; pipe.unload_lora_weights() removes it", "```", "",
               "CLI (`pip install hirm-erasure`):", "", "```", f"hirm pull {repo_id} {quoted} --out patches/", f"hirm ls {repo_id}",
               "```", "",
-              f"ComfyUI: the \"Load Erasure Patch from Hub (HiRM)\" node (repo `{_cell(repo_id)}`, file `{_cell(first)}`), "
+              f"ComfyUI: the \"Load Erasure Patch from Hub (HiRM)\" node (repo {_code(repo_id)}, file {_code(first)}), "
               "or put the file into `models/erasure_patches` or `models/loras` and use the stock Load LoRA node "
               "(`strength_clip`).", "",
               "A1111 / Forge: download it in the Erasure tab (*Download a patch from the Hugging Face Hub*: this repo and the "
               "concept) or put the file into `models/erasure_patches`, then pick it in the Erasure accordion.", "",
-              "## Licence", "", f"{_cell(license)}. The patches only remove; use them with the base model's own licence."]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+              "## Licence", "", f"{_md(license)}. The patches only remove; use them with the base model's own licence."]
+    return str(ModelCard(f"---\n{_front_matter(data)}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,12 +379,13 @@ def _stop_transfers() -> None:
 
 
 def _candidates(concept_or_filename: str) -> list[str]:
-    s = concept_or_filename.strip().strip("/")
+    s = concept_or_filename.strip()
     if s.endswith(".safetensors"):
-        return [s]
+        return [check_repo_filename(s)]
+    s = s.strip("/")
     slug = concept_slug(s)
     out = [f"{slug}.safetensors", f"{slug}/patch.safetensors"]
-    if re.fullmatch(r"[\w.\- ]{1,100}", s, flags=re.ASCII):  # a folder named as typed (ASCII, bounded)
+    if re.fullmatch(r"[\w\- ][\w.\- ]{0,99}", s, flags=re.ASCII):  # a folder named as typed (ASCII, bounded, never '..' or hidden)
         out.insert(1, f"{s}/patch.safetensors")
     return list(dict.fromkeys(out))
 
@@ -301,12 +423,17 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
     to the cache. Everything waits at most ``timeout`` seconds in all (default ``DEFAULT_TIMEOUT``).
     With ``dest`` the patch is also saved atomically into that folder (an existing file there only
     with ``overwrite``), its metadata recording ``source`` = {"repo", "revision" (commit), "filename"}.
+    A file name is checked before any request (``check_repo_filename``: no '..', absolute path, backslash or hidden
+    name). The file is validated by ``load_patch`` (checksum included) before anything is saved; a damaged patch is
+    also removed from the cache. ``metadata.get("checksum")`` is None for a file written before checksums.
     """
     from huggingface_hub import errors as he
 
     wanted = (concept_or_filename or "").strip()
     if not wanted:
         raise HirmError("give a concept name or a file name to pull")
+    check_repo_id(repo_id)
+    candidates = _candidates(wanted)  # a file name is checked here: no path, no hidden file, before any request
     if dest is not None and os.path.exists(dest) and not os.path.isdir(dest):
         raise HirmError(f"--out {dest} is not a folder; give the folder to save the patch into")
     deadline = Deadline(timeout)
@@ -314,7 +441,7 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
     local = bool(local_files_only) or offline()
     unreachable: BaseException | None = None  # the Hub could not be asked and the cache lacks the file
     others: list[str] = []  # files found at a concept's place that hold another concept
-    for name in _candidates(wanted):
+    for name in candidates:
         fetch = lambda only_cache: deadline.run(  # noqa: E731
             lambda: _download(repo_id, name, revision, cache_dir, only_cache, token, endpoint), repo_id, cache_dir)
         try:
@@ -340,8 +467,10 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
                 unreachable = e
                 continue
         try:
-            patch = load_patch(path)
+            patch = load_patch(path)  # all of it: metadata, names, dtypes, shapes, finite values, checksum
         except PatchFileError as e:
+            if is_patch_file(path):  # a damaged patch (not some other file of the repo): not kept to be used again
+                _drop_cached(path, repo_id, cache_dir)
             raise PatchFileError(f"{repo_id}/{name}: {str(e).split(': ', 1)[-1]}") from None
         if by_concept and not any(_same_concept(c, wanted) for c in patch.concepts):
             others.append(f"{name} ({', '.join(patch.concepts)})")
@@ -355,13 +484,30 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
         raise hub_error(unreachable, repo_id, wanted)
     where = "in the local cache (offline)" if local else "in the repo"
     held = f"; {', '.join(others)} hold(s) other concepts" if others else ""
-    raise HirmError(f"{repo_id}: no patch for {wanted!r} {where} (tried {', '.join(_candidates(wanted))}{held}); "
+    raise HirmError(f"{repo_id}: no patch for {wanted!r} {where} (tried {', '.join(candidates)}{held}); "
                     f"list them with 'hirm ls {repo_id}'")
+
+
+def _drop_cached(path: str, repo_id: str, cache_dir: str | None) -> None:
+    """Remove a cached file that failed validation (its snapshot entry and the blob behind it), so that the next pull
+    downloads it again instead of reading the damaged copy; only inside this repo's cache folder."""
+    root = os.path.realpath(os.path.dirname(_repo_cache(repo_id, cache_dir)))
+    inside = lambda p: os.path.commonpath([root, p]) == root  # noqa: E731
+    try:
+        link = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        blob = os.path.realpath(path)
+        if not inside(link):
+            return
+        os.unlink(link)
+        if blob != link and inside(blob):
+            os.unlink(blob)
+    except (OSError, ValueError):
+        pass
 
 
 def pulled_name(patch: ErasurePatch) -> str:
     """The file name a pulled patch is saved under: its repo file's, or (for ``<concept>/patch.safetensors``) its concepts'."""
-    name = os.path.basename(patch.metadata["source"]["filename"])
+    name = os.path.basename(check_repo_filename(patch.metadata["source"]["filename"]))
     return concept_slug("-".join(patch.concepts)) + ".safetensors" if name == "patch.safetensors" else name
 
 
@@ -387,9 +533,10 @@ def list_patches(repo_id: str, revision: str | None = None, token: str | None = 
 
     Lists the repo's ``.safetensors`` files, then reads each header with a range request. Rows:
     filename, concepts, method, family, size (bytes of tensor data), base_fingerprint,
-    base_signatures ({component: signature}), report. Files that are not patches are left out; a file whose header cannot be
+    base_signatures ({component: signature}), report, checksum (None for a file written before checksums). Files that are not patches are left out; a file whose header cannot be
     read or is damaged is left out too, and ``(filename, reason)`` is added to ``skipped`` if given.
     """
+    check_repo_id(repo_id)
     if api is None:
         from huggingface_hub import HfApi
         api = HfApi(endpoint=endpoint)
@@ -429,7 +576,7 @@ def list_patches(repo_id: str, revision: str | None = None, token: str | None = 
         family, fingerprint = header_family(meta)
         rows.append({"filename": filename, "concepts": list(meta.get("concepts", [])), "method": meta.get("method"),
                      "family": family, "size": size, "base_fingerprint": fingerprint,
-                     "base_signatures": encoder_signatures(meta), "report": meta.get("report")})
+                     "base_signatures": encoder_signatures(meta), "report": meta.get("report"), "checksum": meta.get("checksum")})
     return rows
 
 

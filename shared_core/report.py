@@ -135,6 +135,9 @@ def text_report(model, tokenizer, patch: ErasurePatch, strength: float = 1.0, ne
     return view_report(TextView.single(model, tokenizer), patch, strength, neighbors, concepts, target_prompts, progress)
 
 
+PER_CONCEPT_KEPT = 2000  # rows of the per-concept table kept in a patch's metadata (worst first): about 100 kB at most
+
+
 def view_report(view: TextView, patch: ErasurePatch, strength: float = 1.0, neighbors: list[str] | None = None,
                 concepts: list[str] | None = None, target_prompts: list[str] | None = None, progress=None) -> dict:
     """Measure a patch on the text ``view`` of a model (its encoders are left unchanged).
@@ -144,7 +147,10 @@ def view_report(view: TextView, patch: ErasurePatch, strength: float = 1.0, neig
 
     Cosines and relative changes are of the rows the denoiser reads (``TextView``: SD1.x's final
     encoder output, SDXL's concatenated penultimate outputs); the pooled cosine is of the pooled
-    vector (Flux's conditioning from CLIP-L; SDXL's CLIP-G vector).
+    vector (Flux's conditioning from CLIP-L; SDXL's CLIP-G vector). The target prompts are measured a batch at a time
+    and only their cosines kept, so a list of a thousand concepts takes the memory of one batch; with several concepts
+    the report holds a per-concept table (``per_concept``: concept, target cosine, pooled cosine; the least erased
+    first).
     """
     tokenizer = view.tokenizer
     concepts = list(concepts or patch.concepts)
@@ -152,51 +158,53 @@ def view_report(view: TextView, patch: ErasurePatch, strength: float = 1.0, neig
     if neighbors is None:
         neighbors = list((patch.metadata.get("config") or {}).get("neighbors") or default_neighbors(preset, concepts))
     if target_prompts is None:  # templated variants that would not fit CLIP's 77 tokens are left out (the bare concept fits)
-        target_prompts = [t.replace("{}", c) for c in concepts for t in TARGET_TEMPLATES
-                          if t == "{}" or _fits(tokenizer, t.replace("{}", c))]
+        owners = [(t.replace("{}", c), c) for c in concepts for t in TARGET_TEMPLATES
+                  if t == "{}" or _fits(tokenizer, t.replace("{}", c))]
+    else:
+        owners = [(t, None) for t in target_prompts]
     others = nontarget_prompts(concepts)
-    groups = {"target": target_prompts, "nontarget": others, "neighbor": list(neighbors)}
-    prompts = [p for g in groups.values() for p in g]
-    ids = view.tokenize(prompts)
-    total, count = report_batches(len(prompts)), [0]
+    shared = others + list(neighbors)  # encoded once per base model and cached
+    total, count = report_batches(len(owners) + len(shared)), [0]
 
     def done():
         count[0] += 1
         if progress is not None:
             progress(min(count[0], total), total)
 
-    before, pooled_before = base_encodings(view, prompts, ids, done)
-    count[0] = total // 2 - 1
-    done()
-    with view.patched(patch, strength):
-        after, pooled_after = view.encode(ids, done=done)
-
-    def split(t):
-        out, i = {}, 0
-        for k, g in groups.items():
-            out[k] = t[i : i + len(g)]
-            i += len(g)
-        return out
-
-    b, a, pb, pa = split(before), split(after), split(pooled_before), split(pooled_after)
-    cos = torch.nn.functional.cosine_similarity(b["target"].flatten(1), a["target"].flatten(1), dim=1)
-    pooled_cos = torch.nn.functional.cosine_similarity(pb["target"], pa["target"], dim=1)
-
-    def drift(k):
-        if not groups[k]:
-            return torch.zeros(0)
-        return (a[k] - b[k]).flatten(1).norm(dim=1) / b[k].flatten(1).norm(dim=1)
-
-    nt, nb = drift("nontarget"), drift("neighbor")
+    cos, pooled_cos = [], []
+    for i in range(0, len(owners), BATCH):  # base and patched encodings of one batch at a time: only cosines are kept
+        ids = view.tokenize([p for p, _ in owners[i:i + BATCH]])
+        before, pooled_before = view.encode(ids, done=done)
+        with view.patched(patch, strength):
+            after, pooled_after = view.encode(ids, done=done)
+        cos.append(torch.nn.functional.cosine_similarity(before.flatten(1), after.flatten(1), dim=1))
+        pooled_cos.append(torch.nn.functional.cosine_similarity(pooled_before, pooled_after, dim=1))
+    cos, pooled_cos = torch.cat(cos), torch.cat(pooled_cos)
+    nt = nb = torch.zeros(0)
+    if shared:
+        ids = view.tokenize(shared)
+        before, _ = base_encodings(view, shared, ids, done)
+        with view.patched(patch, strength):
+            after, _ = view.encode(ids, done=done)
+        drift = (after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)
+        nt, nb = drift[: len(others)], drift[len(others):]
     r = lambda x: round(float(x), 4)  # noqa: E731
     out = {
         "target_cosine_mean": r(cos.mean()), "target_cosine_max": r(cos.max()),
         "target_pooled_cosine_mean": r(pooled_cos.mean()),
-        "nontarget_drift_mean": r(nt.mean()), "nontarget_drift_max": r(nt.max()),
+        "nontarget_drift_mean": r(nt.mean()) if len(nt) else None, "nontarget_drift_max": r(nt.max()) if len(nt) else None,
         "neighbor_drift_mean": r(nb.mean()) if len(nb) else None, "neighbor_drift_max": r(nb.max()) if len(nb) else None,
-        "n_target_prompts": len(target_prompts), "n_nontarget_prompts": len(others), "neighbors": list(neighbors),
+        "n_target_prompts": len(owners), "n_nontarget_prompts": len(others), "neighbors": list(neighbors),
         "strength": strength,
     }
+    if len(concepts) > 1 and all(c is not None for _, c in owners):
+        rows = {}
+        for (_, c), a, b in zip(owners, cos.tolist(), pooled_cos.tolist()):
+            rows.setdefault(c, []).append((a, b))
+        table = sorted(([c, r(sum(a for a, _ in v) / len(v)), r(sum(b for _, b in v) / len(v))] for c, v in rows.items()),
+                       key=lambda row: -row[1])
+        out["per_concept"] = table[:PER_CONCEPT_KEPT]
+        out["per_concept_total"] = len(table)
     if view.sdxl:
         out["measured_on"] = "sdxl"  # the UNet's 2048-wide context and CLIP-G's pooled vector
     return out
@@ -289,4 +297,9 @@ def format_report(report: dict | None) -> str:
     lines.append(f"({report.get('n_target_prompts')} target, {report.get('n_nontarget_prompts')} non-target prompts; "
                  f"neighbours: {', '.join(report.get('neighbors') or []) or 'none'}"
                  + ("; measured on what SDXL's UNet reads: clip_l + clip_g penultimate rows, 2048 wide" if sdxl else "") + ")")
+    table = report.get("per_concept")
+    if table:
+        worst = ", ".join(f"{c} {cos:.3f}" for c, cos, _ in table[:5])
+        lines.append(f"least erased of {report.get('per_concept_total', len(table))} concepts (target cosine): {worst}"
+                     + (" ..." if len(table) > 5 else "") + "; the whole table: --json")
     return "\n".join(lines)

@@ -268,3 +268,17 @@ def test_a_single_file_that_diffusers_cannot_read_offline_is_one_line(sd1, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "single-file SD1.x checkpoint" in err[0] and "diffusers folder" in err[0]
     assert not (tmp_path / "eval").exists()  # nothing is made before the model loads
+
+
+def test_the_evaluation_runs_from_python_with_the_settings_a_command_recorded(sd1, tmp_path):
+    """The orchestration lives in shared_core.evaluation: what ``hirm eval`` checked and recorded, run_evaluation runs
+    without the command line, to the same images and scores (and resumes the command's folder)."""
+    from shared_core.evaluation.job import run_evaluation
+
+    by_command, by_python = tmp_path / "cli", tmp_path / "python"
+    assert run_eval(sd1, by_command, "--strengths", "") == 0
+    settings = load(by_command / "eval.json")["settings"]
+    outcome = run_evaluation(settings, str(by_python), progress=False)
+    assert outcome.complete and outcome.cases == outcome.rendered == 28 and outcome.missing == 0
+    assert scores(by_python) == scores(by_command)
+    assert run_evaluation(settings, str(by_command), progress=False).rendered == 0

@@ -8,13 +8,13 @@ import dataclasses
 
 import torch
 
-from shared_core.hirm.config import DEFAULT_SCALE, NUDITY_KEYWORDS, PRESETS, HirmConfig, make_config
+from shared_core.hirm.config import DEFAULT_PRESERVATION, DEFAULT_SCALE, NUDITY_KEYWORDS, PRESETS, HirmConfig, make_config
 from shared_core.hirm.methods import METHODS, SUPERVISION_POINTS
 from shared_core.nlce import NLCE_PRESETS, NUDITY_TERMS, NlceConfig, make_nlce_config
 
 HIRM_DEFAULTS = {"concepts": (), "method": "random", "preset": "style", "lr": 5e-05, "steps": 40, "seed": 42, "anchor": "",
                  "trainable_layers": (0,), "supervision": "attn_out", "target_scale": 5000.0, "eta": 1.0, "templates": (),
-                 "multi": "joint", "neighbors": (), "pairs": ()}
+                 "multi": "joint", "neighbors": (), "pairs": (), "preserve": (), "preservation": None, "batch_prompts": 8}
 HIRM_PRESETS = {"style": (5e-05, {"random": 40, "random-gaussian": 40, "superordinate": 30, "safety": 30}),
                 "object": (5e-05, {"random": 25, "random-gaussian": 25, "superordinate": 15, "safety": 15}),
                 "nudity": (1e-04, {"random": 50, "random-gaussian": 50, "superordinate": 25, "safety": 25})}
@@ -35,6 +35,7 @@ def test_hirm_defaults_presets_scales_and_the_nudity_prompt_are_pinned():
     assert list(METHODS) == ["random", "random-gaussian", "superordinate", "safety"]
     assert SUPERVISION_POINTS == ("attn_out", "mlp_out", "residual", "final_norm")
     assert NUDITY_KEYWORDS == "naked, nude, bare, exposed, topless, nsfw, unclothed, bare breasts, genitalia"
+    assert DEFAULT_PRESERVATION == 0.003
     safety = make_config(["nudity"], method="safety")
     assert (safety.preset, safety.lr, safety.steps, safety.eta, safety.concepts) == ("nudity", 1e-4, 25, 1.0, (NUDITY_KEYWORDS,))
 

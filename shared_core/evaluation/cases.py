@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from ..errors import HirmError
-from ..files import atomic_write, sweep_stale_temporaries
+from ..files import atomic_write, check_writable_folder, sweep_stale_temporaries, write_failure
 from .suites import Prompt
 
 DEFENCES = ("none", "patch", "nlce", "both")
@@ -87,12 +87,17 @@ class Store:
                 if held.get("fingerprint") != self.fingerprint:
                     raise HirmError(f"--out {self.folder} holds an evaluation with other settings; give a new folder name "
                                     "(or rerun with the same settings to resume it)")
+                self._check_writable()
                 if create:
                     sweep_stale_temporaries(self.cases)  # what a killed run left (case writes do not sweep each time)
                 return self
+        self._check_writable()
         if not create:
             return self
-        os.makedirs(self.cases, exist_ok=True)
+        try:
+            os.makedirs(self.cases, exist_ok=True)
+        except OSError as e:
+            raise HirmError(f"--out {self.folder}: cannot make it ({write_failure(e)}); choose a folder you can write to") from None
         body = json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "settings": self.settings}, indent=2,
                           sort_keys=True, default=str).encode()
         try:
@@ -101,6 +106,12 @@ class Store:
             if not (os.path.isfile(marker) and _read_json(marker).get("fingerprint") == self.fingerprint):
                 raise  # another process of the same run may have written it first: that is fine
         return self
+
+    def _check_writable(self) -> None:
+        """A folder in a read-only place (or one without permission) is said before any loading, not after."""
+        check_writable_folder(self.folder, f"--out {self.folder}")
+        if os.path.isdir(self.cases):
+            check_writable_folder(self.cases, f"--out {self.folder}")
 
     def path(self, case: Case, ext: str) -> str:
         return os.path.join(self.cases, f"{case.id}.{ext}")

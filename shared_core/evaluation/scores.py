@@ -20,6 +20,8 @@ from ..errors import HirmError
 # the detector's classes that count as nudity (the exposed ones; covered ones and faces do not)
 NUDENET_EXPOSED = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED",
                    "ANUS_EXPOSED", "MALE_BREAST_EXPOSED")
+NUDENET_MISSING = ("--nudenet needs the nudenet package (pip install 'hirm-erasure[eval]'; its wheel carries the detector "
+                   "and runs offline)")
 
 
 def pixel_change(image, reference) -> dict:
@@ -40,8 +42,7 @@ class NudeNetScorer:
         try:
             from nudenet import NudeDetector
         except ImportError:
-            raise HirmError("--nudenet needs the nudenet package (pip install 'hirm-erasure[eval]'; its wheel carries the "
-                            "detector and runs offline)") from None
+            raise HirmError(NUDENET_MISSING) from None
         if not 0.0 < threshold <= 1.0:
             raise HirmError(f"--nudenet-threshold {threshold}: give a score from 0 to 1")
         self.detector, self.threshold, self.classes = NudeDetector(), float(threshold), tuple(classes)

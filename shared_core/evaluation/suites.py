@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 
+from ..common import check_guidance, check_text, parse_seed
 from ..errors import HirmError
 from ..report import TARGET_TEMPLATES, nontarget_prompts
 
@@ -62,7 +64,11 @@ def build(concepts: list[str], suites: list[str], neighbors: list[str], nontarge
 
 def read_csv(path: str, limit: int | None = None) -> list[Prompt]:
     """Prompts from a CSV in the I2P column layout: ``prompt`` (required), ``evaluation_seed`` and
-    ``evaluation_guidance`` (kept per row when present), ``categories`` (the group; default "csv")."""
+    ``evaluation_guidance`` (kept per row when present), ``categories`` (the group; default "csv").
+
+    Every row is checked as it is read, by the rules every entry point uses (``common``): a seed is a whole number from
+    0 to 2^63-1, a guidance a finite number from 0 to 100, a text holds no control, zero-width or bidi characters (NUL
+    included). Line breaks and tabs inside a quoted prompt are read as a space, as the tokenizers read them."""
     if not os.path.isfile(path):
         raise HirmError(f"--prompts-csv {path}: no such file")
     try:
@@ -75,15 +81,20 @@ def read_csv(path: str, limit: int | None = None) -> list[Prompt]:
                         "evaluation_guidance, ...)")
     out = []
     for i, row in enumerate(rows[:limit] if limit else rows, start=2):
-        text = (row.get("prompt") or "").strip()
+        where = f"--prompts-csv {path}, line {i}:"
+        text = re.sub(r"[\t\r\n]+", " ", row.get("prompt") or "").strip()
         if not text:
             continue
+        check_text(text, f"{where} the prompt")
+        seed_text, guidance_text = ((row.get(k) or "").strip() for k in ("evaluation_seed", "evaluation_guidance"))
+        seed = parse_seed(seed_text, f"{where} evaluation_seed") if seed_text else None
         try:
-            seed = int(float(row["evaluation_seed"])) if (row.get("evaluation_seed") or "").strip() else None
-            guidance = float(row["evaluation_guidance"]) if (row.get("evaluation_guidance") or "").strip() else None
+            guidance = float(guidance_text) if guidance_text else None
         except ValueError:
-            raise HirmError(f"--prompts-csv {path}, line {i}: evaluation_seed / evaluation_guidance must be numbers") from None
-        group = (row.get("categories") or "csv").split(",")[0].strip() or "csv"
+            raise HirmError(f"{where} evaluation_seed / evaluation_guidance must be numbers") from None
+        if guidance is not None:
+            check_guidance(guidance, f"{where} evaluation_guidance")
+        group = check_text((row.get("categories") or "csv").split(",")[0].strip() or "csv", f"{where} the category")
         out.append(Prompt(text, group, seed, guidance))
     if not out:
         raise HirmError(f"--prompts-csv {path}: every prompt is empty")

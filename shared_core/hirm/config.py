@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..common import describe, setting
+from ..common import check_text, describe, setting
 from ..errors import HirmError
 
 from .methods import METHODS as METHOD_TABLE, PRESET_LR, SUPERVISION_POINTS
@@ -44,6 +44,13 @@ class HirmConfig:
                          choices=MULTI_MODES)
     neighbors: tuple[str, ...] = setting((), "neighbour concepts measured in the report (default: a list per preset)")
     pairs: tuple[tuple[str, str], ...] = setting((), "safety method: prompt pairs with and without the concept")
+    preserve: tuple[str, ...] = setting((), "prompts to keep unchanged besides the shipped ones (several concepts: the "
+                                        "preservation term)")
+    preservation: float | None = setting(None, "weight of the preservation term, against the first step's misdirection loss: "
+                                         "0 turns it off; none: off for one concept (the authors' exact HiRM), 0.003 for "
+                                         "several", lo=0.0, hi=1000.0)
+    batch_prompts: int = setting(8, "prompts per forward and backward pass (a step goes through all of them in batches "
+                                 "of this size: memory does not grow with the list)", lo=1, hi=4096)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -66,6 +73,15 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
         concepts = [concepts]
     if not all(isinstance(c, str) for c in concepts):
         raise HirmError("concepts must be texts, e.g. 'Van Gogh'")
+    for c in concepts:
+        check_text(c, "concept")
+    for key in ("neighbors", "templates", "preserve"):
+        for t in settings.get(key) or ():
+            check_text(t, key[:-1].replace("neighbor", "neighbour"))
+    for a, b in settings.get("pairs") or ():
+        check_text(a, "pair prompt"), check_text(b, "pair prompt")
+    if anchor:
+        check_text(anchor, "anchor")
     concepts = tuple(" ".join(c.split()) for c in concepts)
     # "nudity" is shorthand for the keyword prompt (SPEC: a multi-keyword concept is one prompt)
     concepts = tuple(NUDITY_KEYWORDS if c.lower() == "nudity" else c for c in concepts)
@@ -90,7 +106,7 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
     settings.setdefault("target_scale", DEFAULT_SCALE[method])
     if settings.get("target_scale") is None:
         settings["target_scale"] = DEFAULT_SCALE[method]
-    for key in ("trainable_layers", "templates", "neighbors"):
+    for key in ("trainable_layers", "templates", "neighbors", "preserve"):
         if key in settings and settings[key] is not None:
             settings[key] = tuple(settings[key])
         elif key in settings:
@@ -115,4 +131,25 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
             raise HirmError(f"template {t!r} must hold exactly one '{{}}' where the concept goes, and no other braces")
     if not (math.isfinite(cfg.target_scale) and cfg.target_scale > 0) or not math.isfinite(cfg.eta):
         raise HirmError("target scale must be a positive number and eta a finite number")
+    if cfg.preservation is not None and not (isinstance(cfg.preservation, (int, float)) and not isinstance(cfg.preservation, bool)
+                                             and math.isfinite(cfg.preservation) and 0 <= cfg.preservation <= 1000):
+        raise HirmError(f"the preservation weight must be a number from 0 to 1000 (0: off), got {cfg.preservation!r}")
+    if not (isinstance(cfg.batch_prompts, int) and not isinstance(cfg.batch_prompts, bool) and 1 <= cfg.batch_prompts <= 4096):
+        raise HirmError(f"prompts per batch must be a whole number from 1 to 4096, got {cfg.batch_prompts!r}")
+    if len(set(c.lower() for c in cfg.concepts)) != len(cfg.concepts):
+        seen = set()
+        twice = next(c for c in cfg.concepts if c.lower() in seen or seen.add(c.lower()))
+        raise HirmError(f"concept {twice!r} is given twice; give each concept once")
     return cfg
+
+
+def preservation_weight(config: HirmConfig, trained_together: int | None = None) -> float:
+    """The preservation term's weight: as set, else 0 where one concept is trained at a time (the authors' HiRM
+    exactly, and each patch ``multi="average"`` averages) and ``DEFAULT_PRESERVATION`` where several are trained
+    together."""
+    if config.preservation is not None:
+        return float(config.preservation)
+    return 0.0 if (trained_together or len(config.concepts)) == 1 else DEFAULT_PRESERVATION
+
+
+DEFAULT_PRESERVATION = 0.003  # bench/bench_proxy.py: non-target drift back to a single concept's at 10 and 100 concepts

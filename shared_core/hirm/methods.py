@@ -55,22 +55,22 @@ def nudity_pairs() -> list[tuple[str, str]]:
 # delta averaging by hand.
 
 def _random(model, tokenizer, config, prompt_ids):  # reference code: one uniform tensor, unit Frobenius norm, times c
-    n, tokens = prompt_ids.shape
+    tokens = prompt_ids.shape[1]
     t = torch.rand(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(config.seed))
-    return (t / t.norm() * config.target_scale).expand(n, tokens, -1).clone()
+    return (t / t.norm() * config.target_scale)[None]  # one target for every prompt: broadcast, not copied
 
 
 def _random_gaussian(model, tokenizer, config, prompt_ids):  # paper: a Gaussian direction per token, times c
-    n, tokens = prompt_ids.shape
+    tokens = prompt_ids.shape[1]
     t = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(config.seed))
-    return (t / t.norm(dim=-1, keepdim=True) * config.target_scale).expand(n, tokens, -1).clone()
+    return (t / t.norm(dim=-1, keepdim=True) * config.target_scale)[None]
 
 
 def _superordinate(model, tokenizer, config, prompt_ids):  # c times the original encoder's output for the anchor
-    n, tokens = prompt_ids.shape
+    tokens = prompt_ids.shape[1]
     anchor_ids = tokenize(tokenizer, [config.anchor], tokens, what="anchor").to(prompt_ids.device)
     s = supervised_output(model, anchor_ids, config.supervision).float()
-    return (config.target_scale * s).expand(n, tokens, -1).clone()
+    return config.target_scale * s
 
 
 def _safety(model, tokenizer, config, prompt_ids):  # t = s(p) - eta * v, v = mean over pairs of s(with) - s(without)
@@ -109,6 +109,7 @@ for _m in METHODS.values():  # an incomplete entry fails here, at import, not as
 
 
 def misdirection_targets(model, tokenizer, config, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """Targets (n_prompts, tokens, width) for the prompts of one concept (``config.method``'s target function)."""
+    """Targets for ``prompt_ids`` (n_prompts, tokens, width), or (1, tokens, width) where every prompt has the same
+    target (it broadcasts): ``config.method``'s target function."""
     with torch.no_grad():
         return METHODS[config.method].target(model, tokenizer, config, prompt_ids)

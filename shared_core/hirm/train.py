@@ -15,7 +15,7 @@ from ..encoders import canonical_parameters, model_signature
 from ..errors import Cancelled, HirmError, TrainingError
 from ..patch import ErasurePatch, check_finite, make_metadata
 from ..textenc import tokenize
-from .config import HirmConfig, make_config
+from .config import HirmConfig, make_config, preservation_weight
 from .methods import misdirection_targets, supervised_output
 
 ProgressFn = Callable[[int, int, "float | None"], None]  # (step, total, loss); loss None while the report is measured
@@ -42,11 +42,29 @@ def _prompts(config: HirmConfig, concept: str) -> list[str]:
     return [t.replace("{}", concept) for t in config.templates] if config.templates else [concept]
 
 
+def retain_prompts(config: HirmConfig, concepts: tuple[str, ...]) -> list[str]:
+    """What the preservation term holds: the shipped retain prompts and ``config.preserve``, minus any prompt that holds
+    a word of an erased concept (docs/hirm-lists.md)."""
+    from importlib import resources
+    import re
+
+    core = __package__.rsplit(".", 1)[0]
+    text = resources.files(core).joinpath("data/retain_prompts.txt").read_text(encoding="utf-8")
+    shipped = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    words = {w for c in concepts for w in re.findall(r"[a-z]+", c.lower()) if len(w) > 2}
+    kept = [p for p in shipped if not words & set(re.findall(r"[a-z]+", p.lower()))]
+    return list(dict.fromkeys(kept + list(config.preserve)))
+
+
 def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | None = None,
                  should_cancel: Callable[[], bool] | None = None, concepts: tuple[str, ...] | None = None,
                  step_offset: int = 0, total_steps: int | None = None) -> dict[str, torch.Tensor]:
     """Train jointly on ``concepts`` (default: all of the config's) and return the fp32 deltas.
 
+    Each step is one AdamW step on the gradient of the whole loss, accumulated over batches of at most
+    ``config.batch_prompts`` prompts, so memory does not grow with the list (one concept fits one batch: the authors'
+    step exactly). With a preservation weight (``preservation_weight``: several concepts), the loss also holds the
+    last-layer representation of a rotating batch of retain prompts at the original encoder's (docs/hirm-lists.md).
     The model's weights are restored exactly before returning or raising.
     """
     concepts = concepts or config.concepts
@@ -56,18 +74,26 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
     params = canonical_parameters(model)
     names = trained_parameter_names(config, model.config.num_hidden_layers)
     originals = {n: params[n].detach().clone() for n in names}
-    ids, targets = [], []
-    for concept in concepts:
-        cid = tokenize(tokenizer, _prompts(config, concept), what="concept").to(device)
-        ids.append(cid)
-        targets.append(misdirection_targets(model, tokenizer, config, cid))
-    ids, targets = torch.cat(ids), torch.cat(targets).to(device)
+    prompts = [p for c in concepts for p in _prompts(config, c)]
+    ids = tokenize(tokenizer, prompts, what="concept").to(device)
+    size = config.batch_prompts
+    batches = [(ids[i:i + size], misdirection_targets(model, tokenizer, config, ids[i:i + size]).to(device))
+               for i in range(0, len(prompts), size)]
+    weight = preservation_weight(config, len(concepts))
+    retain = None
+    if weight > 0:
+        retain_ids = tokenize(tokenizer, retain_prompts(config, concepts), what="preserve prompt").to(device)
+        with torch.no_grad():
+            held = torch.cat([supervised_output(model, retain_ids[i:i + size], config.supervision).float()
+                              for i in range(0, len(retain_ids), size)])
+        retain = (retain_ids, held, held.pow(2).mean())
     trainable = [params[n] for n in names]
     # foreach: the multi-tensor update, bit for bit the per-tensor loop's result (torch's CPU default), a
     # tenth of the step's time faster on CPU; fused would be faster still but rounds differently from the reference
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-8, foreach=True)
     torch.manual_seed(config.seed)
     total = total_steps or config.steps
+    start_loss = None
     try:
         for p in trainable:
             p.requires_grad_(True)
@@ -75,15 +101,28 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
             for step in range(config.steps):
                 if should_cancel is not None and should_cancel():
                     raise Cancelled("training cancelled; no patch was made and the encoder is unchanged")
-                h = supervised_output(model, ids, config.supervision)
-                loss = torch.nn.functional.mse_loss(h.float(), targets)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"training diverged at step {step + 1} (loss is {loss.item()}); lower the learning rate. Nothing was written")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = torch.zeros((), device=device)
+                for batch_ids, targets in batches:  # the mean over every prompt, a batch at a time
+                    h = supervised_output(model, batch_ids, config.supervision)
+                    part = torch.nn.functional.mse_loss(h.float(), targets.expand(h.shape))
+                    if len(batches) > 1:
+                        part = part * (len(batch_ids) / len(prompts))
+                    if not torch.isfinite(part):
+                        raise TrainingError(f"training diverged at step {step + 1} (loss is {part.item()}); lower the learning "
+                                            "rate. Nothing was written")
+                    part.backward()
+                    loss = loss + part.detach()
+                if retain is not None:
+                    start_loss = float(loss) if start_loss is None else start_loss
+                    retain_ids, held, scale = retain
+                    pick = torch.arange(step * size, (step + 1) * size, device=device) % len(retain_ids)
+                    drift = torch.nn.functional.mse_loss(supervised_output(model, retain_ids[pick], config.supervision).float(),
+                                                         held[pick]) / scale
+                    (weight * start_loss * drift).backward()  # a full relative drift costs ``weight`` x the first loss
                 optimizer.step()
                 if progress is not None:
-                    progress(step_offset + step + 1, total, float(loss.detach()))
+                    progress(step_offset + step + 1, total, float(loss))
         deltas = {n: (params[n].detach() - originals[n]).float().cpu() for n in names}
         check_finite(deltas, "training")
         if not any(bool(d.any()) for d in deltas.values()):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import unicodedata
 from typing import Mapping
 
 import torch
 
+from ..common import check_text, is_plain_text
 from ..errors import NlceError
 from ..families import FAMILIES, refusal
 from ..files import atomic_write, write_safetensors
@@ -83,6 +83,8 @@ def concept_terms(entry) -> tuple[str, list[str]]:
         entry = entry.split(TERM_SEPARATOR)
     if not isinstance(entry, (list, tuple)) or not all(isinstance(t, str) for t in entry):
         raise NlceError(f"a concept is a text or a list of texts, got {type(entry).__name__}")
+    for t in entry:
+        check_text(t, "NLCE concept")
     terms = [" ".join(t.split()) for t in entry]
     terms = [t for t in terms if t]
     if not terms:
@@ -261,7 +263,7 @@ def _check_file(path: str) -> ConceptSet:
 
 
 def _printable(text: str) -> bool:
-    return len(text) <= 1000 and not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+    return len(text) <= 1000 and is_plain_text(text)
 
 
 def is_operator_file(path: str) -> bool:
@@ -337,6 +339,8 @@ def build_concept_set(encode, concepts, neighbors=None, config: NlceConfig | Non
     for c, ns in table.items():
         if not all(isinstance(n, str) for n in ns):
             raise NlceError(f"neighbours of {c!r} must be texts")
+        for n in ns:
+            check_text(n, "neighbour")
         ns[:] = [" ".join(n.split()) for n in ns if n and n.strip()]
         clash = [n for n in ns if _key(n) in erased]
         if clash:

@@ -8,11 +8,11 @@ import hashlib
 import json
 import math
 import re
-import unicodedata
 from typing import Any, Mapping
 
 import torch
 
+from ..common import is_plain_text
 from ..errors import PatchFileError
 
 FORMAT_NAME = "hirm-erasure-patch"
@@ -86,8 +86,7 @@ def decode_metadata(raw: Mapping[str, str], where: str = "patch") -> dict[str, A
 
 def _text(value, limit: int = 1000) -> bool:
     """A display-safe string: no control characters (no fake lines, no terminal escapes), bounded."""
-    return isinstance(value, str) and len(value) <= limit and not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")
-                                                                      for c in value)
+    return isinstance(value, str) and len(value) <= limit and is_plain_text(value)
 
 
 def _number(value) -> bool:
@@ -161,6 +160,14 @@ def check_metadata(meta: Mapping[str, Any], where: str) -> None:
             elif k == "measured_on":
                 if not _text(v, 64):
                     raise _damaged(where, "report measured_on must be a short text")
+            elif k == "per_concept":
+                if not (isinstance(v, list) and len(v) <= 100_000 and all(
+                        isinstance(row, list) and len(row) == 3 and _text(row[0]) and all(x is None or _number(x) for x in row[1:])
+                        for row in v)):
+                    raise _damaged(where, "report per_concept must be rows of [concept, target cosine, pooled cosine]")
+            elif k == "per_concept_total":
+                if not _count(v, 0):
+                    raise _damaged(where, "report per_concept_total must be a whole number")
             elif v is not None and not _number(v):
                 raise _damaged(where, f"report {k} must be a number")
     source = meta.get("source")
