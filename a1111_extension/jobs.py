@@ -26,6 +26,7 @@ from shared_core.adapters import patcher  # Forge's backend is a ComfyUI-style M
 from shared_core.adapters.a1111 import A1111Nlce, Patched, uncond_tensors
 from shared_core.encoders import base_signature
 from shared_core.errors import HirmError, NlceError
+from shared_core.families import FAMILIES, FEATURES, refusal, supported_names
 from shared_core.hosting import concept_set_for
 from shared_core.patch import base_mismatch_note, route_parts
 
@@ -95,6 +96,18 @@ def model_loaded(sd_model) -> None:
     """The webui loaded weights into ``sd_model`` (script_callbacks.on_model_loaded)."""
     if _active is not None:
         _active.model_loaded(sd_model)
+
+
+def check_nlce_family(sd_model, feature: str, readable: bool) -> None:
+    """NlceError in one line (the family record's words) unless NLCE ``feature`` supports the loaded model;
+    ``readable``: its UNet reads what NLCE's operators are built from (CLIP-L rows: an SDXL refiner's does not)."""
+    fam = family(sd_model)
+    name = checkpoint_name(sd_model)
+    if fam == "sdxl" and not readable:
+        raise NlceError(f"{FEATURES[feature]} supports {supported_names(feature)}; {name} is an SDXL refiner (its UNet reads "
+                        f"CLIP-G alone, NLCE's operators live in CLIP-L's rows): turn NLCE off or {PICK_ANOTHER}")
+    if fam not in FAMILIES or FAMILIES[fam].supports[feature] == "no" or not readable:
+        raise NlceError(f"{refusal(feature, fam, name)}: turn NLCE off or {PICK_ANOTHER}")
 
 
 def refuse(p, error: Exception) -> None:
@@ -210,9 +223,7 @@ class A1111Job(Job):
                 self.notes += [n for part, _ in pairs if (n := base_mismatch_note(part, signature, f"this model's {c}"))]
                 self.encoder_patches.append((TextEncoderPatches if c == "clip_l" else OpenClipPatches)(encoders[c], pairs))
         if self.config is not None:
-            if family(self.model) not in ("sd1", "sdxl") or "clip_l" not in encoders:
-                raise NlceError(f"NLCE supports SD1.x and SDXL base models; {checkpoint_name(self.model)} is not one (an SDXL "
-                                "refiner's UNet reads CLIP-G alone): turn NLCE off or load an SD1.x or SDXL model")
+            check_nlce_family(self.model, "nlce-a1111", "clip_l" in encoders)
             for c, encoder in encoders.items():
                 if c not in weights:
                     weights[c] = clean_weights(encoder) if c == "clip_l" else openclip_weights(encoder)
@@ -269,9 +280,7 @@ class ForgeJob(Job):
             self.notes += notes
         if self.config is not None:
             blocks = patcher.cross_attention_blocks(objects.unet.model.diffusion_model)
-            if family(self.model) not in ("sd1", "sdxl") or not blocks:
-                raise NlceError(f"NLCE supports SD1.x and SDXL models (a UNet with cross-attention); {checkpoint_name(self.model)} "
-                                "has none: turn NLCE off or load an SD1.x or SDXL model")
+            check_nlce_family(self.model, "nlce-forge", bool(blocks))
             self.cs = self.concept_set({c: w for c, (w, _) in patcher.model_encoders(state).items()})
             self.cs.check_width(next(iter(blocks.values())).to_k.in_features, f"{checkpoint_name(self.model)}'s UNet", "nlce-forge")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
+from shared_core.common import concept_list
 from shared_core.errors import PatchFileError
 from shared_core.patch import is_patch_file, load_patch
 
@@ -63,8 +64,10 @@ def pull(folder: str, repo_id: str, concept_or_file: str, overwrite: bool = Fals
         raise PatchFileError(f"{shown_file(target)} already exists; tick 'overwrite' to replace it")
     hub.save_pulled(patch, folder, overwrite=overwrite)
     source = patch.metadata["source"]
-    return (f"saved {shown_file(target)} ({', '.join(patch.concepts)}; from {source['repo']}/"
-            f"{source['filename']} at {source['revision'][:12]}); press the refresh button in the Erasure accordion")
+    note = hub.checksum_note(patch)
+    return (f"saved {shown_file(target)} ({concept_list(patch.concepts)}; from {source['repo']}/"
+            f"{source['filename']} at {source['revision'][:12]}); press the refresh button in the Erasure accordion"
+            + (f". {note}" if note else ""))
 
 
 def load(folder: str, name: str):

@@ -13,6 +13,8 @@ import gradio as gr
 from shared_core import hirm, nlce
 from shared_core.common import STRENGTH_HELP, STRENGTH_RANGE
 from shared_core.errors import HirmError
+from shared_core.hirm.config import setting_help as hirm_help
+from shared_core.nlce.config import setting_help as nlce_help
 
 from . import host, library, training
 from .settings import (MAX_PATCHES, NLCE_KEY, NLCE_KEYS, NO_PATCH, PATCHES_KEY, SCHEDULES, UI_ARGS, UI_DEFAULTS,
@@ -81,12 +83,13 @@ def accordion(elem_id) -> tuple[list, list, list[str]]:
                                elem_id=elem_id("neighbors"))
         with gr.Row():
             preset = gr.Dropdown(label="NLCE preset", choices=list(nlce.NLCE_PRESETS), value=D["preset"], elem_id=elem_id("preset"))
-            beta = gr.Slider(label="beta", minimum=0.0, maximum=1.5, step=0.05, value=D["beta"], elem_id=elem_id("beta"))
+            beta = gr.Slider(label="beta", minimum=0.0, maximum=1.5, step=0.05, value=D["beta"], elem_id=elem_id("beta"),
+                             info=nlce_help("beta", False))
             gamma = gr.Slider(label="gamma (set by the preset)", minimum=0.0, maximum=1.5, step=0.05,
-                              value=nlce.make_nlce_config(D["preset"]).gamma,
-                              elem_id=elem_id("gamma"))
+                              value=nlce.make_nlce_config(D["preset"]).gamma, elem_id=elem_id("gamma"),
+                              info=nlce_help("gamma", False))
             schedule = gr.Dropdown(label="schedule (faithful: 2x cost)", choices=list(SCHEDULES), value=D["schedule"],
-                                   elem_id=elem_id("schedule"))
+                                   elem_id=elem_id("schedule"), info=nlce_help("schedule", False))
     dropdowns = slots[0::2]
     refresh.click(fn=lambda: [gr.update(choices=_patch_choices()) for _ in dropdowns], inputs=[], outputs=dropdowns)
 
@@ -121,11 +124,15 @@ def training_tab():
                     "Erasure accordion of txt2img / img2img after a refresh.")
         with gr.Row():
             with gr.Column():
-                concepts = gr.Textbox(label="concepts to erase (one per line; 'nudity' = the nudity keyword prompt)", lines=3)
+                concepts = gr.Textbox(label="concepts to erase (one per line, as many as you like; 'nudity' = the nudity "
+                                            "keyword prompt)", lines=5, max_lines=40,
+                                      info="several concepts train one patch together, with a term that keeps everyday "
+                                           "prompts unchanged (docs/hirm-lists.md)")
                 with gr.Row():
-                    method = gr.Dropdown(label="method", choices=list(hirm.METHODS), value="random")
+                    method = gr.Dropdown(label="method", choices=list(hirm.METHODS), value="random", info=hirm_help("method", False))
                     preset = gr.Dropdown(label="preset (learning rate and steps)", choices=list(hirm.PRESETS), value="style")
-                anchor = gr.Textbox(label="anchor (superordinate method only, e.g. 'painting', 'building')")
+                anchor = gr.Textbox(label="anchor (superordinate method only, e.g. 'painting', 'building')",
+                                    info=hirm_help("anchor", False))
                 with gr.Row():
                     steps = gr.Number(label="steps (0: the preset's)", value=0, precision=0)
                     seed = gr.Number(label="seed", value=42, precision=0)

@@ -6,6 +6,7 @@
                                                                  # (docs/nlce-joint-attention.md)
     python bench/bench_nlce.py --narrow --latent 16 --steps 10 [--family ...]   # every layer at a tiny width:
                                                                  # the per-operator overhead a launch-bound GPU pays
+    python bench/bench_nlce.py --lists 1,10,100 [--family ...]  # lists of concepts: build time, memory, cost
     python bench/bench_nlce.py --compile [--backend inductor] [--mode reduce-overhead]   # the denoiser under
                                                                  # torch.compile(fullgraph=True), NLCE applied first
 
@@ -177,6 +178,8 @@ def main() -> None:
                                                             "faithful, each compiled once")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend with --compile (inductor, aot_eager, cudagraphs)")
     ap.add_argument("--mode", default=None, help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
+    ap.add_argument("--lists", default=None, help="erase lists of this many concepts (e.g. 1,10,100): operator build time, "
+                    "their memory and single-pass sampling time against one concept")
     ap.add_argument("--schedules", default="vanilla,single-pass,faithful", help="with --compile: which to compile and time")
     args = ap.parse_args()
     TEXT_LEN[0] = args.text_len
@@ -191,6 +194,8 @@ def main() -> None:
         return gating_survey(pipe, args)
     if args.compile:
         return compiled(pipe, args)
+    if args.lists:
+        return lists(pipe, args)
     # random weights: a low floor lets the ratio rule pick live tokens, so the gate really runs
     settings = dict(live_floor=1.0, suppression=args.suppression)
     sample(pipe, 1, args.latent)  # warm-up
@@ -233,6 +238,41 @@ def main() -> None:
           f"|faithful - vanilla| / |vanilla| = {rel(f, v):.4f} (size of the erasure's own effect)")
     if args.family in ("flux", "sd3"):
         joint_checks(pipe, args)
+
+
+def lists(pipe, args) -> None:
+    """NLCE erasing lists of concepts (words of CLIP's vocabulary, two neighbours each): the operators' build time and
+    memory, and single-pass sampling time against vanilla and against one concept (median of ``--repeats``)."""
+    from shared_core.adapters import apply_nlce, pipeline_concept_set
+    from shared_core.nlce import make_nlce_config
+    from shared_core.nlce.mining import vocabulary_words
+
+    words = vocabulary_words()
+    sizes = [int(n) for n in args.lists.split(",")]
+    step = max(1, len(words) // (3 * max(sizes)))
+    pool = words[::step]
+    settings = dict(live_floor=1.0, suppression=args.suppression)
+    sample(pipe, 1, args.latent)  # warm-up
+    rows = []
+    for n in sizes:
+        concepts = pool[0:3 * n:3]
+        neighbors = {c: [pool[3 * i + 1], pool[3 * i + 2]] for i, c in enumerate(concepts)}
+        start = time.perf_counter()
+        cs = pipeline_concept_set(pipe, concepts, neighbors, make_nlce_config(**settings))
+        build = time.perf_counter() - start
+        size = sum(t.numel() * t.element_size() for b, w in cs.bases for t in (b, w))
+        size += sum(t.numel() * t.element_size() for nb in cs.neighbor_bases if nb is not None for t in nb)
+        times, vanilla = [], []
+        for _ in range(args.repeats):
+            vanilla.append(sample(pipe, args.steps, args.latent)[1])
+            with apply_nlce(pipe, concept_set=cs, schedule="single-pass", **settings):
+                times.append(sample(pipe, args.steps, args.latent)[1])
+        rows.append((n, build, size, statistics.median(times), statistics.median(vanilla)))
+    print(f"{args.family} architecture, random weights, {args.latent}x{args.latent} latent, {args.steps} steps, single-pass, "
+          f"{args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'concepts':>8} {'build s':>8} {'operators':>10} {'sampling s':>11} {'x vanilla':>10} {'x one concept':>14}")
+    for n, build, size, t, v in rows:
+        print(f"{n:>8} {build:>8.2f} {size / 1e6:>8.2f}MB {t:>11.2f} {t / v:>9.3f}x {t / rows[0][3]:>13.3f}x")
 
 
 def compiled(pipe, args) -> None:

@@ -148,13 +148,24 @@ def main() -> None:
     print(f"{'concepts':>8} {'preserve':>8} {'seconds':>8}  {'target cos':>10} {'single':>7} {'|diff| max':>10} "
           f"{'non-target':>10} {'x single':>8} {'neighbour':>9} {'x single':>8}")
     single_cache: dict[str, tuple] = {}
+    single_deltas: dict[str, dict] = {}
 
     def single(concept, neighbor, others):
         if concept not in single_cache:
-            deltas = train_deltas(model, tokenizer, make_config([concept], preset=args.preset, steps=args.steps, preservation=0))
+            with torch.enable_grad():
+                deltas = train_deltas(model, tokenizer, make_config([concept], preset=args.preset, steps=args.steps,
+                                                                    preservation=0))
             cos, nb, nt = measure(model, tokenizer, [concept], [neighbor], others, deltas)
-            single_cache[concept] = (float(cos[0]), float(nb.mean()), float(nt.mean()))
+            single_cache[concept], single_deltas[concept] = (float(cos[0]), float(nb.mean()), float(nt.mean())), deltas
         return single_cache[concept]
+
+    def row(n, label, seconds, cos, nb, nt, sample, base):
+        diff = max(abs(float(cos[i]) - base[j][0]) for j, i in enumerate(sample))
+        single_nt = sum(b[2] for b in base) / len(base)
+        single_nb = sum(b[1] for b in base) / len(base)
+        print(f"{n:>8} {label:>8} {seconds:>8.1f}  {float(cos.mean()):>10.4f} {sum(b[0] for b in base) / len(base):>7.4f} "
+              f"{diff:>10.4f} {float(nt.mean()):>10.4f} {float(nt.mean()) / single_nt:>7.2f}x {float(nb.mean()):>9.4f} "
+              f"{float(nb.mean()) / single_nb:>7.2f}x", flush=True)
 
     for n in sizes:
         concepts = pool[:n]
@@ -169,13 +180,10 @@ def main() -> None:
                 deltas = train_deltas(model, tokenizer, make_config(concepts, preset=args.preset, steps=args.steps,
                                                                     preservation=weight, batch_prompts=args.batch_prompts))
             seconds = time.perf_counter() - start
-            cos, nb, nt = measure(model, tokenizer, concepts, neighbors, others, deltas)
-            diff = max(abs(float(cos[i]) - base[j][0]) for j, i in enumerate(sample))
-            single_nt = sum(b[2] for b in base) / len(base)
-            single_nb = sum(b[1] for b in base) / len(base)
-            print(f"{n:>8} {weight:>8g} {seconds:>8.1f}  {float(cos.mean()):>10.4f} {sum(b[0] for b in base) / len(base):>7.4f} "
-                  f"{diff:>10.4f} {float(nt.mean()):>10.4f} {float(nt.mean()) / single_nt:>7.2f}x {float(nb.mean()):>9.4f} "
-                  f"{float(nb.mean()) / single_nb:>7.2f}x", flush=True)
+            row(n, f"{weight:g}", seconds, *measure(model, tokenizer, concepts, neighbors, others, deltas), sample, base)
+        if n > 1 and len(sample) == n:  # --multi average: the mean of the single-concept patches (HiRM paper: collapses)
+            mean = {k: sum(single_deltas[c][k] for c in concepts) / n for k in single_deltas[concepts[0]]}
+            row(n, "average", 0.0, *measure(model, tokenizer, concepts, neighbors, others, mean), sample, base)
 
 
 if __name__ == "__main__":

@@ -90,5 +90,9 @@ class LoadErasurePatchFromHub(io.ComfyNode):
         patch = core.hub.pull(repo_id.strip(), concept_or_filename.strip(), revision=revision.strip() or None,
                               dest=host.save_folder() if save_to_patch_folder else None, timeout=timeout)
         source = patch.metadata["source"]
-        text = f"{source['repo']}/{source['filename']} @ {str(source['revision'])[:12]}\n" + _report_text(patch)
+        note = core.hub.checksum_note(patch)
+        text = f"{source['repo']}/{source['filename']} @ {str(source['revision'])[:12]}\n" + (f"{note}\n" if note else "") \
+            + _report_text(patch)
+        if note:
+            host.log.warning("[hirm] %s", note)
         return io.NodeOutput(patch, text, ui=ui.PreviewText(text))

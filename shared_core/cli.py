@@ -1,4 +1,8 @@
-"""The ``hirm`` command line: train, inspect and apply erasure patches (and NLCE, Hub sharing)."""
+"""The ``hirm`` command line: train, inspect and apply erasure patches (and NLCE, Hub sharing).
+
+Over 400 lines because the argument parser of every subcommand lives here, beside the small commands it calls; the
+larger commands have their own modules (cli_eval, cli_hub, cli_nlce) and their work lives in the library.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import tempfile
 import warnings
 
 from . import __version__, cli_eval, cli_hub, cli_nlce
-from .common import parse_patch_arg, resolve_device, slug
+from .common import concept_list, parse_patch_arg, resolve_device, slug
 from .errors import HirmError
 from .files import atomic_write, check_target
 
@@ -158,7 +162,8 @@ def cmd_inspect(args) -> int:
     cfg = meta.get("config") or {}
     print(f"{args.file}: valid erasure patch (format {meta['format_version']})")
     rows = [
-        ("concepts", ", ".join(patch.concepts)),
+        ("concepts", concept_list(patch.concepts, 20) + (f" ({len(patch.concepts)} in all; --json lists them)"
+                                                          if len(patch.concepts) > 20 else "")),
         ("method", patch.method + (f" (anchor: {meta['anchor']})" if meta.get("anchor") else "")),
         ("preset / lr / steps", f"{cfg.get('preset')} / {cfg.get('lr')} / {cfg.get('steps')}"),
         ("trained layers", ", ".join(str(x) for x in cfg.get("trainable_layers", []))),

@@ -8,6 +8,7 @@ main CLI. Everything printed that comes from a repo (file names, concepts, metad
 from __future__ import annotations
 
 from . import hub
+from .common import concept_list
 from .hub import visible
 
 TIMEOUT_HELP = f"seconds to wait for the Hub in all (default {hub.DEFAULT_TIMEOUT:g})"
@@ -52,9 +53,8 @@ def run_pull(repo: str, concept: str, revision: str | None = None, out_dir: str 
     patch = hub.pull(repo, concept, revision=revision, dest=out_dir, token=token, timeout=timeout, overwrite=force)
     src = patch.metadata["source"]
     out(f"{visible(patch.describe())}\nfrom {visible(src['repo'])}/{visible(src['filename'])} @ {visible(src['revision'])}")
-    if not patch.metadata.get("checksum"):
-        out(f"note: {visible(src['filename'])} has no checksum (written before hirm stored one): its tensors were checked "
-            "for shape and finite values, but damage or a changed header cannot be detected")
+    if note := hub.checksum_note(patch):
+        out(note)
     if out_dir:
         out(f"saved into {visible(out_dir)}")
     return 0
@@ -64,7 +64,7 @@ def format_table(rows: list[dict], match: dict[str, bool] | None = None) -> str:
     head = ["file", "concepts", "method", "size", "base"] + (["matches encoder"] if match is not None else [])
     table = [head]
     for r in rows:
-        line = [visible(r["filename"]), visible(", ".join(r["concepts"])), visible(r["method"]), f"{r['size'] / 1e6:.2f} MB",
+        line = [visible(r["filename"]), visible(concept_list(r["concepts"])), visible(r["method"]), f"{r['size'] / 1e6:.2f} MB",
                 visible(r["base_fingerprint"])]
         if match is not None:
             line.append("yes" if match.get(r["filename"]) else "NO")

@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
     n.add_argument("model", nargs="?", help="diffusers SD1.x, SDXL, Flux or SD3 model folder or Hub id")
     n.add_argument("--concept", action="append", help="concept to erase (repeat for several); 'a | b | c' is ONE concept made "
                    "of several terms; 'nudity' stands for the shipped nudity term list")
+    n.add_argument("--concepts", metavar="FILE", help="a text file of concepts to erase, one per line ('#' comments; "
+                   "'a | b' is one concept of several terms); adds to --concept")
     n.add_argument("--concept-terms", action="append", metavar="FILE",
                    help="a text file of terms, one per line, that form ONE concept's subspace (repeatable)")
     n.add_argument("--neighbor", action="append", help="neighbour concept to keep (repeatable)")
@@ -67,14 +69,19 @@ def _check_args(args) -> None:
 
     if not args.model:
         raise HirmError(NO_MODEL)
+    if args.concepts:  # read and checked line by line before anything else (docs/hirm-lists.md: list files)
+        from .lists import read_list
+
+        args.concept = list(args.concept or []) + read_list(args.concepts, "concept")
     for flag, texts in (("--concept", args.concept), ("--neighbor", args.neighbor), ("--prompt", args.prompt),
                         ("--negative-prompt", [] if args.negative_prompt is None else [args.negative_prompt])):
         for text in texts or []:
             check_text(text, flag)  # never echoed raw to a terminal, never stored raw in the grid's record
     if args.operators and (args.concept or args.concept_terms or args.neighbor or args.neighbors):
-        raise HirmError("--operators already holds the concepts and neighbours; drop --concept/--concept-terms/--neighbor/--neighbors")
+        raise HirmError("--operators already holds the concepts and neighbours; drop --concept/--concepts/--concept-terms/--neighbor/"
+                        "--neighbors")
     if not args.operators and not (args.concept or args.concept_terms):
-        raise HirmError("no concept to erase: pass --concept (repeatable), --concept-terms FILE or --operators FILE")
+        raise HirmError("no concept to erase: pass --concept (repeatable), --concepts FILE, --concept-terms FILE or --operators FILE")
     if args.neighbors and args.neighbor:
         raise HirmError("pass either --neighbor words or --neighbors auto, not both")
     if args.steps < 1:

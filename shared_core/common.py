@@ -29,6 +29,13 @@ def split_list(text: str, what: str | None = None) -> list[str]:
     return items
 
 
+def concept_list(concepts, shown: int = 5) -> str:
+    """A list of concepts for one line (logs, tables, model cards): the first ``shown``, then "and N more"."""
+    concepts = list(concepts)
+    head = ", ".join(concepts[:shown]) or "?"
+    return head + (f" and {len(concepts) - shown} more" if len(concepts) > shown else "")
+
+
 def slug(text: str, limit: int = 60, empty: str = "concept") -> str:
     """A file-name form of ``text``: lower-case ASCII letters, digits and '-', at most ``limit`` + 9 characters.
 

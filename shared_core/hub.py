@@ -1,105 +1,30 @@
-"""Share erasure patches on the Hugging Face Hub: push, pull, list.
+"""Share erasure patches on the Hugging Face Hub: push, pull, list (names: hub_names.py; the model card: hub_card.py).
 
-Repository layout (see docs/hub.md): one file per concept at the repo root,
-``<concept-slug>.safetensors``, its diffusers-LoRA form ``<concept-slug>-diffusers-lora.safetensors``
-and a generated ``README.md`` model card. ``pull`` also
-accepts a folder layout ``<concept-slug>/patch.safetensors`` and any explicit filename.
+Over 400 lines because push, pull and ls share one deadline and one cache discipline (``Deadline``, partial blobs).
+Repository layout (docs/hub.md): one file per patch at the repo root, ``<concept-slug>.safetensors``, its diffusers-LoRA
+form ``<concept-slug>-diffusers-lora.safetensors`` and a generated ``README.md``; ``pull`` also accepts a folder layout
+``<concept-slug>/patch.safetensors`` and any explicit file name.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
 import re
-import shlex
 import threading
 import time
-import unicodedata
 from typing import Any, Iterable
 
 import torch
 
-from .common import short_error, slug
+from .common import concept_list, short_error
 from .errors import HirmError, PatchFileError
+from .hub_card import check_license, model_card  # noqa: F401  (model_card: also hub's API)
 from .hub_errors import hub_error, http_status, offline
+from .hub_names import check_repo_filename, check_repo_id, concept_slug, export_name, visible  # noqa: F401  (visible: also hub's API)
 from .patch import ErasurePatch, decode_metadata, encoder_signatures, header_family, is_patch_file, load_patch, save_patch
-
-TAGS = ("hirm", "concept-erasure", "safety-patch", "lora", "text-to-image", "stable-diffusion", "text-encoder")
-_SERVES = {
-    "clip-l": "SD 1.x (text encoder), SDXL (`clip_l`), SD3 and Flux (`clip_l`; Flux uses only its pooled vector)",
-    "clip-g": "SDXL (`clip_g`, the OpenCLIP bigG encoder), SD3 (`clip_g`)",
-    "clip-l+clip-g": "SDXL and its fine-tunes (both text encoders, `clip_l` and `clip_g`); on SD 1.x and Flux its `clip_l` half",
-}
-
-
-def concept_slug(concept: str) -> str:
-    """File-name form of a concept (``common.slug``): safe, bounded, and different for different concepts."""
-    return slug(concept.strip(), empty="patch")
-
-
-_INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")  # controls, format (bidi overrides, zero-width), surrogates, private use, line breaks
-
-
-def visible(text) -> str:
-    """``text`` safe to print on a terminal or show in a UI: every control, format or line-breaking character as its
-    escape (``\\x1b``, ``\\u202e``), so that no escape sequence reaches the terminal and no newline forges a line."""
-    out = []
-    for c in str(text):
-        if unicodedata.category(c) not in _INVISIBLE:
-            out.append(c)
-        else:
-            n = ord(c)
-            out.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}")
-    return "".join(out)
-
-
-def check_repo_id(repo_id) -> str:
-    """``repo_id`` if it is a Hugging Face repo id (``owner/name``: letters, digits, '-', '_', '.'), else a one-line
-    HirmError; checked before any request, so that a typo is not reported as an unreachable Hub."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-        if not repo_id:
-            raise HFValidationError("empty")
-    except HFValidationError:
-        raise HirmError(f"{repo_id!r} is not a Hugging Face repo id; give it as owner/name (letters, digits, '-', '_' and "
-                        "'.', at most 96 characters), e.g. me/erasure-patches") from None
-    return repo_id
-
-
-_RESERVED = '<>:"|?*'  # characters Windows file names cannot hold (':' would also name a drive or a stream)
-
-
-def check_repo_filename(name: str) -> str:
-    """A file asked of a repo by name (``van-gogh.safetensors``, ``van-gogh/patch.safetensors``): plain names separated
-    by '/', none empty, hidden ('.' first) or a path component ('.', '..'); no backslash, absolute path, control
-    character or character a file name cannot hold. One-line HirmError saying what is wrong, before any request."""
-    def bad(why: str) -> HirmError:
-        return HirmError(f"{name!r} is not a file name in a repo: {why}; give a concept name, or a file of the repo such as "
-                         "van-gogh.safetensors or van-gogh/patch.safetensors")
-
-    if any(unicodedata.category(c) in _INVISIBLE for c in name):
-        raise bad("it holds control characters")
-    if "\\" in name:
-        raise bad("a backslash is a path separator, not part of a file name")
-    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
-        raise bad("it is an absolute path (or names a drive)")
-    parts = name.split("/")
-    if any(p in (".", "..") for p in parts):
-        raise bad("'..' and '.' are path components, not file names")
-    if any(not p for p in parts):
-        raise bad("it has an empty folder name ('//' or a '/' at the end)")
-    if parts[-1] == ".safetensors":
-        raise bad("there is no name before '.safetensors'")
-    if any(p.startswith(".") for p in parts):
-        raise bad("a name starting with '.' is a hidden file")
-    if reserved := sorted({c for c in name if c in _RESERVED}):
-        raise bad(f"file names cannot hold {' '.join(reserved)}")
-    return name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +45,7 @@ def push(patch_files: Iterable[str], repo_id: str, *, private: bool = False, tok
     if not paths:
         raise HirmError("nothing to push; pass one or more patch files (.safetensors)")
     check_repo_id(repo_id)
-    _check_license(license)
+    check_license(license)
     patches: list[tuple[str, str, ErasurePatch]] = []
     written: dict[str, tuple[str, str]] = {}  # every file name the commit writes -> (patch file, what it is of that patch)
     for p in paths:
@@ -149,7 +74,7 @@ def push(patch_files: Iterable[str], repo_id: str, *, private: bool = False, tok
         write_safetensors(buffer, tensors, meta)
         ops.append(CommitOperationAdd(path_in_repo=export_name(name), path_or_fileobj=buffer.getvalue()))
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-    message = commit_message or "Add erasure patches: " + ", ".join(c for _, _, pt in patches for c in pt.concepts)
+    message = commit_message or "Add erasure patches: " + concept_list([c for _, _, pt in patches for c in pt.concepts], 10)
     try:
         api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
         info = api.create_commit(repo_id, ops, commit_message=message, token=token, repo_type="model")
@@ -159,123 +84,6 @@ def push(patch_files: Iterable[str], repo_id: str, *, private: bool = False, tok
         raise HirmError(f"{repo_id}: upload to the Hugging Face Hub failed ({short_error(e)}); check the repo id, "
                         "your token's write access ('hf auth login') and the network") from None
     return {"repo": repo_id, "files": [name for _, name, _ in patches], "commit": getattr(info, "commit_url", None)}
-
-
-def _num(v) -> str:
-    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
-
-
-_MD_ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
-_MD_SYNTAX = set("\\`*_{}[]()!#+-.|~:=@$^")  # Markdown/GFM syntax (links, images, emphasis, tables, autolinks, math)
-
-
-def _md(text) -> str:
-    """Text from a patch file, a user or a repo as plain Markdown text, also inside a table cell: one line, every
-    syntax character backslash-escaped and HTML's as entities, so it can form no link, image, HTML, emphasis, column,
-    autolink or math; control and format characters shown as escapes."""
-    return "".join(_MD_ENTITIES.get(c) or ("\\" + c if c in _MD_SYNTAX else c) for c in visible(" ".join(str(text).split())))
-
-
-_CODE_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/@=-]{0,199}")
-
-
-def _code(text) -> str:
-    """A file name or fingerprint as a code span when it is plain (letters, digits, ``._+/@=-``), else as ``_md`` text:
-    in a code span nothing is escaped, so a backtick, '|' or newline there could end it or the table cell."""
-    text = str(text)
-    return f"`{text}`" if _CODE_SAFE.fullmatch(text) else _md(text)
-
-
-def _shell(text: str, fallback: str) -> str:
-    """``text`` quoted for a shell command shown in a code block, or ``fallback`` when text holds a character that is
-    not printable (a line break would end the code block)."""
-    return shlex.quote(text) if text.isprintable() else shlex.quote(fallback if fallback.isprintable() else "patch.safetensors")
-
-
-_LICENSE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
-_HUB_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-
-
-def _check_license(license) -> str:
-    import yaml
-
-    if not (isinstance(license, str) and _LICENSE.fullmatch(license)) or yaml.safe_load(license) != license:
-        raise HirmError(f"{license!r} is not a licence id for the model card; give one the Hub knows, e.g. openrail++, "
-                        "apache-2.0, mit, cc-by-nc-4.0 or other")
-    return license
-
-
-def _front_matter(data) -> str:
-    """The card's YAML front matter, checked: every line a plain ``key: value`` or ``- item`` and reading back as
-    ``data`` (its values are ids checked above, so this only fails if that checking is wrong)."""
-    import yaml
-
-    text = data.to_yaml()
-    plain = re.compile(r"[a-z_]+:( [A-Za-z0-9+._-]+)?|- [A-Za-z0-9._/+-]+")
-    if not all(plain.fullmatch(line) for line in text.splitlines()) or yaml.safe_load(text) != data.to_dict():
-        raise HirmError("the model card's front matter would not read back as written; nothing was uploaded")
-    return text
-
-
-def export_name(name: str) -> str:
-    """The diffusers-LoRA companion of a patch file in a pushed repo."""
-    return name[: -len(".safetensors")] + "-diffusers-lora.safetensors"
-
-
-def model_card(repo_id: str, named_patches: list[tuple[str, ErasurePatch]], license: str = "openrail++") -> str:
-    """README.md for a repo of patches (huggingface_hub's ModelCard): front matter the Hub reads (license,
-    library_name, tags, base_model where a patch names a Hub model), what each patch erases, how to use it."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .report import REPORT_ROWS
-
-    check_repo_id(repo_id)
-    _check_license(license)
-    # base_model: only values that are Hub model ids go into the front matter (a patch made on a local file names none)
-    bases = sorted({b for _, p in named_patches if isinstance(b := p.metadata.get("base_model"), str) and _HUB_MODEL.fullmatch(b)
-                    and ".." not in b and "--" not in b})
-    data = ModelCardData(license=license, library_name="diffusers", tags=list(TAGS),
-                         base_model=bases or None, base_model_relation="adapter" if bases else None)
-    lines = [f"# Erasure patches: {_md(repo_id)}", "",
-             "Text-encoder weight patches (HiRM) that erase concepts from Stable Diffusion / Flux prompts. Each "
-             "`<concept>.safetensors` is a patch of weight differences (the stock LoRA loaders of ComfyUI and of A1111 "
-             "on SD 1.x read it too); each `<concept>-diffusers-lora.safetensors` is the same patch as a diffusers LoRA "
-             "(exact full-rank factors).", "",
-             "| file | concepts | method | encoder | base fingerprint | serves |", "|---|---|---|---|---|---|"]
-    for name, p in named_patches:
-        lines.append(f"| {_code(name)} | {_md(', '.join(p.concepts))} | {_md(p.method)} | {_md(p.family)} | "
-                     f"{_code(p.metadata.get('base_fingerprint', '?'))} | "
-                     f"{_SERVES.get(p.family, f'a custom {_md(p.family)} encoder (no stock model family)')} |")
-    lines += ["", "Flux reads only the pooled vector of CLIP-L, so a CLIP-L patch acts on Flux through that vector alone; "
-              "the T5 encoder is untouched."]
-    lines += ["", "## Text-level report", "",
-              "Measured on the base encoder when the patch was made (cosine/drift of text embeddings)."]
-    for name, p in named_patches:
-        rep = p.report
-        lines += ["", f"### {_code(name)}", ""]
-        if not rep:
-            lines.append("No report was stored with this patch.")
-            continue
-        lines += ["| measure | mean | worst | meaning |", "|---|---|---|---|"]
-        for title, meaning, mean_key, worst_key in REPORT_ROWS:
-            worst = rep.get(worst_key) if worst_key else None
-            lines.append(f"| {title} | {_num(rep.get(mean_key))} | {_num(worst)} | {meaning} |")
-    first = named_patches[0][0] if named_patches else "patch.safetensors"
-    concept = named_patches[0][1].concepts[0] if named_patches and named_patches[0][1].concepts else first
-    quoted = _shell(concept, first)  # a command people paste into a shell
-    lines += ["", "## Use", "",
-              "diffusers (text encoder LoRA; `pip install peft`):", "", "```python",
-              f"pipe.load_lora_weights({json.dumps(repo_id)}, weight_name={json.dumps(export_name(first))}, adapter_name=\"erasure\")",
-              "pipe.set_adapters([\"erasure\"], [1.0])  # strength; pipe.unload_lora_weights() removes it", "```", "",
-              "CLI (`pip install hirm-erasure`):", "", "```", f"hirm pull {repo_id} {quoted} --out patches/", f"hirm ls {repo_id}",
-              "```", "",
-              f"ComfyUI: the \"Load Erasure Patch from Hub (HiRM)\" node (repo {_code(repo_id)}, file {_code(first)}), "
-              "or put the file into `models/erasure_patches` or `models/loras` and use the stock Load LoRA node "
-              "(`strength_clip`).", "",
-              "A1111 / Forge: download it in the Erasure tab (*Download a patch from the Hugging Face Hub*: this repo and the "
-              "concept) or put the file into `models/erasure_patches`, then pick it in the Erasure accordion.", "",
-              "## Licence", "", f"{_md(license)}. The patches only remove; use them with the base model's own licence."]
-    return str(ModelCard(f"---\n{_front_matter(data)}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +226,8 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
 
     ``concept_or_filename`` is a file in the repo, or a concept name: then the files where a patch
     for it would be (``<slug>.safetensors``, ``<concept>/patch.safetensors``) are tried, and one
-    is taken only if its own header names that concept. Works offline from the cache when
+    is taken only if its own header names that concept; when none does, the headers of the repo's patches are read
+    (``list_patches``) and a file whose concepts include it (a patch for a list of concepts) is taken. Works offline from the cache when
     HF_HUB_OFFLINE is set or ``local_files_only`` is true; when the network is down it falls back
     to the cache. Everything waits at most ``timeout`` seconds in all (default ``DEFAULT_TIMEOUT``).
     With ``dest`` the patch is also saved atomically into that folder (an existing file there only
@@ -441,49 +250,62 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
     local = bool(local_files_only) or offline()
     unreachable: BaseException | None = None  # the Hub could not be asked and the cache lacks the file
     others: list[str] = []  # files found at a concept's place that hold another concept
-    for name in candidates:
-        fetch = lambda only_cache: deadline.run(  # noqa: E731
-            lambda: _download(repo_id, name, revision, cache_dir, only_cache, token, endpoint), repo_id, cache_dir)
-        try:
-            path = fetch(local)
-        except (he.RepositoryNotFoundError, he.RevisionNotFoundError, he.GatedRepoError) as e:
-            raise hub_error(e, repo_id, revision or wanted) from None
-        except he.LocalEntryNotFoundError as e:
-            if not local:
-                unreachable = e
-                if http_status(e) is not None:  # the Hub answered with an error after its own retries: the other files fare no better
-                    break
-            continue
-        except he.EntryNotFoundError:
-            continue
-        except HirmError:
-            raise
-        except he.HfHubHTTPError as e:
-            raise hub_error(e, repo_id, wanted) from None
-        except Exception as e:  # connection dropped, truncated transfer...: the cache may still have it
+    searched = None  # the patches whose headers were read for the concept (a file of several concepts)
+    pending = list(candidates)
+    while True:
+        for name in pending:
+            fetch = lambda only_cache: deadline.run(  # noqa: E731
+                lambda: _download(repo_id, name, revision, cache_dir, only_cache, token, endpoint), repo_id, cache_dir)
             try:
-                path = fetch(True)
-            except Exception:
-                unreachable = e
+                path = fetch(local)
+            except (he.RepositoryNotFoundError, he.RevisionNotFoundError, he.GatedRepoError) as e:
+                raise hub_error(e, repo_id, revision or wanted) from None
+            except he.LocalEntryNotFoundError as e:
+                if not local:
+                    unreachable = e
+                    if http_status(e) is not None:  # the Hub answered with an error after its own retries: the other files fare no better
+                        break
                 continue
-        try:
-            patch = load_patch(path)  # all of it: metadata, names, dtypes, shapes, finite values, checksum
-        except PatchFileError as e:
-            if is_patch_file(path):  # a damaged patch (not some other file of the repo): not kept to be used again
-                _drop_cached(path, repo_id, cache_dir)
-            raise PatchFileError(f"{repo_id}/{name}: {str(e).split(': ', 1)[-1]}") from None
-        if by_concept and not any(_same_concept(c, wanted) for c in patch.concepts):
-            others.append(f"{name} ({', '.join(patch.concepts)})")
-            continue
-        sha = _revision_of(path) or revision
-        patch = patch.with_metadata(source={"repo": repo_id, "revision": sha, "filename": name})
-        if dest is not None:
-            save_pulled(patch, dest, overwrite)
-        return patch
+            except he.EntryNotFoundError:
+                continue
+            except HirmError:
+                raise
+            except he.HfHubHTTPError as e:
+                raise hub_error(e, repo_id, wanted) from None
+            except Exception as e:  # connection dropped, truncated transfer...: the cache may still have it
+                try:
+                    path = fetch(True)
+                except Exception:
+                    unreachable = e
+                    continue
+            try:
+                patch = load_patch(path)  # all of it: metadata, names, dtypes, shapes, finite values, checksum
+            except PatchFileError as e:
+                if is_patch_file(path):  # a damaged patch (not some other file of the repo): not kept to be used again
+                    _drop_cached(path, repo_id, cache_dir)
+                raise PatchFileError(f"{repo_id}/{name}: {str(e).split(': ', 1)[-1]}") from None
+            if by_concept and not any(_same_concept(c, wanted) for c in patch.concepts):
+                others.append(f"{name} ({concept_list(patch.concepts)})")
+                continue
+            sha = _revision_of(path) or revision
+            patch = patch.with_metadata(source={"repo": repo_id, "revision": sha, "filename": name})
+            if dest is not None:
+                save_pulled(patch, dest, overwrite)
+            return patch
+        if searched is not None or not by_concept or local or unreachable is not None:
+            break
+        remaining = deadline.end - time.monotonic()
+        if remaining <= 0:
+            raise deadline.expired(repo_id)
+        searched = list_patches(repo_id, revision=revision, token=token, endpoint=endpoint, timeout=remaining)
+        pending = [r["filename"] for r in searched if r["filename"] not in candidates
+                   and any(_same_concept(c, wanted) for c in r["concepts"])]
     if unreachable is not None and not others:
         raise hub_error(unreachable, repo_id, wanted)
     where = "in the local cache (offline)" if local else "in the repo"
     held = f"; {', '.join(others)} hold(s) other concepts" if others else ""
+    if searched is not None:
+        held += f"; no other of its {len(searched)} patch file(s) names it"
     raise HirmError(f"{repo_id}: no patch for {wanted!r} {where} (tried {', '.join(candidates)}{held}); "
                     f"list them with 'hirm ls {repo_id}'")
 
@@ -503,6 +325,15 @@ def _drop_cached(path: str, repo_id: str, cache_dir: str | None) -> None:
             os.unlink(blob)
     except (OSError, ValueError):
         pass
+
+
+def checksum_note(patch: ErasurePatch) -> str | None:
+    """The one line every host shows for a pulled patch written before checksums (None for one that has a checksum)."""
+    if patch.metadata.get("checksum"):
+        return None
+    name = visible((patch.metadata.get("source") or {}).get("filename") or "this patch")
+    return (f"note: {name} has no checksum (written before hirm stored one): its tensors were checked for shape and "
+            "finite values, but damage or a changed header cannot be detected")
 
 
 def pulled_name(patch: ErasurePatch) -> str:

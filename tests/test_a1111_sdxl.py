@@ -159,7 +159,7 @@ def test_on_an_sdxl_refiner_a_clip_l_patch_and_nlce_are_refused_in_one_line(tmp_
 
     save_patch(make_patch(sdxl_text_model(SdxlModel())), str(tmp_path / "l.safetensors"))
     for args, message in ((script_args(patches=[("l.safetensors", 1.0)]), "is for .* but the loaded checkpoint .* has clip_g"),
-                          (script_args(nlce=True, concepts="cat"), "NLCE supports SD1.x and SDXL base models")):
+                          (script_args(nlce=True, concepts="cat"), "accordion supports SD1.x and SDXL; .* is an SDXL refiner")):
         before = snapshot(refiner)
         with pytest.raises(HirmError, match=message) as raised:
             run_job(ScriptHooks(jobs.Env(str(tmp_path))), Processing(refiner), args)

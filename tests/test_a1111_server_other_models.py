@@ -51,7 +51,7 @@ def test_what_cannot_be_done_is_one_line_naming_the_checkpoint_and_plain_jobs_ar
         assert not (server["webui"] / "models" / "erasure_patches" / "nothing.safetensors").exists()
     else:  # the refiner: a CLIP-L patch and NLCE cannot act on it; an SDXL patch's CLIP-G half can, and the tab trains CLIP-G
         refused(url, [True, PATCH, 1.0], "has clip_g", name)
-        refused(url, NLCE, "NLCE supports SD1.x and SDXL base models", name)
+        refused(url, NLCE, "is an SDXL refiner", name)
         status, out = job(url, erasure=[True, "xl-cat.safetensors", 1.0])
         assert status == 200 and pixels(out) != pixels(plain), out
         assert train_through_the_tab(server, "refiner-tiger") == "saved models/erasure_patches/refiner-tiger.safetensors"

@@ -211,6 +211,15 @@ def test_nlce_refuses_a_concept_terms_line_with_a_control_character(sd1, tmp_pat
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_nlce_reads_a_list_of_concepts_and_refuses_a_repeated_one_before_loading(sd1, tmp_path, capsys, never_loaded):
+    listing = tmp_path / "concepts.txt"
+    listing.write_text("# artists\ncat\n\ndog\nCat\n", encoding="utf-8")
+    assert nlce(sd1, tmp_path, "--concepts", str(listing), "--out", str(tmp_path / "grid.png")) == 2
+    line = one_line(capsys)
+    assert f"{listing} line 5:" in line and "given twice (first on line 2)" in line
+    assert not (tmp_path / "grid.png").exists()
+
+
 def test_nlce_with_good_arguments_still_renders_its_grid(sd1, tmp_path):
     """The checks refuse only what cannot be used: plain text in any script, a large seed, guidance 0."""
     out = tmp_path / "grid.png"

@@ -59,6 +59,8 @@ def test_preservation_is_off_for_one_concept_on_for_several_and_holds_the_retain
     assert preservation_weight(make_config(["cat"], preservation=2.0)) == 2.0
     kept = retain_prompts(make_config(["lion"]), ("lion",))
     assert kept and not any("lion" in p for p in kept)  # a retain prompt that names an erased concept is left out
+    with_neighbors = retain_prompts(make_config(["lion"], neighbors=["tiger", "sea lion"], preserve=["my lion"]), ("lion",))
+    assert "tiger" in with_neighbors and "sea lion" not in with_neighbors and "my lion" in with_neighbors  # given: kept
     ids = tok(kept[:16], padding="max_length", max_length=77, return_tensors="pt").input_ids
     before = snapshot(model)
     with torch.no_grad():

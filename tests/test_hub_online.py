@@ -30,6 +30,10 @@ def blobs(tmp_path_factory):
         path = save_patch(train_patch(model, tok, concepts=[concept], steps=2), str(d / f"{hub.concept_slug(concept)}.safetensors"))
         with open(path, "rb") as f:
             out[concept] = f.read()
+    many = ["snoopy", "Mickey Mouse", "Pikachu", "Garfield", "Tintin", "Popeye", "Asterix"]
+    path = save_patch(train_patch(model, tok, concepts=many, steps=2), str(d / "cartoons.safetensors"))
+    with open(path, "rb") as f:
+        out["list"] = f.read()
     return out
 
 
@@ -48,9 +52,11 @@ def stub(blobs, online):
         ("org/erasers", SHA, "gone.safetensors"): blobs["snoopy"],
         ("org/erasers", SHA_OLD, "van-gogh.safetensors"): blobs["snoopy"],
         ("org/private", SHA, "van-gogh.safetensors"): blobs["snoopy"],
+        ("org/lists", SHA, "cartoons.safetensors"): blobs["list"],
+        ("org/lists", SHA, "van-gogh.safetensors"): blobs["Van Gogh"],
         ("org/erasers", SHA, "model.safetensors"): safetensors_bytes({"w": torch.zeros(2)}),
     }
-    with HubStub(files, {("org/erasers", "main"): SHA, ("org/private", "main"): SHA},
+    with HubStub(files, {("org/erasers", "main"): SHA, ("org/private", "main"): SHA, ("org/lists", "main"): SHA},
                  faults={"broken.safetensors": "truncate", "gone.safetensors": "hangup"}, private={"org/private"}) as s:
         yield s
 
@@ -124,6 +130,22 @@ def test_ls_reads_headers_only_and_skips_files_that_are_not_patches(stub, blobs)
     lines = []
     assert cli_hub.run_ls("org/erasers", endpoint=stub.endpoint, out=lines.append) == 0
     assert "Van Gogh" in lines[0] and "van-gogh.safetensors" in lines[0]
+
+
+def test_a_concept_inside_a_patch_for_a_list_is_found_by_its_header(stub, tmp_path):
+    patch = hub.pull("org/lists", "mickey mouse", cache_dir=str(tmp_path / "hf"), endpoint=stub.endpoint, dest=str(tmp_path / "out"))
+    assert "Mickey Mouse" in patch.concepts and patch.metadata["source"]["filename"] == "cartoons.safetensors"
+    assert os.listdir(tmp_path / "out") == ["cartoons.safetensors"]
+    with pytest.raises(HirmError, match="no other of its 2 patch file") as e:
+        hub.pull("org/lists", "Bugs Bunny", cache_dir=str(tmp_path / "hf"), endpoint=stub.endpoint)
+    assert "\n" not in str(e.value)
+    from shared_core import cli_hub
+
+    lines = []
+    cli_hub.run_ls("org/lists", endpoint=stub.endpoint, out=lines.append)
+    assert "snoopy, Mickey Mouse, Pikachu, Garfield, Tintin and 2 more" in lines[0]
+    card = hub.model_card("org/lists", [("cartoons.safetensors", patch)])
+    assert "snoopy, Mickey Mouse, Pikachu, Garfield, Tintin and 2 more" in card and "| Asterix |" in card
 
 
 def test_ls_of_a_missing_repo_is_one_line(stub):

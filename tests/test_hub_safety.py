@@ -7,6 +7,7 @@ a pull is asked for (paths, hidden files), and Hub files whose tensors do not ma
 import json
 import os
 import re
+import shlex
 import struct
 from types import SimpleNamespace
 
@@ -125,21 +126,24 @@ def prose_of(card):
     return body, "".join(body.split("```")[::2])  # outside fenced code (shown as text there, never rendered)
 
 
-def test_hostile_concepts_render_as_text_never_as_links_images_html_or_math(made):
-    card = card_for(made, HOSTILE_CONCEPTS)
+@pytest.mark.parametrize("first", range(0, len(HOSTILE_CONCEPTS), 5))  # a card's table names a patch's first five concepts
+def test_hostile_concepts_render_as_text_never_as_links_images_html_or_math(made, first):
+    concepts = HOSTILE_CONCEPTS[first:first + 5]
+    card = card_for(made, concepts)
     body, prose = prose_of(card)
-    row = next(line for line in prose.splitlines() if "click me" in line)
+    row = next(line for line in prose.splitlines() if line.startswith("| `x.safetensors` |"))
     # every syntax character of the concepts escaped (what CommonMark leaves to extensions too: autolinks, $math$)
     assert not re.search(r"(?<!\\)(\[|\]|\(|\)|!|<|`|\*|_|~|\$|https?:|www\.|@)", row.split(" | ")[1].replace("\\\\", ""))
     # the shell line people paste is one line, quoted
-    assert "hirm pull me/erasers '[click me](http://evil.example/x)' --out patches/" in card
+    assert f"hirm pull me/erasers {shlex.quote(concepts[0])} --out patches/" in card
     tokens = markdown().parse(body)
     kinds = {t.type for t in walk(tokens)}
     assert not kinds & {"link_open", "image", "html_inline", "html_block"}, kinds
     assert not [t for t in tokens if t.type == "heading_open" and t.tag == "h1"][1:]  # only the card's own title
-    cell = [c for t in tokens if t.type == "inline" for c in t.children if "click me" in c.content]
+    inline = [t for t in tokens if t.type == "inline"]
+    cell = next(inline[i + 1] for i, t in enumerate(inline) if t.content == "`x.safetensors`").children  # the next column
     assert len(cell) == 1 and cell[0].type == "text"  # one plain text: no emphasis, strikethrough, code or column
-    assert cell[0].content == ", ".join(HOSTILE_CONCEPTS)  # every character shown as typed
+    assert cell[0].content == ", ".join(concepts)  # every character shown as typed
 
 
 def test_a_file_name_or_fingerprint_that_would_break_a_code_span_is_shown_escaped(made):
@@ -363,6 +367,10 @@ def test_pull_of_a_file_without_checksum_says_so(made, tmp_path, monkeypatch):
     assert cli_hub.run_pull("org/old", "cat", out=lines.append, out_dir=str(tmp_path / "out")) == 0
     notes = [line for line in "\n".join(lines).splitlines() if "checksum" in line]
     assert len(notes) == 1 and "cat.safetensors" in notes[0]
+    from a1111_extension import library  # the Erasure tab's download line says it too
+
+    os.makedirs(tmp_path / "a1111")
+    assert notes[0] in library.pull(str(tmp_path / "a1111"), "org/old", "cat")
     lines = []
     assert cli_hub.run_pull("org/new", "cat", out=lines.append) == 0
     assert "checksum" not in "\n".join(lines)  # a verified file needs no note

@@ -87,6 +87,12 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
     concepts = tuple(NUDITY_KEYWORDS if c.lower() == "nudity" else c for c in concepts)
     if not concepts or any(not c for c in concepts):
         raise HirmError("empty concept: give the concept to erase, e.g. 'Van Gogh'")
+    from ..tokenizer import clip_tokenizer
+
+    for c in concepts:  # here, before any model is read (a list's 1,000th concept as much as its first)
+        n = len(clip_tokenizer()(c, add_special_tokens=False, verbose=False)["input_ids"])
+        if n > 75:
+            raise HirmError(f"concept {c[:40]!r}... is {n} tokens; CLIP reads at most 75: shorten it")
     if method not in METHODS:
         raise HirmError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset = preset or ("nudity" if method == "safety" else "style")

@@ -43,8 +43,8 @@ def _prompts(config: HirmConfig, concept: str) -> list[str]:
 
 
 def retain_prompts(config: HirmConfig, concepts: tuple[str, ...]) -> list[str]:
-    """What the preservation term holds: the shipped retain prompts and ``config.preserve``, minus any prompt that holds
-    a word of an erased concept (docs/hirm-lists.md)."""
+    """What the preservation term holds: the shipped retain prompts and the neighbours (``config.neighbors``), minus any
+    that holds a word of an erased concept, and ``config.preserve`` as given (docs/hirm-lists.md)."""
     from importlib import resources
     import re
 
@@ -52,7 +52,7 @@ def retain_prompts(config: HirmConfig, concepts: tuple[str, ...]) -> list[str]:
     text = resources.files(core).joinpath("data/retain_prompts.txt").read_text(encoding="utf-8")
     shipped = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     words = {w for c in concepts for w in re.findall(r"[a-z]+", c.lower()) if len(w) > 2}
-    kept = [p for p in shipped if not words & set(re.findall(r"[a-z]+", p.lower()))]
+    kept = [p for p in shipped + list(config.neighbors) if not words & set(re.findall(r"[a-z]+", p.lower()))]
     return list(dict.fromkeys(kept + list(config.preserve)))
 
 

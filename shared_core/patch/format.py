@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from .. import __version__
+from ..common import concept_list
 from ..encoders import encoder_architecture, signature_id
 from ..errors import HirmError, PatchFileError, PatchMismatchError
 from .metadata import (FORMAT_NAME, FORMAT_VERSION, JSON_FIELDS, META_PREFIX, PART_FIELDS, SAFETENSORS_DTYPES, check_metadata,
@@ -173,7 +174,7 @@ class ErasurePatch:
 
     def describe(self) -> str:
         """One line for logs and UIs."""
-        return (f"{', '.join(self.concepts) or '?'} [{self.method}] on {self.family}, "
+        return (f"{concept_list(self.concepts)} [{self.method}] on {self.family}, "
                 f"{self.tensor_count()} tensors, base {self.metadata.get('base_fingerprint', '?')}")
 
 
