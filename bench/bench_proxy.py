@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--preset", default="style")
     ap.add_argument("--batch-prompts", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=None, help="learning rate of the list patches (default: the preset's)")
     ap.add_argument("--singles", type=int, default=50, help="concepts per size also erased alone (the baseline)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -177,7 +178,7 @@ def main() -> None:
         for weight in (float(w) for w in args.preservation.split(",")):
             start = time.perf_counter()
             with torch.enable_grad():
-                deltas = train_deltas(model, tokenizer, make_config(concepts, preset=args.preset, steps=args.steps,
+                deltas = train_deltas(model, tokenizer, make_config(concepts, preset=args.preset, steps=args.steps, lr=args.lr,
                                                                     preservation=weight, batch_prompts=args.batch_prompts))
             seconds = time.perf_counter() - start
             row(n, f"{weight:g}", seconds, *measure(model, tokenizer, concepts, neighbors, others, deltas), sample, base)

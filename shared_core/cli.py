@@ -125,15 +125,10 @@ def _never_the_input(out: str, source: str | None) -> None:
 
 
 def _read_pairs(path: str) -> list[tuple[str, str]]:
-    if not os.path.isfile(path):
-        raise HirmError(f"{path}: no such pairs file")
+    from .lists import read_lines
+
     pairs = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise HirmError(f"{path}: not a UTF-8 text file; write the pairs as UTF-8 text, one 'with<TAB>without' per line") from None
-    for ln in lines:
+    for ln in read_lines(path, "pairs", "one 'with<TAB>without' per line"):
         if ln.strip() and not ln.startswith("#"):
             parts = ln.split("\t")
             if len(parts) != 2 or not all(x.strip() for x in parts):

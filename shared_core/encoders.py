@@ -349,7 +349,9 @@ def base_signature(params: Mapping[str, torch.Tensor], layers: int | None = None
         t = params[name.format(last=(layers or num_layers(params)) - 1)].detach()
         g = torch.Generator().manual_seed(len(name))
         idx = torch.randint(0, t.numel(), (_SIGNATURE_SAMPLES,), generator=g)
-        values += t.reshape(-1)[idx.to(t.device)].float().cpu().tolist()
+        flat, idx = t.reshape(-1), idx.to(t.device)
+        picked = flat.view(torch.uint8)[idx].view(t.dtype) if is_float8(t) else flat[idx]  # torch 2.1: no fp8 indexing
+        values += picked.float().cpu().tolist()
     return [float(f"{v:.6g}") for v in values]
 
 

@@ -15,18 +15,23 @@ from .errors import HirmError
 MAX_ENTRIES = 100_000
 
 
+def read_lines(path: str, kind: str, layout: str) -> list[str]:
+    """The lines of UTF-8 text file ``path`` (a ``kind`` file, laid out as ``layout``), or HirmError in one line."""
+    if not os.path.isfile(path):
+        raise HirmError(f"{path}: no such {kind} file; give a text file with {layout}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError:
+        raise HirmError(f"{path}: not a UTF-8 text file; save the {kind} as UTF-8 text, {layout}") from None
+    except OSError as e:
+        raise HirmError(f"{path}: cannot be read ({e.strerror}); check the file") from None
+
+
 def read_list(path: str, what: str = "concept", tokens: int = 75, unique: bool = True) -> list[str]:
     """The entries of a list file, in order (``what`` names them in messages). Blank lines and lines starting with
     ``#`` are skipped; ``a | b | c`` stays one entry (a concept made of several terms, as ``--concept`` takes it)."""
-    if not os.path.isfile(path):
-        raise HirmError(f"{path}: no such {what} list file; give a text file with one {what} per line")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise HirmError(f"{path}: not a UTF-8 text file; save the {what} list as UTF-8 text, one {what} per line") from None
-    except OSError as e:
-        raise HirmError(f"{path}: cannot be read ({e.strerror}); check the file") from None
+    lines = read_lines(path, f"{what} list", f"one {what} per line")
     from .tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer()

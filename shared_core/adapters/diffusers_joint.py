@@ -270,10 +270,7 @@ def apply_joint(pipe, concepts, neighbors, *, concept_set, preset, gating_layer,
     check_not_installed(transformer)
     concept_set, config = pipeline_operators(pipe, family, lambda: pipeline_row_encoder(pipe, family), concepts, neighbors,
                                              concept_set, preset, mine_top_k, settings)
-    width = transformer.config.joint_attention_dim
-    if concept_set.width != width:
-        raise NlceError(f"the concept operators are {concept_set.width} wide but the transformer reads {width}-wide text rows; "
-                        "use operators built with the pipeline's own text encoders")
+    concept_set.check_width(transformer.config.joint_attention_dim, "this pipeline's transformer", "nlce-diffusers")
     handle = JointHandle(pipe, concept_set, NlceSession(concept_set, config, record_maps), "", family)
     blocks = [n for n, kind in handle.blocks().items() if kind != "single"]
     if not blocks:

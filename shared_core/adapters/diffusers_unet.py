@@ -164,10 +164,7 @@ def apply_unet(pipe, concepts, neighbors, *, concept_set, preset, gating_layer, 
     family = unet_family(pipe)
     concept_set, config = pipeline_operators(pipe, family, lambda: unet_row_encoder(pipe, family), concepts, neighbors,
                                              concept_set, preset, mine_top_k, settings)
-    width = unet.config.cross_attention_dim
-    if concept_set.width != width:
-        raise NlceError(f"the concept operators are {concept_set.width} wide but the UNet's cross-attention expects {width}; "
-                        "use operators built with the pipeline's own text encoders")
+    concept_set.check_width(unet.config.cross_attention_dim, "this pipeline's UNet", "nlce-diffusers")
     handle = UNetHandle(pipe, unet, concept_set, NlceSession(concept_set, config, record_maps), gating_layer, family)
     handle._install()
     return handle

@@ -9,8 +9,8 @@ diffusers, ComfyUI / Forge and A1111 are in ``shared_core.adapters`` (``apply_nl
 from ..errors import NlceError
 from .config import NLCE_PRESETS, NUDITY_TERMS, OPERATOR_SETTINGS, NlceConfig, derive_nlce_config, make_nlce_config
 from .driver import gating_layer, run_pass
-from .mining import mine_neighbors, neighbor_table, vocabulary_words
-from .operators import ConceptSet, build_concept_set, concept_terms, operators_with_progress
+from .mining import mine_neighbors, neighbor_table, operators_with_progress, vocabulary_words
+from .operators import ConceptSet, build_concept_set, concept_terms
 from .rows import RowEncoder, clip_row_encoder, prompt_token_mask, sdxl_row_encoder
 from .session import NlceSession, Pass, spatial_shape_for
 from .stages import infer_token_mask

@@ -115,3 +115,20 @@ def neighbor_table(encode, concepts, neighbors=None, top_k: int = 8, on_concept=
             return table
         return [n.strip() for n in re.split(r"[\n,]", neighbors) if n.strip()] or None
     return neighbors
+
+
+def operators_with_progress(encode, concepts: list, neighbors, config, progress=None):
+    """``build_concept_set`` with ``neighbors`` as ``neighbor_table`` reads them ("auto": mined), telling
+    ``progress(done, total)`` after each concept mined and each built (hosts draw it: large lists take minutes)."""
+    from .operators import build_concept_set
+
+    auto = isinstance(neighbors, str) and neighbors.strip().lower() == "auto"
+    total, done = len(concepts) * (2 if auto else 1), [0]
+
+    def step():
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    table = neighbor_table(encode, concepts, neighbors, on_concept=step if auto else None)
+    return build_concept_set(encode, concepts, table, config, on_concept=step)

@@ -300,23 +300,6 @@ def _rows(encode: RowEncoder, texts: list[str], drop_start_row: bool) -> torch.T
     return torch.cat([encode.without_start(r) if drop_start_row else r for r in rows])
 
 
-def operators_with_progress(encode, concepts: list, neighbors, config: NlceConfig, progress=None) -> ConceptSet:
-    """``build_concept_set`` with ``neighbors`` as ``neighbor_table`` reads them ("auto": mined), telling
-    ``progress(done, total)`` after each concept mined and each built (hosts draw it: large lists take minutes)."""
-    from .mining import neighbor_table
-
-    auto = isinstance(neighbors, str) and neighbors.strip().lower() == "auto"
-    total, done = len(concepts) * (2 if auto else 1), [0]
-
-    def step():
-        done[0] += 1
-        if progress is not None:
-            progress(done[0], total)
-
-    table = neighbor_table(encode, concepts, neighbors, on_concept=step if auto else None)
-    return build_concept_set(encode, concepts, table, config, on_concept=step)
-
-
 def build_concept_set(encode, concepts, neighbors=None, config: NlceConfig | None = None, on_concept=None) -> ConceptSet:
     """Operators for ``concepts`` (and their ``neighbors``) from the text encoder behind ``encode``.
 

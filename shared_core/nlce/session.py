@@ -184,6 +184,16 @@ class NlceSession:
             p.derived[key] = make()
         return p.derived[key]
 
+    def _layer_gate(self, p: Pass, q, k, heads: int, spatial_shape, is_gating_layer: bool, scale, incoming_keys):
+        """(gate, tag) of a UNet cross-attention layer: read here at the gating layer (from the keys as they came in,
+        as the dry pass reads them), else the one this pass, the previous pass or the dry pass left."""
+        if not self._reads_gate(p, is_gating_layer):
+            return self._applied(p)
+        keys = incoming_keys() if incoming_keys is not None and self.config.stage1 and not p.dry else k
+        s = (q.shape[-1] // heads) ** -0.5 if scale is None else scale
+        logits = (heads_of(q, heads).float() @ heads_of(keys, heads).float().transpose(-1, -2)) * s
+        return self._gate_here(p, gate_map(logits, p.prepared, spatial_shape)), "this"
+
     def cross_attention(self, p: Pass, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, spatial_shape,
                         is_gating_layer: bool, scale: float | None = None, incoming_keys=None) -> torch.Tensor:
         """One UNet cross-attention layer's output before ``to_out`` (B, N, heads*dim), stages 2 and 3 applied.
@@ -192,13 +202,7 @@ class NlceSession:
         cfg = self.config
         if not (cfg.stage2 or cfg.stage3):
             return attend(q, k, v, heads, {}, scale)
-        if self._reads_gate(p, is_gating_layer):
-            keys = incoming_keys() if incoming_keys is not None and cfg.stage1 and not p.dry else k
-            s = (q.shape[-1] // heads) ** -0.5 if scale is None else scale
-            logits = (heads_of(q, heads).float() @ heads_of(keys, heads).float().transpose(-1, -2)) * s
-            gate, tag = self._gate_here(p, gate_map(logits, p.prepared, spatial_shape)), "this"
-        else:
-            gate, tag = self._applied(p)
+        gate, tag = self._layer_gate(p, q, k, heads, spatial_shape, is_gating_layer, scale, incoming_keys)
         if gate is None:
             return attend(q, k, v, heads, {}, scale)
         terms = self._derive(p, (tag, tuple(spatial_shape), q.dtype),
@@ -212,13 +216,7 @@ class NlceSession:
         cfg = self.config
         if not (cfg.stage2 or cfg.stage3):
             return out
-        if self._reads_gate(p, is_gating_layer):
-            keys = incoming_keys() if incoming_keys is not None and cfg.stage1 and not p.dry else k
-            s = (q.shape[-1] // heads) ** -0.5 if scale is None else scale
-            logits = (heads_of(q, heads).float() @ heads_of(keys, heads).float().transpose(-1, -2)) * s
-            gate, tag = self._gate_here(p, gate_map(logits, p.prepared, spatial_shape)), "this"
-        else:
-            gate, tag = self._applied(p)
+        gate, tag = self._layer_gate(p, q, k, heads, spatial_shape, is_gating_layer, scale, incoming_keys)
         if gate is None or not cfg.stage3:
             return out
         keep = self._derive(p, ("keep", tag, tuple(spatial_shape), out.dtype),
