@@ -22,7 +22,7 @@ import torch
 from .common import concept_list, short_error
 from .errors import HirmError, PatchFileError
 from .hub_card import check_license, model_card  # noqa: F401  (model_card: also hub's API)
-from .hub_errors import hub_error, http_status, offline
+from .hub_errors import hub_error, http_status, offline, unreachable_error, unresolvable
 from .hub_names import check_repo_filename, check_repo_id, concept_slug, export_name, visible  # noqa: F401  (visible: also hub's API)
 from .patch import ErasurePatch, decode_metadata, encoder_signatures, header_family, is_patch_file, load_patch, save_patch
 
@@ -59,6 +59,8 @@ def push(patch_files: Iterable[str], repo_id: str, *, private: bool = False, tok
             written[file] = (p, role)
         patches.append((p, name, patch))
     if api is None:
+        if (no_name := unresolvable()) is not None:
+            raise unreachable_error(repo_id, no_name)
         from huggingface_hub import HfApi
         api = HfApi()
     from huggingface_hub import CommitOperationAdd
@@ -248,6 +250,8 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
     deadline = Deadline(timeout)
     by_concept = not wanted.endswith(".safetensors")
     local = bool(local_files_only) or offline()
+    no_name = None if local else unresolvable(endpoint)  # no network at all: the cache only, without 24 s of retries
+    local = local or no_name is not None
     unreachable: BaseException | None = None  # the Hub could not be asked and the cache lacks the file
     others: list[str] = []  # files found at a concept's place that hold another concept
     searched = None  # the patches whose headers were read for the concept (a file of several concepts)
@@ -302,6 +306,8 @@ def pull(repo_id: str, concept_or_filename: str, revision: str | None = None, ca
                    and any(_same_concept(c, wanted) for c in r["concepts"])]
     if unreachable is not None and not others:
         raise hub_error(unreachable, repo_id, wanted)
+    if no_name is not None:
+        raise unreachable_error(repo_id, no_name, wanted)
     where = "in the local cache (offline)" if local else "in the repo"
     held = f"; {', '.join(others)} hold(s) other concepts" if others else ""
     if searched is not None:
@@ -369,6 +375,8 @@ def list_patches(repo_id: str, revision: str | None = None, token: str | None = 
     """
     check_repo_id(repo_id)
     if api is None:
+        if (no_name := unresolvable(endpoint)) is not None:
+            raise unreachable_error(repo_id, no_name)
         from huggingface_hub import HfApi
         api = HfApi(endpoint=endpoint)
     deadline = Deadline(timeout)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 
 from .common import short_error
 from .errors import HirmError
@@ -10,6 +12,45 @@ from .errors import HirmError
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def unresolvable(endpoint: str | None = None) -> str | None:
+    """Why the Hub's host cannot be reached at all, found in milliseconds: its name does not resolve (no network, no
+    DNS). None when it resolves, when that takes over 3 s (the requests' own deadline rules then) or behind a proxy
+    (which resolves names itself). huggingface_hub retries a failed connection for about 24 s per request; where the
+    name does not even resolve there is nothing to wait for."""
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(endpoint or constants.ENDPOINT).hostname
+    if not host:
+        return None
+    found: list[str] = []
+
+    def resolve():
+        try:
+            socket.getaddrinfo(host, None)
+        except socket.gaierror as e:
+            found.append(f"{host} does not resolve: {e.strerror}")
+        except (OSError, UnicodeError):
+            pass
+
+    worker = threading.Thread(target=resolve, daemon=True)
+    worker.start()
+    worker.join(3.0)
+    return found[0] if found else None
+
+
+def unreachable_error(repo_id: str, why: str, what: str | None = None) -> HirmError:
+    held = f" and no cached copy of {what} exists" if what else ""
+    return HirmError(f"{repo_id}: the Hugging Face Hub cannot be reached ({why}){held}; connect to the network and try "
+                     "again" + (", or pull a local file" if what else ""))
 
 
 def http_status(e: BaseException | None) -> int | None:

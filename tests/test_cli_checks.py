@@ -8,7 +8,7 @@ import os
 
 import pytest
 from tiny import tiny_clip
-from tiny_pipeline import tiny_pipeline
+from tiny_pipeline import saved_sd1
 
 from shared_core import pipelines
 from shared_core.cli import main
@@ -26,12 +26,7 @@ HOSTILE = ["cat\x1b[2J\x1b[31m", "a\x00cat", "ca\u200bt", "\u202etac", "cat\u202
 
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sd1")
-    pipe = tiny_pipeline(seed=4)
-    pipe.save_pretrained(str(base / "model"))
-    patch = save_patch(train_patch(pipe.text_encoder, pipe.tokenizer, concepts=["cat"], steps=2, report=False),
-                       str(base / "cat.safetensors"))
-    return {"model": str(base / "model"), "patch": patch}
+    return saved_sd1(tmp_path_factory.mktemp("sd1"), steps=2)
 
 
 @pytest.fixture()

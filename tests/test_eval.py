@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny_pipeline import sdxl_encoders, tiny_flux_pipeline, tiny_pipeline, tiny_sdxl_pipeline
+from tiny_pipeline import saved_sd1, sdxl_encoders, tiny_flux_pipeline, tiny_sdxl_pipeline
 
 from shared_core.cli import main
 from shared_core.evaluation import cases as cases_lib
@@ -24,12 +24,7 @@ FAST = ["--steps", "1", "--size", "16", "--suite", "target,nontarget", "--nontar
 
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sd1")
-    pipe = tiny_pipeline(seed=4)
-    pipe.save_pretrained(str(base / "model"))
-    patch = save_patch(train_patch(pipe.text_encoder, pipe.tokenizer, concepts=["cat"], steps=3, report=False),
-                       str(base / "cat.safetensors"))
-    return {"model": str(base / "model"), "patch": patch, "base": base}
+    return saved_sd1(tmp_path_factory.mktemp("sd1"), steps=3)
 
 
 def load(path):

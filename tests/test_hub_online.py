@@ -117,6 +117,28 @@ def test_network_down_falls_back_to_the_cache(stub, tmp_path, monkeypatch):
         hub.pull("org/erasers", "Van Gogh", cache_dir=str(tmp_path / "empty"), endpoint=stub.endpoint)
 
 
+def test_a_hub_whose_name_does_not_resolve_is_not_waited_for(stub, tmp_path, monkeypatch):
+    """No network at all (the Hub's name does not resolve): the cache only, at once, not huggingface_hub's ~24 s of
+    retries per request."""
+    cache = str(tmp_path / "hf")
+    hub.pull("org/erasers", "Van Gogh", cache_dir=cache, endpoint=stub.endpoint)
+    real = hub._download
+
+    def cache_only(repo_id, filename, revision, cache_dir, local_files_only, token, endpoint):
+        assert local_files_only, "a request went out to a Hub whose name does not resolve"
+        return real(repo_id, filename, revision, cache_dir, local_files_only, token, endpoint)
+
+    monkeypatch.setattr(hub, "_download", cache_only)
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    nowhere = "http://hub.invalid"  # a reserved name: never resolves
+    assert "Van Gogh" in hub.pull("org/erasers", "Van Gogh", cache_dir=cache, endpoint=nowhere).concepts
+    with pytest.raises(HirmError, match=r"cannot be reached \(hub.invalid does not resolve.*no cached copy of Van Gogh"):
+        hub.pull("org/erasers", "Van Gogh", cache_dir=str(tmp_path / "empty"), endpoint=nowhere)
+    with pytest.raises(HirmError, match=r"cannot be reached \(hub.invalid does not resolve"):
+        hub.list_patches("org/erasers", endpoint=nowhere)
+
+
 def test_ls_reads_headers_only_and_skips_files_that_are_not_patches(stub, blobs):
     rows = hub.list_patches("org/erasers", endpoint=stub.endpoint)
     assert [r["filename"] for r in rows] == ["broken.safetensors", "gone.safetensors", "van-gogh.safetensors"]

@@ -208,13 +208,17 @@ def test_outside_the_timestep_window_nothing_changes(table):
     assert_unchanged(attend(s, p, q, k, v, (4, 4), True), plain_attention(q, k, v))
 
 
-def test_single_pass_uses_the_previous_gate_before_the_gating_layer_and_a_new_run_drops_it(table):
+def scrub_only(table):
+    """A session with stage 3 alone, a context whose word rows 1-2 hold "cat" (row 1), and attention inputs."""
     cs = build_concept_set(fixed_encoder(table), ["cat"])
     x = torch.zeros(1, 5, D)
     x[0, 1, 0] = 40.0
     mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
-    s = NlceSession(cs, make_nlce_config(stage1=False, stage2=False), record_maps=True)
-    q, k, v = attention_inputs(B=1)
+    return NlceSession(cs, make_nlce_config(stage1=False, stage2=False), record_maps=True), x, mask, *attention_inputs(B=1)
+
+
+def test_single_pass_uses_the_previous_gate_before_the_gating_layer_and_a_new_run_drops_it(table):
+    s, x, mask, q, k, v = scrub_only(table)
     plain = plain_attention(q, k, v)
     p = open_pass(s, 500.0, context=x, words=mask)
     assert torch.equal(attend(s, p, q, k, v, (4, 4), gating=False), plain)  # first step: no gate yet
@@ -231,12 +235,7 @@ def test_single_pass_uses_the_previous_gate_before_the_gating_layer_and_a_new_ru
 
 def test_another_batch_layout_carries_its_own_gate(table):
     """ComfyUI may run the conditional and the unconditional rows as two calls: each layout keeps its own gate."""
-    cs = build_concept_set(fixed_encoder(table), ["cat"])
-    x = torch.zeros(1, 5, D)
-    x[0, 1, 0] = 40.0
-    mask = torch.tensor([[0, 1, 1, 0, 0]]).bool()
-    s = NlceSession(cs, make_nlce_config(stage1=False, stage2=False), record_maps=True)
-    q, k, v = attention_inputs(B=1)
+    s, x, mask, q, k, v = scrub_only(table)
     for t in (500.0, 400.0):
         p = open_pass(s, t, context=x, words=mask, key="cond")
         cond_before = attend(s, p, q, k, v, (4, 4), gating=False)

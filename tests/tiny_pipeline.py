@@ -170,3 +170,15 @@ def tiny_sd3_pipeline(seed=0):
                                     text_encoder_3=t5, tokenizer_3=t5_tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def saved_sd1(folder, steps: int) -> dict:
+    """A tiny SD1 pipeline saved in ``folder``/model and a patch for "cat" trained ``steps`` steps beside it."""
+    from shared_core.hirm import train_patch
+    from shared_core.patch import save_patch
+
+    pipe = tiny_pipeline(seed=4)
+    pipe.save_pretrained(str(folder / "model"))
+    patch = save_patch(train_patch(pipe.text_encoder, pipe.tokenizer, concepts=["cat"], steps=steps, report=False),
+                       str(folder / "cat.safetensors"))
+    return {"model": str(folder / "model"), "patch": patch, "base": folder}
