@@ -50,7 +50,7 @@ def unresolvable(endpoint: str | None = None) -> str | None:
 def unreachable_error(repo_id: str, why: str, what: str | None = None) -> HirmError:
     held = f" and no cached copy of {what} exists" if what else ""
     return HirmError(f"{repo_id}: the Hugging Face Hub cannot be reached ({why}){held}; connect to the network and try "
-                     "again" + (", or pull a local file" if what else ""))
+                     "again" + (", or use a local copy" if what else ""))
 
 
 def http_status(e: BaseException | None) -> int | None:

@@ -171,15 +171,17 @@ def _looks_like_repo_id(s: str) -> bool:
 def _download(repo_id: str, local_files_only: bool | None) -> str:
     from huggingface_hub import snapshot_download
 
-    from .hub_errors import hub_error
+    from .hub_errors import hub_error, unreachable_error, unresolvable
 
+    no_name = None if local_files_only else unresolvable()  # no network at all: the cache only, not 24 s of retries
     patterns = ["model_index.json", "text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tokenizer_2/*",
                 "config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
                 "model.safetensors"]
     try:
-        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=bool(local_files_only))
+        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=bool(local_files_only) or no_name is not None)
     except Exception as e:  # one line per kind of failure (not found, access, offline, ...), as for patches on the Hub
-        raise EncoderSourceError(str(hub_error(e, repo_id, "its text encoder"))) from None
+        error = unreachable_error(repo_id, no_name, "its text encoder") if no_name else hub_error(e, repo_id, "its text encoder")
+        raise EncoderSourceError(str(error)) from None
 
 
 def _load_folder(folder: str, component: str, device, dtype, source: str | None = None) -> LoadedEncoder:
