@@ -126,6 +126,17 @@ def test_cancel_leaves_the_encoder_untouched(clip):
     assert same_weights(model, before)
 
 
+def test_cancel_is_heard_within_a_step_of_a_long_list(clip):
+    """A list's step runs many batches: a cancel asked during one ends it at the next batch, not at the next step."""
+    model, tok = clip
+    before = snapshot(model)
+    calls = []
+    with pytest.raises(Cancelled):
+        train_patch(model, tok, concepts=["cat", "dog", "tree"], steps=1, batch_prompts=1, report=False,
+                    should_cancel=lambda: calls.append(1) or len(calls) > 1)
+    assert len(calls) == 2 and same_weights(model, before)
+
+
 def test_real_clip_l_architecture_smoke():
     model = random_clip(clip_l_config(), seed=0)
     patch = train_patch(model, clip_tokenizer(), concepts=["Van Gogh"], steps=2, report=False)

@@ -99,11 +99,11 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
             p.requires_grad_(True)
         with torch.enable_grad():
             for step in range(config.steps):
-                if should_cancel is not None and should_cancel():
-                    raise Cancelled("training cancelled; no patch was made and the encoder is unchanged")
                 optimizer.zero_grad(set_to_none=True)
                 loss = torch.zeros((), device=device)
                 for batch_ids, targets in batches:  # the mean over every prompt, a batch at a time
+                    if should_cancel is not None and should_cancel():  # per batch: a long list's step takes a while
+                        raise Cancelled("training cancelled; no patch was made and the encoder is unchanged")
                     h = supervised_output(model, batch_ids, config.supervision)
                     part = torch.nn.functional.mse_loss(h.float(), targets.expand(h.shape))
                     if len(batches) > 1:
