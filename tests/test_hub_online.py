@@ -11,11 +11,11 @@ from huggingface_hub import constants, file_download
 from safetensors.torch import save as safetensors_bytes
 
 from hub_server import HubStub
-from shared_core import hub
+from shared_core import hub, hub_errors
 from shared_core.errors import HirmError
 from shared_core.hirm import train_patch
 from shared_core.patch import save_patch
-from tiny import tiny_clip
+from tiny import patch_files, tiny_clip
 
 SHA = "c" * 40
 SHA_OLD = "d" * 40
@@ -24,12 +24,11 @@ SHA_OLD = "d" * 40
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory):
     d = tmp_path_factory.mktemp("patches")
-    model, tok = tiny_clip()
     out = {}
-    for concept in ("Van Gogh", "snoopy"):
-        path = save_patch(train_patch(model, tok, concepts=[concept], steps=2), str(d / f"{hub.concept_slug(concept)}.safetensors"))
+    for concept, path in patch_files(d, ("Van Gogh", "snoopy")).items():
         with open(path, "rb") as f:
             out[concept] = f.read()
+    model, tok = tiny_clip()
     many = ["snoopy", "Mickey Mouse", "Pikachu", "Garfield", "Tintin", "Popeye", "Asterix"]
     path = save_patch(train_patch(model, tok, concepts=many, steps=2), str(d / "cartoons.safetensors"))
     with open(path, "rb") as f:
@@ -129,7 +128,7 @@ def test_a_hub_whose_name_does_not_resolve_is_not_waited_for(stub, tmp_path, mon
         return real(repo_id, filename, revision, cache_dir, local_files_only, token, endpoint)
 
     monkeypatch.setattr(hub, "_download", cache_only)
-    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+    for variable in hub_errors._PROXY_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     nowhere = "http://hub.invalid"  # a reserved name: never resolves
     assert "Van Gogh" in hub.pull("org/erasers", "Van Gogh", cache_dir=cache, endpoint=nowhere).concepts

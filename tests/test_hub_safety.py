@@ -20,9 +20,8 @@ from hub_server import HubStub
 from shared_core import cli_hub, hub
 from shared_core.cli import main
 from shared_core.errors import HirmError, PatchFileError
-from shared_core.hirm import train_patch
-from shared_core.patch import load_patch, save_patch
-from tiny import tiny_clip
+from shared_core.patch import load_patch
+from tiny import patch_files
 
 SHA = "e" * 40
 
@@ -30,12 +29,7 @@ SHA = "e" * 40
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """{concept: patch file} for the concepts the tests need, trained once."""
-    d = tmp_path_factory.mktemp("patches")
-    model, tok = tiny_clip()
-    out = {}
-    for concept in ("Van Gogh", "cat", "cat diffusers lora"):
-        out[concept] = save_patch(train_patch(model, tok, concepts=[concept], steps=2), str(d / f"{hub.concept_slug(concept)}.safetensors"))
-    return out
+    return patch_files(tmp_path_factory.mktemp("patches"), ("Van Gogh", "cat", "cat diffusers lora"))
 
 
 def read(path):

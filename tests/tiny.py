@@ -145,3 +145,15 @@ def open_pass(session, t=500.0, *, context, conditional=None, words=None, gating
     p.host["latent_hw"] = latent_hw or gating_shape
     session.prepare(p, context, torch.ones(batch, dtype=torch.bool) if conditional is None else conditional, words)
     return p
+
+
+def patch_files(folder, concepts, steps: int = 2) -> dict:
+    """{concept: path} of a patch per concept trained on ``tiny_clip()``, saved in ``folder`` under the name the Hub
+    stores it by (``hub.concept_slug``)."""
+    from shared_core import hub
+    from shared_core.hirm import train_patch
+    from shared_core.patch import save_patch
+
+    model, tok = tiny_clip()
+    return {c: save_patch(train_patch(model, tok, concepts=[c], steps=steps), str(folder / f"{hub.concept_slug(c)}.safetensors"))
+            for c in concepts}
