@@ -118,7 +118,7 @@ def part_floor(steps: int) -> dict:
     # the report's own floor: one forward pass (batches of report.BATCH) over as many 77-token prompts as it measures
     ids = tokenize(clip_tokenizer(), ["Van Gogh"])
 
-    n = report_prompt_count(clip_tokenizer(), ["Van Gogh"], None, "style")
+    n = sum(report_prompt_count(clip_tokenizer(), ["Van Gogh"], None, "style"))
     many = ids.expand(n, -1).clone()
     start = time.perf_counter()
     encode(model, many, batch_size=BATCH)

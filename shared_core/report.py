@@ -17,7 +17,7 @@ from .errors import HirmError
 from .patch import ErasurePatch, component_of_family, patched
 from .textenc import encode, layer_rows, tokenize
 
-BATCH = 64  # prompts per encoder call: one or two batched passes for the whole report
+BATCH = 16  # prompts per encoder call: at 64 the report of 1,000 concepts peaked 0.6 GB above training (docs/hirm-lists.md)
 _MEMORY: OrderedDict = OrderedDict()  # (weights digest, prompt) -> (hidden, pooled) of the unpatched encoder
 _MEMORY_KEEP = 1024  # about 240 MB of CLIP-L encodings
 _LOCK = threading.Lock()
@@ -30,10 +30,10 @@ DEFAULT_NEIGHBORS = {
 }
 
 
-def report_prompt_count(tokenizer, concepts: list[str], neighbors: list[str] | None, preset: str) -> int:
-    """How many prompts ``text_report`` measures for these concepts (for progress totals)."""
+def report_prompt_count(tokenizer, concepts: list[str], neighbors: list[str] | None, preset: str) -> tuple[int, int]:
+    """How many prompts ``text_report`` measures for these concepts: (target prompts, shared prompts)."""
     targets = [t for c in concepts for t in TARGET_TEMPLATES if t == "{}" or _fits(tokenizer, t.replace("{}", c))]
-    return len(targets) + len(nontarget_prompts(concepts)) + len(neighbors or default_neighbors(preset, concepts))
+    return len(targets), len(nontarget_prompts(concepts)) + len(neighbors or default_neighbors(preset, concepts))
 
 
 def nontarget_prompts(concepts: list[str] = ()) -> list[str]:
@@ -53,9 +53,9 @@ def default_neighbors(preset: str, concepts: list[str]) -> list[str]:
     return [n for n in DEFAULT_NEIGHBORS.get(preset, DEFAULT_NEIGHBORS["object"]) if n.lower() not in lowered]
 
 
-def report_batches(n_prompts: int) -> int:
-    """How many encoder batches a report of ``n_prompts`` prompts takes at most (base and patched passes)."""
-    return 2 * -(-n_prompts // BATCH)
+def report_batches(targets: int, shared: int) -> int:
+    """How many encoder batches a report takes (base and patched passes of its target and shared prompts)."""
+    return 2 * (-(-targets // BATCH) + -(-shared // BATCH))
 
 
 class TextView:
@@ -164,10 +164,10 @@ def view_report(view: TextView, patch: ErasurePatch, strength: float = 1.0, neig
         owners = [(t, None) for t in target_prompts]
     others = nontarget_prompts(concepts)
     shared = others + list(neighbors)  # encoded once per base model and cached
-    total, count = report_batches(len(owners) + len(shared)), [0]
+    total, count = report_batches(len(owners), len(shared)), [0]
 
-    def done():
-        count[0] += 1
+    def done(n=1):
+        count[0] += n
         if progress is not None:
             progress(min(count[0], total), total)
 
@@ -182,8 +182,9 @@ def view_report(view: TextView, patch: ErasurePatch, strength: float = 1.0, neig
     cos, pooled_cos = torch.cat(cos), torch.cat(pooled_cos)
     nt = nb = torch.zeros(0)
     if shared:
-        ids = view.tokenize(shared)
+        ids, start = view.tokenize(shared), count[0]
         before, _ = base_encodings(view, shared, ids, done)
+        done(start + -(-len(shared) // BATCH) - count[0])  # the cached ones count as encoded
         with view.patched(patch, strength):
             after, _ = view.encode(ids, done=done)
         drift = (after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)

@@ -33,3 +33,17 @@ def test_a_stronger_patch_displaces_the_target_more():
     assert strong["target_cosine_mean"] < weak["target_cosine_mean"]
     table = format_report(strong)
     assert "target displacement" in table and "non-target drift" in table and "neighbour drift" in table
+
+
+def test_progress_counts_every_batch_and_ends_at_its_total_whether_or_not_base_encodings_are_cached():
+    from shared_core.report import BATCH, report_batches, report_prompt_count
+
+    model, tok = tiny_clip(seed=2)
+    concepts = [f"thing{i}" for i in range(BATCH // 2)]  # five templates each: several batches of target prompts
+    patch = train_patch(model, tok, concepts=concepts[:2], steps=1, report=False)
+    total = report_batches(*report_prompt_count(tok, concepts, None, "object"))
+    for run in ("encodes the shared prompts", "finds them cached"):
+        seen = []
+        text_report(model, tok, patch, concepts=concepts, progress=lambda done, of: seen.append((done, of)))
+        assert {of for _, of in seen} == {total}, run
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == total, run

@@ -188,7 +188,7 @@ def train_model_patch(encoders, config: HirmConfig | None = None, *, progress: P
         from ..report import report_batches, report_prompt_count
 
         first = next(iter(encoders.values()))
-        extra = report_batches(report_prompt_count(first[1], list(config.concepts), list(config.neighbors), config.preset))
+        extra = report_batches(*report_prompt_count(first[1], list(config.concepts), list(config.neighbors), config.preset))
     deltas = {}
     for i, (component, (model, tokenizer, *_)) in enumerate(encoders.items()):
         deltas[component] = _config_deltas(model, tokenizer, config, progress, should_cancel, i * _steps(config), steps + extra)
