@@ -38,6 +38,22 @@ def test_training_is_deterministic(clip):
     assert not all(torch.equal(a.deltas[k], c.deltas[k]) for k in a.deltas)
 
 
+def test_a_model_as_transformers_loads_it_trains_the_same_and_keeps_its_flags_and_no_gradients(clip):
+    """from_pretrained gives every parameter requires_grad=True: only the trained block may take gradients, the patch
+    must be the one a frozen model gives, and the model is handed back with its own flags and no .grad tensors."""
+    model, tok = clip
+    frozen = train_patch(model, tok, concepts=["church"], steps=3, report=False)
+    model.requires_grad_(True)
+    try:
+        loaded = train_patch(model, tok, concepts=["church"], steps=3, report=False)
+        assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    finally:
+        model.requires_grad_(False)
+    assert all(torch.equal(frozen.deltas[k], loaded.deltas[k]) for k in frozen.deltas)
+    train_patch(model, tok, concepts=["church"], steps=1, report=False)
+    assert not any(p.requires_grad or p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_moves_the_target(clip, method):
     model, tok = clip

@@ -94,9 +94,11 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
     torch.manual_seed(config.seed)
     total = total_steps or config.steps
     start_loss = None
+    wanted = {id(p) for p in trainable}
+    flags = [(p, p.requires_grad) for p in model.parameters()]  # a model as loaded (all True): only the block trains
     try:
-        for p in trainable:
-            p.requires_grad_(True)
+        for p, _ in flags:
+            p.requires_grad_(id(p) in wanted)
         with torch.enable_grad():
             for step in range(config.steps):
                 optimizer.zero_grad(set_to_none=True)
@@ -132,8 +134,10 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
     finally:
         with torch.no_grad():
             for n in names:
-                params[n].requires_grad_(False)
+                params[n].grad = None
                 params[n].data.copy_(originals[n])
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 def _config_deltas(model, tokenizer, config: HirmConfig, progress, should_cancel, offset: int, total: int) -> dict[str, torch.Tensor]:
