@@ -78,6 +78,19 @@ def test_preservation_is_off_for_one_concept_on_for_several_and_holds_the_retain
     assert same_weights(model, before)
 
 
+def test_the_learning_rate_rises_with_a_list_trained_together_and_nowhere_else():
+    from shared_core.hirm.config import LIST_LR_CAP, PRESETS
+
+    style = PRESETS["style"][0]
+    assert make_config(["cat"]).lr == style  # one concept: the authors' HiRM exactly
+    assert make_config(CONCEPTS, multi="average").lr == style  # each patch of the average is trained alone
+    assert make_config(CONCEPTS, lr=1e-4).lr == 1e-4  # given: used as given
+    ten = [f"thing {i}" for i in range(10)]
+    assert make_config(ten).lr == pytest.approx(style * 10 ** 0.4)
+    many = [f"thing {i}" for i in range(LIST_LR_CAP + 50)]
+    assert make_config(many).lr == pytest.approx(style * LIST_LR_CAP ** 0.4)  # no further than measured
+
+
 def test_the_report_has_a_per_concept_table_least_erased_first_stored_in_the_file(clip, tmp_path):
     model, tok = clip
     patch = train_patch(model, tok, concepts=CONCEPTS, steps=3)

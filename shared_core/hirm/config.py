@@ -30,7 +30,8 @@ class HirmConfig:
     method: str = setting("random", "misdirection target: " + ", ".join(f"{m.name} ({m.help})" for m in METHOD_TABLE.values()),
                           choices=METHODS)
     preset: str = setting("style", "the paper's learning rate and steps for a kind of concept", choices=tuple(PRESETS))
-    lr: float = setting(5e-5, "AdamW learning rate (from the preset when not given)", lo=1e-9, hi=1.0)
+    lr: float = setting(5e-5, "AdamW learning rate (when not given: the preset's, raised for a list of several concepts "
+                               "trained together)", lo=1e-9, hi=1.0)
     steps: int = setting(40, "training steps, one batch each (from the preset when not given)", lo=1, hi=100000)
     seed: int = setting(42, "seed of the random target (42: the reference code's)", lo=0)
     anchor: str = setting("", "superordinate method: the broader concept the target moves to, e.g. 'painting' for an artist")
@@ -103,7 +104,8 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
         if not {"anchor": anchor}.get(name, settings.get(name)):
             raise HirmError(missing)
     p_lr, p_steps = PRESETS[preset]
-    lr = p_lr if lr is None else float(lr)
+    joint = settings.get("multi", "joint") == "joint"
+    lr = p_lr * list_lr_factor(len(concepts) if joint else 1) if lr is None else float(lr)
     steps = p_steps[method] if steps is None else int(steps)
     if not (math.isfinite(lr) and 1e-9 <= lr < 1):
         raise HirmError(f"learning rate must be from 1e-9 to below 1 (the presets use 5e-5 and 1e-4), got {lr:g}")
@@ -147,6 +149,18 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
         twice = next(c for c in cfg.concepts if c.lower() in seen or seen.add(c.lower()))
         raise HirmError(f"concept {twice!r} is given twice; give each concept once")
     return cfg
+
+
+LIST_LR_EXPONENT = 0.4  # bench/bench_proxy.py: the mean target displacement of 10 concepts trained together is that of
+LIST_LR_CAP = 100  # each erased alone at n ** 0.4 (0.625 vs 0.620); measured up to 100 concepts, so the factor stops there
+
+
+def list_lr_factor(n_concepts: int) -> float:
+    """How much the preset's learning rate is raised for ``n_concepts`` trained together (1 for one concept: the authors'
+    HiRM). Each AdamW step moves the weights about as far whatever the list's length, and that move is shared by the
+    concepts; raising the rate with the list gives each concept about the displacement it gets alone
+    (docs/hirm-lists.md)."""
+    return float(min(n_concepts, LIST_LR_CAP) ** LIST_LR_EXPONENT)
 
 
 def preservation_weight(config: HirmConfig, trained_together: int | None = None) -> float:
