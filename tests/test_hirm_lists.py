@@ -72,8 +72,9 @@ def test_preservation_is_off_for_one_concept_on_for_several_and_holds_the_retain
         with patched(model, patch), torch.no_grad():
             return float(((model(input_ids=ids).last_hidden_state - plain).norm() / plain.norm()))
 
-    free = train_patch(model, tok, concepts=CONCEPTS, steps=6, report=False, preservation=0)
-    held = train_patch(model, tok, concepts=CONCEPTS, steps=6, report=False)
+    lr = make_config(CONCEPTS).lr  # the same rate for both (the default raises it only where preservation is on)
+    free = train_patch(model, tok, concepts=CONCEPTS, steps=6, report=False, preservation=0, lr=lr)
+    held = train_patch(model, tok, concepts=CONCEPTS, steps=6, report=False, lr=lr)
     assert drift(held) < drift(free)
     assert same_weights(model, before)
 
@@ -85,6 +86,7 @@ def test_the_learning_rate_rises_with_a_list_trained_together_and_nowhere_else()
     assert make_config(["cat"]).lr == style  # one concept: the authors' HiRM exactly
     assert make_config(CONCEPTS, multi="average").lr == style  # each patch of the average is trained alone
     assert make_config(CONCEPTS, lr=1e-4).lr == 1e-4  # given: used as given
+    assert make_config(CONCEPTS, preservation=0).lr == style  # nothing holds the rest: not raised
     ten = [f"thing {i}" for i in range(10)]
     assert make_config(ten).lr == pytest.approx(style * 10 ** 0.4)
     many = [f"thing {i}" for i in range(LIST_LR_CAP + 50)]

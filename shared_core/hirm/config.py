@@ -30,8 +30,8 @@ class HirmConfig:
     method: str = setting("random", "misdirection target: " + ", ".join(f"{m.name} ({m.help})" for m in METHOD_TABLE.values()),
                           choices=METHODS)
     preset: str = setting("style", "the paper's learning rate and steps for a kind of concept", choices=tuple(PRESETS))
-    lr: float = setting(5e-5, "AdamW learning rate (when not given: the preset's, raised for a list of several concepts "
-                               "trained together)", lo=1e-9, hi=1.0)
+    lr: float = setting(5e-5, "AdamW learning rate (when not given: the preset's, raised for several concepts trained "
+                               "together with the preservation term)", lo=1e-9, hi=1.0)
     steps: int = setting(40, "training steps, one batch each (from the preset when not given)", lo=1, hi=100000)
     seed: int = setting(42, "seed of the random target (42: the reference code's)", lo=0)
     anchor: str = setting("", "superordinate method: the broader concept the target moves to, e.g. 'painting' for an artist")
@@ -104,8 +104,8 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
         if not {"anchor": anchor}.get(name, settings.get(name)):
             raise HirmError(missing)
     p_lr, p_steps = PRESETS[preset]
-    joint = settings.get("multi", "joint") == "joint"
-    lr = p_lr * list_lr_factor(len(concepts) if joint else 1) if lr is None else float(lr)
+    together = settings.get("multi", "joint") == "joint" and settings.get("preservation") != 0  # held by preservation
+    lr = p_lr * list_lr_factor(len(concepts) if together else 1) if lr is None else float(lr)
     steps = p_steps[method] if steps is None else int(steps)
     if not (math.isfinite(lr) and 1e-9 <= lr < 1):
         raise HirmError(f"learning rate must be from 1e-9 to below 1 (the presets use 5e-5 and 1e-4), got {lr:g}")
@@ -159,7 +159,8 @@ def list_lr_factor(n_concepts: int) -> float:
     """How much the preset's learning rate is raised for ``n_concepts`` trained together (1 for one concept: the authors'
     HiRM). Each AdamW step moves the weights about as far whatever the list's length, and that move is shared by the
     concepts; raising the rate with the list gives each concept about the displacement it gets alone
-    (docs/hirm-lists.md)."""
+    (docs/hirm-lists.md). Only with the preservation term on: without it, at 100 concepts, this rate moves everything
+    (bench/bench_proxy.py: non-target drift 5.6x a single concept's)."""
     return float(min(n_concepts, LIST_LR_CAP) ** LIST_LR_EXPONENT)
 
 
