@@ -53,9 +53,14 @@ def default_neighbors(preset: str, concepts: list[str]) -> list[str]:
     return [n for n in DEFAULT_NEIGHBORS.get(preset, DEFAULT_NEIGHBORS["object"]) if n.lower() not in lowered]
 
 
+def batches(n_prompts: int) -> int:
+    """How many encoder calls of ``BATCH`` prompts ``n_prompts`` take."""
+    return -(-n_prompts // BATCH)
+
+
 def report_batches(targets: int, shared: int) -> int:
     """How many encoder batches a report takes (base and patched passes of its target and shared prompts)."""
-    return 2 * (-(-targets // BATCH) + -(-shared // BATCH))
+    return 2 * (batches(targets) + batches(shared))
 
 
 class TextView:
@@ -166,8 +171,8 @@ def view_report(view: TextView, patch: ErasurePatch, strength: float = 1.0, neig
     shared = others + list(neighbors)  # encoded once per base model and cached
     total, count = report_batches(len(owners), len(shared)), [0]
 
-    def done(n=1):
-        count[0] += n
+    def done():
+        count[0] += 1
         if progress is not None:
             progress(min(count[0], total), total)
 
@@ -182,9 +187,8 @@ def view_report(view: TextView, patch: ErasurePatch, strength: float = 1.0, neig
     cos, pooled_cos = torch.cat(cos), torch.cat(pooled_cos)
     nt = nb = torch.zeros(0)
     if shared:
-        ids, start = view.tokenize(shared), count[0]
+        ids = view.tokenize(shared)
         before, _ = base_encodings(view, shared, ids, done)
-        done(start + -(-len(shared) // BATCH) - count[0])  # the cached ones count as encoded
         with view.patched(patch, strength):
             after, _ = view.encode(ids, done=done)
         drift = (after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)
@@ -219,7 +223,8 @@ def cache_folder() -> str | None:
 
 def base_encodings(view: TextView, prompts: list[str], ids: Mapping[str, torch.Tensor] | None = None,
                    done=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, pooled) of the unpatched ``view`` for ``prompts``, fp32 on CPU.
+    """(rows, pooled) of the unpatched ``view`` for ``prompts``, fp32 on CPU; ``done()`` once per batch of ``BATCH``
+    prompts, encoded or found in the cache.
 
     Encodings are cached per exact weights (a digest of every tensor) and prompt, in memory and
     in ``cache_folder()``, so the shipped prompt sets are encoded once per base model; a damaged or
@@ -240,6 +245,9 @@ def base_encodings(view: TextView, prompts: list[str], ids: Mapping[str, torch.T
             if hit is not None:
                 found[i] = hit
     missing = [i for i in range(len(prompts)) if i not in found]
+    if done is not None:
+        for _ in range(batches(len(prompts)) - batches(len(missing))):  # the batches the cache saved
+            done()
     if missing:
         hidden, pooled = view.encode({c: t[missing] for c, t in ids.items()}, done=done)
         for j, i in enumerate(missing):

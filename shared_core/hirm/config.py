@@ -151,8 +151,10 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
     return cfg
 
 
-LIST_LR_EXPONENT = 0.4  # bench/bench_proxy.py: the mean target displacement of 10 concepts trained together is that of
-LIST_LR_CAP = 100  # each erased alone at n ** 0.4 (0.625 vs 0.620); measured up to 100 concepts, so the factor stops there
+# bench/bench_proxy.py: at n ** 0.4 the mean target displacement of 10 concepts trained together is that of each erased
+# alone (0.625 vs 0.620); measured up to 100 concepts, so the factor stops there.
+LIST_LR_EXPONENT = 0.4
+LIST_LR_CAP = 100
 
 
 def list_lr_factor(n_concepts: int) -> float:
