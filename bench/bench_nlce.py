@@ -6,7 +6,8 @@
                                                                  # (docs/nlce-joint-attention.md)
     python bench/bench_nlce.py --narrow --latent 16 --steps 10 [--family ...]   # every layer at a tiny width:
                                                                  # the per-operator overhead a launch-bound GPU pays
-    python bench/bench_nlce.py --lists 1,10,100 [--family ...]  # lists of concepts: build time, memory, cost
+    python bench/bench_nlce.py --lists 1,10,100 [--family ...]  # lists of concepts: build time, memory, cost, and
+                                                                 # stage 1 alone (one pass's rows through the operators)
     python bench/bench_nlce.py --compile [--backend inductor] [--mode reduce-overhead]   # the denoiser under
                                                                  # torch.compile(fullgraph=True), NLCE applied first
 
@@ -242,10 +243,26 @@ def main() -> None:
 
 def lists(pipe, args) -> None:
     """NLCE erasing lists of concepts (words of CLIP's vocabulary, two neighbours each): the operators' build time and
-    memory, and single-pass sampling time against vanilla and against one concept (median of ``--repeats``)."""
+    memory, single-pass sampling time against vanilla and against one concept (median of ``--repeats``), and the time
+    of stage 1 alone: ``prepare`` on one pass's context (two 77-row prompts of random rows, which name no concept: every
+    concept's operator applies), what a launch-bound GPU pays once per denoiser call for a list (median of 50)."""
     from shared_core.adapters import apply_nlce, pipeline_concept_set
     from shared_core.nlce import make_nlce_config
     from shared_core.nlce.mining import vocabulary_words
+    from shared_core.nlce.stages import Operators, prepare
+
+    def stage1_ms(cs, config) -> float:
+        ops = Operators(cs, config, args.device)
+        x = torch.randn(2, 77, cs.width, device=args.device)
+        conditional, window = torch.tensor([False, True]), torch.tensor(True, device=args.device)
+        laps = []
+        for _ in range(53):
+            start = time.perf_counter()
+            prepare(ops, x, conditional, None, window)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            laps.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(laps[3:])
 
     words = vocabulary_words()
     sizes = [int(n) for n in args.lists.split(",")]
@@ -267,12 +284,13 @@ def lists(pipe, args) -> None:
             vanilla.append(sample(pipe, args.steps, args.latent)[1])
             with apply_nlce(pipe, concept_set=cs, schedule="single-pass", **settings):
                 times.append(sample(pipe, args.steps, args.latent)[1])
-        rows.append((n, build, size, statistics.median(times), statistics.median(vanilla)))
+        rows.append((n, build, size, statistics.median(times), statistics.median(vanilla), stage1_ms(cs, make_nlce_config(**settings))))
     print(f"{args.family} architecture, random weights, {args.latent}x{args.latent} latent, {args.steps} steps, single-pass, "
           f"{args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'concepts':>8} {'build s':>8} {'operators':>10} {'sampling s':>11} {'x vanilla':>10} {'x one concept':>14}")
-    for n, build, size, t, v in rows:
-        print(f"{n:>8} {build:>8.2f} {size / 1e6:>8.2f}MB {t:>11.2f} {t / v:>9.3f}x {t / rows[0][3]:>13.3f}x")
+    print(f"{'concepts':>8} {'build s':>8} {'operators':>10} {'sampling s':>11} {'x vanilla':>10} {'x one concept':>14} "
+          f"{'stage 1 ms':>11}")
+    for n, build, size, t, v, ms in rows:
+        print(f"{n:>8} {build:>8.2f} {size / 1e6:>8.2f}MB {t:>11.2f} {t / v:>9.3f}x {t / rows[0][3]:>13.3f}x {ms:>11.2f}")
 
 
 def compiled(pipe, args) -> None:
