@@ -1,7 +1,7 @@
 """HiRM on lists of concepts: training time, the whole command, peak memory and the report, at 1 / 10 / 100 / 1000.
 
     python bench/bench_scale.py [--sizes 1,10,100,1000] [--steps 5] [--preset style] [--device cpu|cuda]
-                                [--preservation auto|0] [--batch-prompts 16] [--rss-log FILE]
+                                [--preservation auto|0] [--batch-prompts 8] [--step-prompts 16] [--rss-log FILE]
 
 Each size runs ``hirm train`` on a random-weight CLIP-L (the real architecture, written once as a single-file
 checkpoint) in its own process, as a user would, with ``--concepts FILE`` (words of CLIP's vocabulary, one per line);
@@ -54,7 +54,7 @@ def run(checkpoint: str, folder: str, n: int, args) -> dict:
         f.write("\n".join(concepts(n)) + "\n")
     out = os.path.join(folder, f"patch-{n}.safetensors")
     cmd = [sys.executable, "-m", "shared_core", "train", checkpoint, "--concepts", listing, "--preset", args.preset, "--steps",
-           str(args.steps), "--device", args.device, "--batch-prompts", str(args.batch_prompts), "--out", out, "--force",
+           str(args.steps), "--device", args.device, "--batch-prompts", str(args.batch_prompts), "--step-prompts", str(args.step_prompts), "--out", out, "--force",
            "--json"]
     if args.preservation != "auto":
         cmd += ["--preservation", args.preservation]
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--preservation", default="auto", help="auto (off for one concept, on for several), or a weight")
     ap.add_argument("--rss-log", help="write each run's memory samples (seconds, RssAnon GB, RssFile GB) to FILE.<size>")
     ap.add_argument("--batch-prompts", type=int, default=8)
+    ap.add_argument("--step-prompts", type=int, default=16, help="prompts of the list a step trains (0: all, every step)")
     args = ap.parse_args()
     import torch
 
@@ -119,7 +120,7 @@ def main() -> None:
         write_checkpoint(checkpoint)
         rows = [run(checkpoint, folder, int(n), args) for n in args.sizes.split(",")]
     print(f"hirm train --concepts FILE, CLIP-L architecture with random weights, {args.preset} preset, {args.steps} steps, "
-          f"{args.batch_prompts} prompts per batch, preservation {args.preservation}; {device}, torch {torch.__version__}")
+          f"{args.batch_prompts} prompts per batch, {args.step_prompts or 'all'} per step, preservation {args.preservation}; {device}, torch {torch.__version__}")
     first = rows[0]["train"]
     print(f"{'concepts':>8} {'training':>10} {'x one':>7} {'command':>9} {'peak RSS':>9} {'anon':>6} {'file':>6}  "
           f"{'target cos':>10} {'worst':>7} {'non-target':>10} {'neighbour':>9}  least erased")

@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
                          anchor=args.anchor, seed=args.seed, trainable_layers=args.layers, supervision=args.supervision,
                          templates=args.template, neighbors=args.neighbor, multi=args.multi, eta=args.eta,
                          target_scale=args.scale, preserve=preserve, preservation=args.preservation,
-                         batch_prompts=args.batch_prompts, **({"pairs": pairs} if pairs else {}))
+                         batch_prompts=args.batch_prompts, step_prompts=args.step_prompts, **({"pairs": pairs} if pairs else {}))
     out = args.out or f"erasure-{slug('-'.join(config.concepts[:3]) + (f'-and-{len(config.concepts) - 3}-more' if len(config.concepts) > 3 else ''))}.safetensors"
     _never_the_input(out, args.source)
     check_target(out, args.force, is_patch_file, "erasure patch")  # before training: no half a minute for nothing
@@ -350,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "shipped ones (several concepts: the preservation term)")
     t.add_argument("--preservation", type=float, help=h("preservation"))
     t.add_argument("--batch-prompts", type=int, default=8, help=h("batch_prompts"))
+    t.add_argument("--step-prompts", type=int, default=16, help=h("step_prompts"))
     t.add_argument("--method", default="random", choices=METHODS, help=h("method", False))
     t.add_argument("--anchor", help=h("anchor"))
     t.add_argument("--preset", choices=sorted(PRESETS), help=h("preset", False) + " (default: style; nudity for --method safety)")

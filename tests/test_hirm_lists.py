@@ -8,9 +8,10 @@ from tiny import snapshot, same_weights, tiny_clip
 from shared_core.errors import HirmError
 from shared_core.hirm import train_patch
 from shared_core.hirm.train import retain_prompts
-from shared_core.hirm.config import make_config, preservation_weight
+from shared_core.hirm.config import make_config, preservation_weight, step_batches
 from shared_core.lists import read_list
 from shared_core.patch import load_patch, save_patch
+from shared_core.textenc import tokenize
 
 CONCEPTS = ["cat", "dog", "car", "tree", "house"]
 
@@ -53,6 +54,41 @@ def test_a_step_in_batches_is_the_step_over_the_whole_list(clip):
         assert (batched.deltas[name] - delta).norm() <= 1e-4 * delta.norm(), name
 
 
+def test_a_long_list_trains_a_bounded_window_a_step_and_every_prompt_at_least_once(clip):
+    """Past ``step_prompts``, a step trains the next batches of a seeded shuffle (time does not grow with the list); the
+    steps go through every prompt; one concept, however many prompts, and a short list train all of them every step."""
+    model, tok = clip
+    words = ["cat", "dog", "car", "tree", "house", "boat", "bird", "fish", "lamp", "road", "hill", "rock"]
+    seen = []  # per trained forward: the rows' token ids (the retain prompts are told apart by their ids)
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw.get("input_ids", args[0] if args else None)) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    try:
+        def trained(concepts, **settings):
+            seen.clear()
+            patch = train_patch(model, tok, concepts=concepts, report=False, preservation=0, **settings)
+            return patch, [len(ids) for ids in seen], {tuple(r.tolist()) for ids in seen for r in ids}
+
+        window, sizes, rows = trained(words, steps=3, batch_prompts=2, step_prompts=4)
+        assert sizes == [2, 2] * 3  # 12 prompts in 6 batches: 2 batches a step (4 prompts), not 6
+        everything, all_sizes, _ = trained(words, steps=3, batch_prompts=2, step_prompts=0)
+        assert all_sizes == [2] * 18 and window.metadata["config"]["step_prompts"] == 4
+        assert any(not torch.equal(window.deltas[n], everything.deltas[n]) for n in window.deltas)
+        _, sizes, rows = trained(words, steps=2, batch_prompts=2, step_prompts=4)
+        assert sizes == [2, 2, 2] * 2  # two steps must still go through 12 prompts: 3 batches a step
+        assert {tuple(r.tolist()) for r in tokenize(tok, words, what="concept")} <= rows  # every prompt trained
+        _, sizes, _ = trained(["cat"], steps=2, batch_prompts=2, step_prompts=4, templates=[f"{{}} {i}" for i in range(9)])
+        assert sizes == [2, 2, 2, 2, 1] * 2  # one concept: every prompt at every step (the authors' step)
+        _, sizes, _ = trained(words[:3], steps=2, batch_prompts=2, step_prompts=4)
+        assert sizes == [2, 1] * 2  # within the window: all, in list order
+    finally:
+        hook.remove()
+    assert step_batches(make_config(words, batch_prompts=8), 12, 12) == 2  # the default window, 16 prompts
+    assert step_batches(make_config(words, steps=1, step_prompts=4, batch_prompts=2), 12, 12) == 6
+    with pytest.raises(HirmError, match="prompts per step"):
+        make_config(words, step_prompts=-1)
+
+
 def test_preservation_is_off_for_one_concept_on_for_several_and_holds_the_retain_prompts(clip):
     model, tok = clip
     assert preservation_weight(make_config(["cat"])) == 0.0 and preservation_weight(make_config(CONCEPTS)) == 0.003
@@ -77,6 +113,23 @@ def test_preservation_is_off_for_one_concept_on_for_several_and_holds_the_retain
     held = train_patch(model, tok, concepts=CONCEPTS, steps=6, report=False, lr=lr)
     assert drift(held) < drift(free)
     assert same_weights(model, before)
+
+
+def test_a_short_training_holds_the_given_prompts_first_and_encodes_only_the_retain_prompts_it_uses(clip):
+    model, tok = clip
+    mine = "a watercolour of my own garden"
+    assert retain_prompts(make_config(CONCEPTS, preserve=[mine], neighbors=["tiger"]), tuple(CONCEPTS))[:2] == [mine, "tiger"]
+    seen = []  # (trained?, rows) of every forward pass
+    hook = model.register_forward_pre_hook(lambda m, args, kw: seen.append((torch.is_grad_enabled(), kw["input_ids"])),
+                                           with_kwargs=True)
+    try:
+        train_patch(model, tok, concepts=CONCEPTS, steps=1, report=False, preserve=[mine], batch_prompts=4)
+    finally:
+        hook.remove()
+    mine_ids = tuple(tokenize(tok, [mine], what="prompt")[0].tolist())
+    encoded = [len(ids) for trained, ids in seen if not trained]
+    assert encoded == [4]  # one step takes one retain batch of 4: only those are encoded, not the 80-odd shipped
+    assert any(mine_ids == tuple(r.tolist()) for trained, ids in seen if trained for r in ids)  # and it holds mine
 
 
 def test_the_learning_rate_rises_with_a_list_trained_together_and_nowhere_else():

@@ -14,7 +14,8 @@ from shared_core.nlce import NLCE_PRESETS, NUDITY_TERMS, NlceConfig, make_nlce_c
 
 HIRM_DEFAULTS = {"concepts": (), "method": "random", "preset": "style", "lr": 5e-05, "steps": 40, "seed": 42, "anchor": "",
                  "trainable_layers": (0,), "supervision": "attn_out", "target_scale": 5000.0, "eta": 1.0, "templates": (),
-                 "multi": "joint", "neighbors": (), "pairs": (), "preserve": (), "preservation": None, "batch_prompts": 8}
+                 "multi": "joint", "neighbors": (), "pairs": (), "preserve": (), "preservation": None, "batch_prompts": 8,
+                 "step_prompts": 16}
 HIRM_PRESETS = {"style": (5e-05, {"random": 40, "random-gaussian": 40, "superordinate": 30, "safety": 30}),
                 "object": (5e-05, {"random": 25, "random-gaussian": 25, "superordinate": 15, "safety": 15}),
                 "nudity": (1e-04, {"random": 50, "random-gaussian": 50, "superordinate": 25, "safety": 25})}

@@ -50,8 +50,11 @@ class HirmConfig:
     preservation: float | None = setting(None, "weight of the preservation term, against the first step's misdirection loss: "
                                          "0 turns it off; none: off for one concept (the authors' exact HiRM), 0.003 for "
                                          "several", lo=0.0, hi=1000.0)
-    batch_prompts: int = setting(8, "prompts per forward and backward pass (a step goes through all of them in batches "
-                                 "of this size: memory does not grow with the list)", lo=1, hi=4096)
+    batch_prompts: int = setting(8, "prompts per forward and backward pass (a step's prompts go through in batches of "
+                                 "this size: memory does not grow with the list)", lo=1, hi=4096)
+    step_prompts: int = setting(16, "several concepts: prompts of the list each step trains (the next ones of a seeded "
+                                "shuffle, raised so that the steps go through every prompt; 0: every prompt at every step). "
+                                "Time grows with this, not with the list", lo=0, hi=1000000)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -144,6 +147,8 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
         raise HirmError(f"the preservation weight must be a number from 0 to 1000 (0: off), got {cfg.preservation!r}")
     if not (isinstance(cfg.batch_prompts, int) and not isinstance(cfg.batch_prompts, bool) and 1 <= cfg.batch_prompts <= 4096):
         raise HirmError(f"prompts per batch must be a whole number from 1 to 4096, got {cfg.batch_prompts!r}")
+    if not (isinstance(cfg.step_prompts, int) and not isinstance(cfg.step_prompts, bool) and 0 <= cfg.step_prompts <= 1000000):
+        raise HirmError(f"prompts per step must be a whole number from 0 (all) to 1000000, got {cfg.step_prompts!r}")
     if len(set(c.lower() for c in cfg.concepts)) != len(cfg.concepts):
         seen = set()
         twice = next(c for c in cfg.concepts if c.lower() in seen or seen.add(c.lower()))
@@ -164,6 +169,16 @@ def list_lr_factor(n_concepts: int) -> float:
     (docs/hirm-lists.md). Only with the preservation term on: without it, at 100 concepts, this rate moves everything
     (bench/bench_proxy.py: non-target drift 5.6x a single concept's)."""
     return float(min(n_concepts, LIST_LR_CAP) ** LIST_LR_EXPONENT)
+
+
+def step_batches(config: HirmConfig, trained_together: int, prompts: int) -> int:
+    """How many of the ``ceil(prompts / batch_prompts)`` batches one step trains: all of them for one concept (the
+    authors' step) and for a list of at most ``step_prompts`` prompts (or ``step_prompts`` 0); else enough batches for
+    ``step_prompts``, raised so that ``steps`` steps go through every prompt at least once (docs/hirm-lists.md)."""
+    batches = -(-prompts // config.batch_prompts)
+    if trained_together == 1 or not config.step_prompts:
+        return batches
+    return min(batches, max(-(-config.step_prompts // config.batch_prompts), -(-batches // config.steps)))
 
 
 def preservation_weight(config: HirmConfig, trained_together: int | None = None) -> float:

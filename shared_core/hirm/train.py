@@ -15,7 +15,7 @@ from ..encoders import canonical_parameters, model_signature
 from ..errors import Cancelled, HirmError, TrainingError
 from ..patch import ErasurePatch, check_finite, make_metadata
 from ..textenc import tokenize
-from .config import HirmConfig, make_config, preservation_weight
+from .config import HirmConfig, make_config, preservation_weight, step_batches
 from .methods import misdirection_targets, supervised_output
 
 ProgressFn = Callable[[int, int, "float | None"], None]  # (step, total, loss); loss None while the report is measured
@@ -43,8 +43,10 @@ def _prompts(config: HirmConfig, concept: str) -> list[str]:
 
 
 def retain_prompts(config: HirmConfig, concepts: tuple[str, ...]) -> list[str]:
-    """What the preservation term holds: the shipped retain prompts and the neighbours (``config.neighbors``), minus any
-    that holds a word of an erased concept, and ``config.preserve`` as given (docs/hirm-lists.md)."""
+    """What the preservation term holds, in the order its batches take them: ``config.preserve`` as given, then the
+    neighbours (``config.neighbors``) and the shipped retain prompts, minus any that holds a word of an erased concept
+    (docs/hirm-lists.md). The user's own come first: a short training that never reaches the end of the list still
+    holds them."""
     from importlib import resources
     import re
 
@@ -52,8 +54,8 @@ def retain_prompts(config: HirmConfig, concepts: tuple[str, ...]) -> list[str]:
     text = resources.files(core).joinpath("data/retain_prompts.txt").read_text(encoding="utf-8")
     shipped = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     words = {w for c in concepts for w in re.findall(r"[a-z]+", c.lower()) if len(w) > 2}
-    kept = [p for p in shipped + list(config.neighbors) if not words & set(re.findall(r"[a-z]+", p.lower()))]
-    return list(dict.fromkeys(kept + list(config.preserve)))
+    kept = [p for p in list(config.neighbors) + shipped if not words & set(re.findall(r"[a-z]+", p.lower()))]
+    return list(dict.fromkeys(list(config.preserve) + kept))
 
 
 def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | None = None,
@@ -61,10 +63,12 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
                  step_offset: int = 0, total_steps: int | None = None) -> dict[str, torch.Tensor]:
     """Train jointly on ``concepts`` (default: all of the config's) and return the fp32 deltas.
 
-    Each step is one AdamW step on the gradient of the whole loss, accumulated over batches of at most
+    Each step is one AdamW step on the gradient of the loss over its prompts, accumulated over batches of at most
     ``config.batch_prompts`` prompts, so memory does not grow with the list (one concept fits one batch: the authors'
-    step exactly). With a preservation weight (``preservation_weight``: several concepts), the loss also holds the
-    last-layer representation of a rotating batch of retain prompts at the original encoder's (docs/hirm-lists.md).
+    step exactly). A long list trains the next ``step_batches`` batches of a seeded shuffle at each step, so time does
+    not grow with it either (every prompt is trained at least once). With a preservation weight
+    (``preservation_weight``: several concepts), the loss also holds the last-layer representation of a rotating batch
+    of retain prompts at the original encoder's (docs/hirm-lists.md).
     The model's weights are restored exactly before returning or raising.
     """
     concepts = concepts or config.concepts
@@ -75,14 +79,19 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
     names = trained_parameter_names(config, model.config.num_hidden_layers)
     originals = {n: params[n].detach().clone() for n in names}
     prompts = [p for c in concepts for p in _prompts(config, c)]
-    ids = tokenize(tokenizer, prompts, what="concept").to(device)
     size = config.batch_prompts
+    per_step = step_batches(config, len(concepts), len(prompts))
+    if per_step * size < len(prompts):  # windows of a shuffle: a step mixes the list's parts whatever its order
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        prompts = [prompts[i] for i in order]
+    ids = tokenize(tokenizer, prompts, what="concept").to(device)
     batches = [(ids[i:i + size], misdirection_targets(model, tokenizer, config, ids[i:i + size]).to(device))
                for i in range(0, len(prompts), size)]
     weight = preservation_weight(config, len(concepts))
     retain = None
     if weight > 0:
-        retain_ids = tokenize(tokenizer, retain_prompts(config, concepts), what="preserve prompt").to(device)
+        used = retain_prompts(config, concepts)[: config.steps * size]  # the steps' rotation reaches no further
+        retain_ids = tokenize(tokenizer, used, what="preserve prompt").to(device)
         with torch.no_grad():
             held = torch.cat([supervised_output(model, retain_ids[i:i + size], config.supervision).float()
                               for i in range(0, len(retain_ids), size)])
@@ -103,13 +112,15 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
             for step in range(config.steps):
                 optimizer.zero_grad(set_to_none=True)
                 loss = torch.zeros((), device=device)
-                for batch_ids, targets in batches:  # the mean over every prompt, a batch at a time
+                chosen = [batches[(step * per_step + j) % len(batches)] for j in range(per_step)]  # all: in list order
+                count = sum(len(b) for b, _ in chosen)
+                for batch_ids, targets in chosen:  # the mean over the step's prompts, a batch at a time
                     if should_cancel is not None and should_cancel():  # per batch: a long list's step takes a while
                         raise Cancelled("training cancelled; no patch was made and the encoder is unchanged")
                     h = supervised_output(model, batch_ids, config.supervision)
                     part = torch.nn.functional.mse_loss(h.float(), targets.expand(h.shape))
                     if len(batches) > 1:
-                        part = part * (len(batch_ids) / len(prompts))
+                        part = part * (len(batch_ids) / count)
                     if not torch.isfinite(part):
                         raise TrainingError(f"training diverged at step {step + 1} (loss is {part.item()}); lower the learning "
                                             "rate. Nothing was written")
