@@ -32,7 +32,7 @@ class HirmConfig:
     preset: str = setting("style", "the paper's learning rate and steps for a kind of concept", choices=tuple(PRESETS))
     lr: float = setting(5e-5, "AdamW learning rate (when not given: the preset's, raised for several concepts trained "
                                "together with the preservation term)", lo=1e-9, hi=1.0)
-    steps: int = setting(40, "training steps, one batch each (from the preset when not given)", lo=1, hi=100000)
+    steps: int = setting(40, "training steps, one AdamW update each (from the preset when not given)", lo=1, hi=100000)
     seed: int = setting(42, "seed of the random target (42: the reference code's)", lo=0)
     anchor: str = setting("", "superordinate method: the broader concept the target moves to, e.g. 'painting' for an artist")
     trainable_layers: tuple[int, ...] = setting((0,), "the encoder layers that are trained (HiRM trains the first one)")
@@ -54,7 +54,7 @@ class HirmConfig:
                                  "this size: memory does not grow with the list)", lo=1, hi=4096)
     step_prompts: int = setting(16, "several concepts: prompts of the list each step trains (the next ones of a seeded "
                                 "shuffle, raised so that the steps go through every prompt; 0: every prompt at every step). "
-                                "Time grows with this, not with the list", lo=0, hi=1000000)
+                                "Time grows with this, not with the list", lo=0, hi=100000)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -147,8 +147,8 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
         raise HirmError(f"the preservation weight must be a number from 0 to 1000 (0: off), got {cfg.preservation!r}")
     if not (isinstance(cfg.batch_prompts, int) and not isinstance(cfg.batch_prompts, bool) and 1 <= cfg.batch_prompts <= 4096):
         raise HirmError(f"prompts per batch must be a whole number from 1 to 4096, got {cfg.batch_prompts!r}")
-    if not (isinstance(cfg.step_prompts, int) and not isinstance(cfg.step_prompts, bool) and 0 <= cfg.step_prompts <= 1000000):
-        raise HirmError(f"prompts per step must be a whole number from 0 (all) to 1000000, got {cfg.step_prompts!r}")
+    if not (isinstance(cfg.step_prompts, int) and not isinstance(cfg.step_prompts, bool) and 0 <= cfg.step_prompts <= 100000):
+        raise HirmError(f"prompts per step must be a whole number from 0 (all) to 100000, got {cfg.step_prompts!r}")
     if len(set(c.lower() for c in cfg.concepts)) != len(cfg.concepts):
         seen = set()
         twice = next(c for c in cfg.concepts if c.lower() in seen or seen.add(c.lower()))
