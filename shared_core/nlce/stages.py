@@ -36,19 +36,19 @@ class Operators:
         f32 = lambda t: t.to(device=device, dtype=torch.float32).contiguous()  # noqa: E731  (one memory layout: one rounding)
         self.config, self.count = config, len(concept_set.concepts)
         # per concept (lambda U^T: r x d, K: r x d); K from fp64 products of the fp32 bases, rounded once
-        self.steps = []
+        self.updates = []
         for (b, w), nb in zip(concept_set.bases, concept_set.neighbor_bases):
             u, lam = b.detach().cpu().double(), w.detach().cpu().double()  # fp64 on the CPU (MPS has none)
             k = -config.beta * u.T
             if nb is not None and config.gamma:
                 v, mu = nb[0].detach().cpu().double(), nb[1].detach().cpu().double()
                 k = k + config.gamma * ((u.T @ v) * mu) @ v.T
-            self.steps.append((f32(lam[:, None] * u.T), f32(k)))
+            self.updates.append((f32(lam[:, None] * u.T), f32(k)))
         rank = max(b.shape[1] for b, _ in concept_set.bases)
         d = concept_set.bases[0][0].shape[0]
         # every concept's weighted basis stacked, zero-padded to one rank: all scores in one product
         stacked = torch.zeros(self.count, rank, d, device=device)
-        for i, (weighted, _) in enumerate(self.steps):
+        for i, (weighted, _) in enumerate(self.updates):
             stacked[i, : weighted.shape[0]] = weighted
         self.stacked = stacked.reshape(-1, d)
         self.rank = rank
@@ -64,11 +64,11 @@ class Operators:
         ``P_1 P_2 ... P_k`` (the last applied first); a row with no active concept through all of them (stage 1 is
         global). ``active``: (B, C) bool."""
         if self.count == 1:
-            weighted, k = self.steps[0]
+            weighted, k = self.updates[0]
             return torch.baddbmm(x, F.linear(x, weighted), k.expand(x.shape[0], *k.shape))
         use = (active | ~active.any(dim=-1, keepdim=True)).to(x.dtype)[:, :, None, None]  # (B, C, 1, 1)
         for i in reversed(range(self.count)):  # a row that skips concept i adds 0 times its term
-            weighted, k = self.steps[i]
+            weighted, k = self.updates[i]
             x = torch.baddbmm(x, F.linear(x, weighted) * use[:, i], k.expand(x.shape[0], *k.shape))
         return x
 
