@@ -67,6 +67,27 @@ def test_one_denoiser_call_with_nlce_is_one_graph(case, schedule):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
+def test_a_list_of_concepts_is_one_graph_and_compiled_equals_eager(case):
+    """Several concepts take stage 1's per-concept loop (one low-rank update each, masked per row): still one graph,
+    and the compiled denoiser draws what the eager one does."""
+    family, pipe, draw, attr, prompt, _ = case
+    concepts, neighbors = ["cat", "house"], {"cat": ["dog"], "house": ["car"]}
+    with apply_nlce(pipe, concepts, neighbors, **LOW):
+        args, kwargs = one_call(pipe, attr, draw, prompt)
+        explained = torch._dynamo.explain(getattr(pipe, attr))(*args, **kwargs)
+        eager = draw(pipe, prompt, steps=2)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+    denoiser = getattr(pipe, attr)
+    with apply_nlce(pipe, concepts, neighbors, **LOW):
+        setattr(pipe, attr, torch.compile(denoiser, fullgraph=True, backend="aot_eager"))
+        try:
+            compiled = draw(pipe, prompt, steps=2)
+        finally:
+            setattr(pipe, attr, denoiser)
+    assert torch.allclose(compiled, eager, atol=1e-5)
+
+
 @pytest.mark.parametrize("schedule,suppression", [("single-pass", "mask"), ("single-pass", "scale"), ("faithful", "mask")])
 def test_compiled_nlce_equals_eager_and_a_second_run_compiles_nothing(case, schedule, suppression):
     family, pipe, draw, attr, prompt, other = case
