@@ -145,15 +145,21 @@ def make_config(concepts, *, method: str = "random", preset: str | None = None, 
     if cfg.preservation is not None and not (isinstance(cfg.preservation, (int, float)) and not isinstance(cfg.preservation, bool)
                                              and math.isfinite(cfg.preservation) and 0 <= cfg.preservation <= 1000):
         raise HirmError(f"the preservation weight must be a number from 0 to 1000 (0: off), got {cfg.preservation!r}")
-    if not (isinstance(cfg.batch_prompts, int) and not isinstance(cfg.batch_prompts, bool) and 1 <= cfg.batch_prompts <= 4096):
-        raise HirmError(f"prompts per batch must be a whole number from 1 to 4096, got {cfg.batch_prompts!r}")
-    if not (isinstance(cfg.step_prompts, int) and not isinstance(cfg.step_prompts, bool) and 0 <= cfg.step_prompts <= 100000):
-        raise HirmError(f"prompts per step must be a whole number from 0 (all) to 100000, got {cfg.step_prompts!r}")
+    _check_count(cfg, "batch_prompts", "prompts per batch")
+    _check_count(cfg, "step_prompts", "prompts per step", " (all)")
     if len(set(c.lower() for c in cfg.concepts)) != len(cfg.concepts):
         seen = set()
         twice = next(c for c in cfg.concepts if c.lower() in seen or seen.add(c.lower()))
         raise HirmError(f"concept {twice!r} is given twice; give each concept once")
     return cfg
+
+
+def _check_count(cfg: HirmConfig, name: str, what: str, zero: str = "") -> None:
+    """A whole-number setting within the range its field describes (the CLI help says the same range), or HirmError."""
+    value, m = getattr(cfg, name), next(f.metadata for f in dataclasses.fields(cfg) if f.name == name)
+    if not (isinstance(value, int) and not isinstance(value, bool) and m["lo"] <= value <= m["hi"]):
+        raise HirmError(f"{what} must be a whole number from {m['lo']}{zero} to {m['hi']}, "
+                        f"got {value!r}")
 
 
 # bench/bench_proxy.py: at n ** 0.4 the mean target displacement of 10 concepts trained together is that of each erased
