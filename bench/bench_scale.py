@@ -54,8 +54,8 @@ def run(checkpoint: str, folder: str, n: int, args) -> dict:
         f.write("\n".join(concepts(n)) + "\n")
     out = os.path.join(folder, f"patch-{n}.safetensors")
     cmd = [sys.executable, "-m", "shared_core", "train", checkpoint, "--concepts", listing, "--preset", args.preset, "--steps",
-           str(args.steps), "--device", args.device, "--batch-prompts", str(args.batch_prompts), "--step-prompts", str(args.step_prompts), "--out", out, "--force",
-           "--json"]
+           str(args.steps), "--device", args.device, "--batch-prompts", str(args.batch_prompts), "--step-prompts",
+           str(args.step_prompts), "--out", out, "--force", "--json"]
     if args.preservation != "auto":
         cmd += ["--preservation", args.preservation]
     start = time.perf_counter()
@@ -120,7 +120,8 @@ def main() -> None:
         write_checkpoint(checkpoint)
         rows = [run(checkpoint, folder, int(n), args) for n in args.sizes.split(",")]
     print(f"hirm train --concepts FILE, CLIP-L architecture with random weights, {args.preset} preset, {args.steps} steps, "
-          f"{args.batch_prompts} prompts per batch, {args.step_prompts or 'all'} per step, preservation {args.preservation}; {device}, torch {torch.__version__}")
+          f"{args.batch_prompts} prompts per batch, {args.step_prompts or 'all'} per step, preservation {args.preservation}; "
+          f"{device}, torch {torch.__version__}")
     first = rows[0]["train"]
     print(f"{'concepts':>8} {'training':>10} {'x one':>7} {'command':>9} {'peak RSS':>9} {'anon':>6} {'file':>6}  "
           f"{'target cos':>10} {'worst':>7} {'non-target':>10} {'neighbour':>9}  least erased")
