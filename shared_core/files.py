@@ -21,9 +21,12 @@ import shutil
 import stat
 import struct
 import time
-from typing import BinaryIO, Callable, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping
 
 from .errors import HirmError
+
+if TYPE_CHECKING:  # the annotations only: this module imports without torch
+    import torch
 
 TEMP_PREFIX = ".tmp-hirm-"
 _STALE = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")
