@@ -129,9 +129,6 @@ def test_nlce_applied_to_an_already_compiled_denoiser_and_removed_from_it(case):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="inductor needs a C++ compiler on the CPU")
-@pytest.mark.xfail(TORCH[:2] == (2, 13), strict=True,
-                   reason="torch 2.13's vectorised CPU inductor code moves stage 3's output by up to 4e-3 on this model; with "
-                          "vectorisation off, or in torch 2.14.1, the compiled run equals eager to 2.4e-7 (docs/nlce.md)")
 def test_the_inductor_backend_compiles_nlce_and_equals_eager():
     pipe = tiny_pipeline()
     with apply_nlce(pipe, ["cat"], ["dog"], **LOW):

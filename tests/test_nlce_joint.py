@@ -203,6 +203,43 @@ def test_the_scores_and_stage1_through_the_bases_equal_the_reference_matrices():
         assert torch.allclose(rows[0], x[0] @ product.T, atol=1e-5)
 
 
+def test_a_list_s_stage1_solved_in_chunks_equals_the_concepts_applied_one_after_another(monkeypatch):
+    """Stage 1 of a list: each chunk's triangular solve gives what applying its concepts one by one (the last first,
+    each to what the later ones left) gives, in fp64, with chunk boundaries, ranks that differ, a rank larger than a
+    chunk, neighbours or none, and rows that skip some concepts."""
+    from types import SimpleNamespace
+
+    import shared_core.nlce.stages as stages
+
+    monkeypatch.setattr(stages, "CHUNK_ROWS", 10)
+    g = torch.Generator().manual_seed(0)
+    d, ranks = 24, [3, 1, 4, 2, 12, 3, 3, 2, 1, 4, 3, 2, 3]
+    bases = [(torch.linalg.qr(torch.randn(d, r, generator=g))[0], torch.rand(r, generator=g) + 0.5) for r in ranks]
+    neighbors = [None if i % 4 == 1 else (torch.linalg.qr(torch.randn(d, 2, generator=g))[0], torch.rand(2, generator=g))
+                 for i in range(len(ranks))]
+    cs = SimpleNamespace(concepts=[f"c{i}" for i in range(len(ranks))], bases=bases, neighbor_bases=neighbors,
+                         live_floor_scale=1.0)
+    cfg = make_nlce_config(beta=0.9, gamma=0.7)
+    ops = Operators(cs, cfg, "cpu")
+    assert len(ops.chunks) > 3 and any(c[-1] == 1 for c in ops.chunks) and any(c[-1] > 2 for c in ops.chunks)
+    x = torch.randn(4, 7, d, generator=g)
+    active = torch.rand(4, len(ranks), generator=g) < 0.5
+    active[0] = False  # no active concept: every one applies
+    active[1] = True
+    out = ops.stage1(x, active)
+    for b in range(4):
+        rows = x[b].double()
+        for i in reversed(range(len(ranks))):
+            if active[b, i] or not active[b].any():
+                u, lam = (t.double() for t in bases[i])
+                k = -cfg.beta * u.T
+                if neighbors[i] is not None:
+                    v, mu = (t.double() for t in neighbors[i])
+                    k = k + cfg.gamma * ((u.T @ v) * mu) @ v.T
+                rows = rows + (rows @ (lam[:, None] * u.T).T) @ k
+        assert torch.allclose(out[b].double(), rows, atol=2e-6), (b, float((out[b].double() - rows).abs().max()))
+
+
 def test_the_processors_compute_the_blocks_own_attention_when_the_math_is_plain(case, monkeypatch):
     """Projections, q/k norms, rotary embedding, token order and output projections as the model's own processors:
     with stages 2 and 3 replaced by plain attention, the picture is the vanilla one (to rounding)."""

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from .config import NlceConfig
 
 
+CHUNK_ROWS = 256  # basis rows a list's stage 1 solves together (Operators); the solve grows with their square
+
+
 class Operators:
     """A concept set's operators on ``device``, fp32: per concept its basis ``U`` (d, r) and weights ``lambda``, and its
     neighbours' ``V``, ``mu`` (``P_F = U diag(lambda) U^T``, ``P_N = V diag(mu) V^T``), used through the bases: a
@@ -30,29 +33,50 @@ class Operators:
     ``K = gamma (U^T V) diag(mu) V^T - beta U^T``, built once: two thin products a concept, the same for every list
     length, where the written-out formula takes nine operations (a hundred concepts applied one after another in every
     pass). Products with a basis go through ``F.linear`` with the basis in the layout it wants (3x faster than
-    ``x @ U`` for a thin ``U`` on a CPU)."""
+    ``x @ U`` for a thin ``U`` on a CPU).
+
+    A list's concepts apply one after another (the last first), each to what the ones before left, so concept ``i``'s
+    coefficients are ``a_i = m_i (x W_i^T + sum over the concepts j applied before it of a_j K_j W_i^T)`` (``W_i`` its
+    ``lambda U^T``, ``m_i`` 1 where it applies to the row, else 0). Stacked over a chunk of concepts that is one
+    unit lower-triangular system ``a (I - N D) = (x W^T) D``, with ``N`` the fixed products ``K_j W_i^T`` (built once,
+    fp64) and ``D`` the row's ``m`` on the diagonal: one triangular solve a chunk gives every concept's coefficients at
+    once, then ``x + a K``. The same arithmetic as the concept-by-concept loop, in a handful of operations a chunk of
+    up to ``CHUNK_ROWS`` basis rows instead of three a concept: what a GPU that waits for its host pays for a list."""
 
     def __init__(self, concept_set, config: NlceConfig, device):
         f32 = lambda t: t.to(device=device, dtype=torch.float32).contiguous()  # noqa: E731  (one memory layout: one rounding)
         self.config, self.count = config, len(concept_set.concepts)
-        # per concept (lambda U^T: r x d, K: r x d); K from fp64 products of the fp32 bases, rounded once
-        self.updates = []
+        # per concept (W = lambda U^T: r x d, K: r x d), from fp64 products of the fp32 bases (on the CPU: MPS has no
+        # fp64), rounded once
+        per = []
         for (b, w), nb in zip(concept_set.bases, concept_set.neighbor_bases):
-            u, lam = b.detach().cpu().double(), w.detach().cpu().double()  # fp64 on the CPU (MPS has none)
+            u, lam = b.detach().cpu().double(), w.detach().cpu().double()
             k = -config.beta * u.T
             if nb is not None and config.gamma:
                 v, mu = nb[0].detach().cpu().double(), nb[1].detach().cpu().double()
                 k = k + config.gamma * ((u.T @ v) * mu) @ v.T
-            self.updates.append((f32(lam[:, None] * u.T), f32(k)))
-        rank = max(b.shape[1] for b, _ in concept_set.bases)
-        d = concept_set.bases[0][0].shape[0]
-        # every concept's weighted basis stacked, zero-padded to one rank: all scores in one product
-        stacked = torch.zeros(self.count, rank, d, device=device)
-        for i, (weighted, _) in enumerate(self.updates):
-            stacked[i, : weighted.shape[0]] = weighted
-        self.stacked = stacked.reshape(-1, d)
-        self.rank = rank
+            per.append((lam[:, None] * u.T, k))
+        self.rank = max(w.shape[0] for w, _ in per)
+        d = per[0][0].shape[1]
+        # every concept's W stacked, zero-padded to one rank: all scores in one product
+        stacked = torch.zeros(self.count, self.rank, d, dtype=torch.float64)
+        for i, (w, _) in enumerate(per):
+            stacked[i, : w.shape[0]] = w
+        self.stacked = f32(stacked.reshape(-1, d))
         self.floor = config.live_floor * concept_set.live_floor_scale
+        # stage 1's chunks: consecutive concepts, at most CHUNK_ROWS basis rows (at least one concept) each; per chunk
+        # its stacked W and K (R x d), I and N (R x R: N[p, q] = K_p . W_q where row p's concept applies before row q's,
+        # i.e. has the larger index), each row's concept, and how many concepts it holds
+        self.chunks, start = [], 0
+        while start < self.count:
+            end, rows = start + 1, per[start][0].shape[0]
+            while end < self.count and rows + per[end][0].shape[0] <= CHUNK_ROWS:
+                rows, end = rows + per[end][0].shape[0], end + 1
+            w, k = (torch.cat([per[i][j] for i in range(start, end)]) for j in (0, 1))
+            owner = torch.cat([torch.full((per[i][0].shape[0],), i) for i in range(start, end)])
+            n = (k @ w.T) * (owner[:, None] > owner[None, :])
+            self.chunks.append((f32(w), f32(k), f32(torch.eye(rows)), f32(n), owner.to(device), end - start))
+            start = end
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S) ``||P_F x_j||`` of every row ``x_j`` (x: B, S, d, fp32) for every concept."""
@@ -63,13 +87,13 @@ class Operators:
         """Rows ``x`` (B, S, d, fp32) through the product of their batch row's active concepts' operators
         ``P_1 P_2 ... P_k`` (the last applied first); a row with no active concept through all of them (stage 1 is
         global). ``active``: (B, C) bool."""
-        if self.count == 1:
-            weighted, k = self.updates[0]
-            return torch.baddbmm(x, F.linear(x, weighted), k.expand(x.shape[0], *k.shape))
-        use = (active | ~active.any(dim=-1, keepdim=True)).to(x.dtype)[:, :, None, None]  # (B, C, 1, 1)
-        for i in reversed(range(self.count)):  # a row that skips concept i adds 0 times its term
-            weighted, k = self.updates[i]
-            x = torch.baddbmm(x, F.linear(x, weighted) * use[:, i], k.expand(x.shape[0], *k.shape))
+        use = (active | ~active.any(dim=-1, keepdim=True)).to(x.dtype)  # (B, C): a row that skips concept i has m_i 0
+        for w, k, eye, n, owner, concepts in reversed(self.chunks):  # the last concepts first
+            m = use[:, owner]  # (B, R): each basis row's concept's m
+            a = F.linear(x, w) * m[:, None, :]
+            if concepts > 1:  # a (I - N D) = (x W^T) D
+                a = torch.linalg.solve_triangular(eye - n * m[:, None, :], a, upper=False, left=False, unitriangular=True)
+            x = torch.baddbmm(x, a, k.expand(x.shape[0], *k.shape))
         return x
 
 
