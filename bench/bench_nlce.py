@@ -245,7 +245,9 @@ def lists(pipe, args) -> None:
     """NLCE erasing lists of concepts (words of CLIP's vocabulary, two neighbours each): the operators' build time and
     memory, single-pass sampling time against vanilla and against one concept (median of ``--repeats``), and the time
     of stage 1 alone: ``prepare`` on one pass's context (two 77-row prompts of random rows, which name no concept: every
-    concept's operator applies), what a launch-bound GPU pays once per denoiser call for a list (median of 50)."""
+    concept's operator applies), what a launch-bound GPU pays once per denoiser call for a list (median of 50); and the
+    aten operators one sampling run dispatches (torch.profiler), against one concept's: what a GPU that waits for its
+    host pays, counted here without one."""
     from shared_core.adapters import apply_nlce, pipeline_concept_set
     from shared_core.nlce import make_nlce_config
     from shared_core.nlce.mining import vocabulary_words
@@ -263,6 +265,11 @@ def lists(pipe, args) -> None:
                 torch.cuda.synchronize()
             laps.append(time.perf_counter() - start)
         return 1e3 * statistics.median(laps[3:])
+
+    def dispatched() -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            sample(pipe, args.steps, args.latent)
+        return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
     words = vocabulary_words()
     sizes = [int(n) for n in args.lists.split(",")]
@@ -284,13 +291,17 @@ def lists(pipe, args) -> None:
             vanilla.append(sample(pipe, args.steps, args.latent)[1])
             with apply_nlce(pipe, concept_set=cs, schedule="single-pass", **settings):
                 times.append(sample(pipe, args.steps, args.latent)[1])
-        rows.append((n, build, size, statistics.median(times), statistics.median(vanilla), stage1_ms(cs, make_nlce_config(**settings))))
+        with apply_nlce(pipe, concept_set=cs, schedule="single-pass", **settings):
+            ops = dispatched()
+        rows.append((n, build, size, statistics.median(times), statistics.median(vanilla), stage1_ms(cs, make_nlce_config(**settings)),
+                     ops))
     print(f"{args.family} architecture, random weights, {args.latent}x{args.latent} latent, {args.steps} steps, single-pass, "
           f"{args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'concepts':>8} {'build s':>8} {'operators':>10} {'sampling s':>11} {'x vanilla':>10} {'x one concept':>14} "
-          f"{'stage 1 ms':>11}")
-    for n, build, size, t, v, ms in rows:
-        print(f"{n:>8} {build:>8.2f} {size / 1e6:>8.2f}MB {t:>11.2f} {t / v:>9.3f}x {t / rows[0][3]:>13.3f}x {ms:>11.2f}")
+          f"{'stage 1 ms':>11} {'aten ops':>9} {'x one':>7}")
+    for n, build, size, t, v, ms, ops in rows:
+        print(f"{n:>8} {build:>8.2f} {size / 1e6:>8.2f}MB {t:>11.2f} {t / v:>9.3f}x {t / rows[0][3]:>13.3f}x {ms:>11.2f} "
+              f"{ops:>9} {ops / rows[0][6]:>6.3f}x")
 
 
 def compiled(pipe, args) -> None:
