@@ -67,19 +67,26 @@ def test_one_denoiser_call_with_nlce_is_one_graph(case, schedule):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
-def test_a_list_of_concepts_is_one_graph_and_compiled_equals_eager(case):
-    """Several concepts take stage 1's per-concept loop (one low-rank update each, masked per row): still one graph,
-    and the compiled denoiser draws what the eager one does."""
+def test_a_list_of_concepts_is_one_graph_and_compiled_equals_eager(case, monkeypatch):
+    """Several concepts take stage 1's chunks (a triangular solve for a chunk of several concepts, one update for a
+    chunk of one; masked per row): still one graph, and the compiled denoiser draws what the eager one does."""
+    import shared_core.nlce.stages as stages
+    from shared_core.adapters import pipeline_concept_set
+    from shared_core.nlce import make_nlce_config
+
     family, pipe, draw, attr, prompt, _ = case
-    concepts, neighbors = ["cat", "house"], {"cat": ["dog"], "house": ["car"]}
-    with apply_nlce(pipe, concepts, neighbors, **LOW):
+    concepts, neighbors = ["cat", "house", "tree"], {"cat": ["dog"], "house": ["car"], "tree": ["bush"]}
+    cs = pipeline_concept_set(pipe, concepts, neighbors, make_nlce_config(**LOW))
+    monkeypatch.setattr(stages, "CHUNK_ROWS", cs.bases[0][0].shape[1] + cs.bases[1][0].shape[1])  # [cat, house], [tree]
+    assert [c[-1] for c in stages.Operators(cs, cs.config, "cpu").chunks] == [2, 1]
+    with apply_nlce(pipe, concept_set=cs, **LOW):
         args, kwargs = one_call(pipe, attr, draw, prompt)
         explained = torch._dynamo.explain(getattr(pipe, attr))(*args, **kwargs)
         eager = draw(pipe, prompt, steps=2)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     torch._dynamo.reset()
     denoiser = getattr(pipe, attr)
-    with apply_nlce(pipe, concepts, neighbors, **LOW):
+    with apply_nlce(pipe, concept_set=cs, **LOW):
         setattr(pipe, attr, torch.compile(denoiser, fullgraph=True, backend="aot_eager"))
         try:
             compiled = draw(pipe, prompt, steps=2)
