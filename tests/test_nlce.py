@@ -246,11 +246,12 @@ def test_another_batch_layout_carries_its_own_gate(table):
     assert not torch.allclose(cond_before, plain_attention(q, k, v))  # the second step's cond call kept its own gate
 
 
-@pytest.mark.parametrize("suppression", ["mask", "scale"])
-def test_a_pass_reads_nothing_back_from_the_device(table, suppression):
+@pytest.mark.parametrize("suppression,concepts", [("mask", ["cat"]), ("scale", ["cat"]), ("mask", ["cat", "car", "road"])])
+def test_a_pass_reads_nothing_back_from_the_device(table, suppression, concepts):
     """A pass is a pure tensor program: from its start to its last layer, no value goes back to the host (a GPU never
-    waits for its host, CUDA graphs can replay it); the rows NLCE leaves alone still get the plain attention."""
-    cs = build_concept_set(fixed_encoder(table), ["cat"])
+    waits for its host, CUDA graphs can replay it), a list's stage 1 (its triangular solve) included; the rows NLCE
+    leaves alone still get the plain attention."""
+    cs = build_concept_set(fixed_encoder(table), concepts)
     x = torch.zeros(2, 5, D)
     x[1, 1, 0] = 40.0
     s = NlceSession(cs, make_nlce_config(suppression=suppression, gate_threshold=1e-6))
