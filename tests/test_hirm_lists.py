@@ -42,11 +42,14 @@ def test_a_concept_file_skips_comments_and_blank_lines_and_names_each_problem_wi
         make_config(["cat", "Cat"])
 
 
-def test_a_step_in_batches_is_the_step_over_the_whole_list(clip):
-    """Gradients accumulated over batches of 2 prompts give the patch one batch of every prompt gives (to rounding)."""
+@pytest.mark.parametrize("method,size", [("random", 2), ("safety", 1)])
+def test_a_step_in_batches_is_the_step_over_the_whole_list(clip, method, size):
+    """Gradients accumulated over batches of a few prompts give the patch one batch of every prompt gives (to
+    rounding), with a target every prompt shares (random) and with one target per prompt (safety)."""
     model, tok = clip
-    one = train_patch(model, tok, concepts=CONCEPTS, steps=3, report=False, preservation=0)
-    batched = train_patch(model, tok, concepts=CONCEPTS, steps=3, report=False, preservation=0, batch_prompts=2)
+    one = train_patch(model, tok, concepts=CONCEPTS, method=method, steps=3, report=False, preservation=0)
+    batched = train_patch(model, tok, concepts=CONCEPTS, method=method, steps=3, report=False, preservation=0,
+                          batch_prompts=size)
     for name, delta in one.deltas.items():
         if name.endswith("k_proj.bias"):  # its true gradient is exactly 0: its delta is float noise either way
             assert batched.deltas[name].abs().max() < 1e-4
