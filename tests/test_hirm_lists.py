@@ -8,7 +8,7 @@ from tiny import snapshot, same_weights, tiny_clip
 from shared_core.errors import HirmError
 from shared_core.hirm import train_patch
 from shared_core.hirm.train import retain_prompts
-from shared_core.hirm.config import make_config, preservation_weight, step_batches
+from shared_core.hirm.config import make_config, preservation_weight, step_prompt_count
 from shared_core.lists import read_list
 from shared_core.patch import load_patch, save_patch
 from shared_core.textenc import tokenize
@@ -58,8 +58,9 @@ def test_a_step_in_batches_is_the_step_over_the_whole_list(clip, method, size):
 
 
 def test_a_long_list_trains_a_bounded_window_a_step_and_every_prompt_at_least_once(clip):
-    """Past ``step_prompts``, a step trains the next batches of a seeded shuffle (time does not grow with the list); the
-    steps go through every prompt; one concept, however many prompts, and a short list train all of them every step."""
+    """Past ``step_prompts``, a step trains the next prompts of a seeded shuffle (time does not grow with the list), as
+    many as the steps need to go through every prompt; one concept, however many prompts, and a short list train all of
+    them every step."""
     model, tok = clip
     words = ["cat", "dog", "car", "tree", "house", "boat", "bird", "fish", "lamp", "road", "hill", "rock"]
     seen = []  # per trained forward: the rows' token ids (the retain prompts are told apart by their ids)
@@ -78,16 +79,20 @@ def test_a_long_list_trains_a_bounded_window_a_step_and_every_prompt_at_least_on
         assert all_sizes == [2] * 18 and window.metadata["config"]["step_prompts"] == 4
         assert any(not torch.equal(window.deltas[n], everything.deltas[n]) for n in window.deltas)
         _, sizes, rows = trained(words, steps=2, batch_prompts=2, step_prompts=4)
-        assert sizes == [2, 2, 2] * 2  # two steps must still go through 12 prompts: 3 batches a step
+        assert sizes == [2, 2, 2] * 2  # two steps must still go through 12 prompts: 6 a step
         assert {tuple(r.tolist()) for r in tokenize(tok, words, what="concept")} <= rows  # every prompt trained
+        _, sizes, rows = trained(words, steps=5, batch_prompts=2, step_prompts=2)
+        assert sizes == [2, 1] * 5  # 12 prompts in 5 steps: 3 a step (not two whole batches), going round the list
+        assert {tuple(r.tolist()) for r in tokenize(tok, words, what="concept")} <= rows
         _, sizes, _ = trained(["cat"], steps=2, batch_prompts=2, step_prompts=4, templates=[f"{{}} {i}" for i in range(9)])
         assert sizes == [2, 2, 2, 2, 1] * 2  # one concept: every prompt at every step (the authors' step)
         _, sizes, _ = trained(words[:3], steps=2, batch_prompts=2, step_prompts=4)
         assert sizes == [2, 1] * 2  # within the window: all, in list order
     finally:
         hook.remove()
-    assert step_batches(make_config(words, batch_prompts=8), 12, 12) == 2  # the default window, 16 prompts
-    assert step_batches(make_config(words, steps=1, step_prompts=4, batch_prompts=2), 12, 12) == 6
+    assert step_prompt_count(make_config(words), 12, 100) == 16  # the default window
+    assert step_prompt_count(make_config(words, steps=5), 12, 100) == 20  # raised: 5 steps go through 100 prompts
+    assert step_prompt_count(make_config(words), 12, 10) == 10 and step_prompt_count(make_config(["cat"]), 1, 100) == 100
     with pytest.raises(HirmError, match="prompts per step"):
         make_config(words, step_prompts=-1)
 
@@ -126,12 +131,13 @@ def test_a_short_training_holds_the_given_prompts_first_and_encodes_only_the_ret
     hook = model.register_forward_pre_hook(lambda m, args, kw: seen.append((torch.is_grad_enabled(), kw["input_ids"])),
                                            with_kwargs=True)
     try:
-        train_patch(model, tok, concepts=CONCEPTS, steps=1, report=False, preserve=[mine], batch_prompts=4)
+        train_patch(model, tok, concepts=CONCEPTS, steps=1, report=False, preserve=[mine])
     finally:
         hook.remove()
     mine_ids = tuple(tokenize(tok, [mine], what="prompt")[0].tolist())
     encoded = [len(ids) for trained, ids in seen if not trained]
-    assert encoded == [4]  # one step takes one retain batch of 4: only those are encoded, not the 80-odd shipped
+    assert encoded == [4]  # one step holds 4 retain prompts (a batch of 8 or not): only those are encoded, not the 80-odd
+    assert [len(ids) for trained, ids in seen if trained] == [5, 4]  # the step: its 5 prompts, then the 4 retain ones
     assert any(mine_ids == tuple(r.tolist()) for trained, ids in seen if trained for r in ids)  # and it holds mine
 
 

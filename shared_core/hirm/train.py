@@ -15,7 +15,7 @@ from ..encoders import canonical_parameters, model_signature
 from ..errors import Cancelled, HirmError, TrainingError
 from ..patch import ErasurePatch, check_finite, make_metadata
 from ..textenc import tokenize
-from .config import HirmConfig, make_config, preservation_weight, step_batches
+from .config import RETAIN_BATCH, HirmConfig, make_config, preservation_weight, step_prompt_count
 from .methods import misdirection_targets, supervised_output
 
 ProgressFn = Callable[[int, int, "float | None"], None]  # (step, total, loss); loss None while the report is measured
@@ -65,10 +65,10 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
 
     Each step is one AdamW step on the gradient of the loss over its prompts, accumulated over batches of at most
     ``config.batch_prompts`` prompts, so memory does not grow with the list (one concept fits one batch: the authors'
-    step exactly). A long list trains the next ``step_batches`` batches of a seeded shuffle at each step, so time does
-    not grow with it either (every prompt is trained at least once). With a preservation weight
+    step exactly). A long list trains the next ``step_prompt_count`` prompts of a seeded shuffle at each step, so time
+    does not grow with it either (every prompt is trained at least once). With a preservation weight
     (``preservation_weight``: several concepts), the loss also holds the last-layer representation of a rotating batch
-    of retain prompts at the original encoder's (docs/hirm-lists.md).
+    of ``RETAIN_BATCH`` retain prompts at the original encoder's (docs/hirm-lists.md).
     The model's weights are restored exactly before returning or raising.
     """
     concepts = concepts or config.concepts
@@ -80,17 +80,22 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
     originals = {n: params[n].detach().clone() for n in names}
     prompts = [p for c in concepts for p in _prompts(config, c)]
     size = config.batch_prompts
-    per_step = step_batches(config, len(concepts), len(prompts))
-    if per_step * size < len(prompts):  # windows of a shuffle: a step mixes the list's parts whatever its order
+    per_step = step_prompt_count(config, len(concepts), len(prompts))
+    if per_step < len(prompts):  # windows of a shuffle: a step mixes the list's parts whatever its order
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.seed)).tolist()
         prompts = [prompts[i] for i in order]
     ids = tokenize(tokenizer, prompts, what="concept").to(device)
-    batches = [(ids[i:i + size], misdirection_targets(model, tokenizer, config, ids[i:i + size]).to(device))
-               for i in range(0, len(prompts), size)]
+    # the method's targets, a batch at a time: one (1, tokens, width) that every prompt shares, or one per prompt (told
+    # apart on a first batch of at least two prompts)
+    first = max(size, 2)
+    targets = misdirection_targets(model, tokenizer, config, ids[:first]).to(device)
+    if targets.shape[0] != 1:
+        targets = torch.cat([targets] + [misdirection_targets(model, tokenizer, config, ids[i:i + size]).to(device)
+                                         for i in range(first, len(prompts), size)])
     weight = preservation_weight(config, len(concepts))
-    retain = None
+    retain, held_size = None, min(size, RETAIN_BATCH)
     if weight > 0:
-        used = retain_prompts(config, concepts)[: config.steps * size]  # the steps' rotation reaches no further
+        used = retain_prompts(config, concepts)[: config.steps * held_size]  # the steps' rotation reaches no further
         retain_ids = tokenize(tokenizer, used, what="preserve prompt").to(device)
         with torch.no_grad():
             held = torch.cat([supervised_output(model, retain_ids[i:i + size], config.supervision).float()
@@ -112,15 +117,16 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
             for step in range(config.steps):
                 optimizer.zero_grad(set_to_none=True)
                 loss = torch.zeros((), device=device)
-                chosen = [batches[(step * per_step + j) % len(batches)] for j in range(per_step)]  # all: in list order
-                count = sum(len(b) for b, _ in chosen)
-                for batch_ids, targets in chosen:  # the mean over the step's prompts, a batch at a time
+                window = (torch.arange(per_step) + step * per_step) % len(prompts)  # all of them: in list order
+                for j in range(0, per_step, size):  # the mean over the step's prompts, a batch at a time
                     if should_cancel is not None and should_cancel():  # per batch: a long list's step takes a while
                         raise Cancelled("training cancelled; no patch was made and the encoder is unchanged")
-                    h = supervised_output(model, batch_ids, config.supervision)
-                    part = torch.nn.functional.mse_loss(h.float(), targets.expand(h.shape))
-                    if len(batches) > 1:
-                        part = part * (len(batch_ids) / count)
+                    rows = window[j:j + size].to(device)
+                    h = supervised_output(model, ids[rows], config.supervision)
+                    aim = targets if len(targets) == 1 else targets[rows]
+                    part = torch.nn.functional.mse_loss(h.float(), aim.expand(h.shape))
+                    if per_step > size:
+                        part = part * (len(rows) / per_step)
                     if not torch.isfinite(part):
                         raise TrainingError(f"training diverged at step {step + 1} (loss is {part.item()}); lower the learning "
                                             "rate. Nothing was written")
@@ -129,7 +135,7 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
                 if retain is not None:
                     start_loss = float(loss) if start_loss is None else start_loss
                     retain_ids, held, scale = retain
-                    pick = torch.arange(step * size, (step + 1) * size, device=device) % len(retain_ids)
+                    pick = torch.arange(step * held_size, (step + 1) * held_size, device=device) % len(retain_ids)
                     drift = torch.nn.functional.mse_loss(supervised_output(model, retain_ids[pick], config.supervision).float(),
                                                          held[pick]) / scale
                     (weight * start_loss * drift).backward()  # a full relative drift costs ``weight`` x the first loss
