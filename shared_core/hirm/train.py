@@ -117,11 +117,11 @@ def train_deltas(model, tokenizer, config: HirmConfig, progress: ProgressFn | No
             for step in range(config.steps):
                 optimizer.zero_grad(set_to_none=True)
                 loss = torch.zeros((), device=device)
-                window = (torch.arange(per_step) + step * per_step) % len(prompts)  # all of them: in list order
+                window = (torch.arange(per_step, device=device) + step * per_step) % len(prompts)  # all: in list order
                 for j in range(0, per_step, size):  # the mean over the step's prompts, a batch at a time
                     if should_cancel is not None and should_cancel():  # per batch: a long list's step takes a while
                         raise Cancelled("training cancelled; no patch was made and the encoder is unchanged")
-                    rows = window[j:j + size].to(device)
+                    rows = window[j:j + size]
                     h = supervised_output(model, ids[rows], config.supervision)
                     aim = targets if len(targets) == 1 else targets[rows]
                     part = torch.nn.functional.mse_loss(h.float(), aim.expand(h.shape))

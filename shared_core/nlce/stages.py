@@ -30,9 +30,8 @@ class Operators:
     score is ``||lambda * (x U)||`` and stage 1 is ``x - beta y + gamma P_N y`` with ``y = P_F x``, never a d x d
     matrix (what the rows of 4096-wide Flux/SD3 contexts and long concept lists need). With ``a = lambda * (x U)``
     (r values a row), ``y = a U^T`` and ``P_N y = a (U^T V) diag(mu) V^T``, so stage 1 is ``x + a K`` with one r x d
-    ``K = gamma (U^T V) diag(mu) V^T - beta U^T``, built once: two thin products a concept, the same for every list
-    length, where the written-out formula takes nine operations (a hundred concepts applied one after another in every
-    pass). Products with a basis go through ``F.linear`` with the basis in the layout it wants (3x faster than
+    ``K = gamma (U^T V) diag(mu) V^T - beta U^T``, built once: two thin products a concept, where the written-out
+    formula takes nine operations. Products with a basis go through ``F.linear`` with the basis in the layout it wants (3x faster than
     ``x @ U`` for a thin ``U`` on a CPU).
 
     A list's concepts apply one after another (the last first), each to what the ones before left, so concept ``i``'s
